@@ -1,0 +1,76 @@
+# Brig: the two commands a fresh Debian machine needs are `make run` and `make test`.
+# Each installs what it needs (Debian packages, the musl target, the guest kernel build,
+# cached in ~/.cache/brig) and then does its job. On a host whose /dev/kvm cannot boot a
+# stock kernel (PVM, or no KVM) guests boot inside the nested-KVM lab (tests/lab/run.sh).
+
+SHELL := /bin/bash
+MUSL := x86_64-unknown-linux-musl
+STAGE := $(CURDIR)/target/brig
+BIN := $(STAGE)/bin
+SHARE := $(STAGE)/share/brig
+export BRIG_CACHE ?= $(HOME)/.cache/brig
+# Where the tests and `make run` find Brig's pieces.
+export BRIG_VMM := $(BIN)/brig-vmm
+export BRIG_BIN := $(BIN)/brig
+export BRIG_KERNEL := $(SHARE)/vmlinux
+export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
+
+DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
+	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2
+
+# Run a command where guests can boot: directly with hardware KVM, else in the lab.
+IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.sh -- $(1); else $(1); fi
+
+.PHONY: all setup deps rust-targets kernel initramfs binaries stage run test unit-test e2e-test bench-boot clean-stage
+
+all: stage
+
+setup: deps rust-targets
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+rust-targets:
+	@rustup target list --installed | grep -qx $(MUSL) || rustup target add $(MUSL)
+
+kernel: deps
+	@mkdir -p $(SHARE)
+	@vmlinux=$$(guest-kernel/build.sh) && ln -sf "$$vmlinux" $(SHARE)/vmlinux
+
+initramfs: setup
+	@mkdir -p $(SHARE)
+	@initrd=$$(rootfs/build.sh) && cp "$$initrd" $(SHARE)/initramfs.cpio.gz
+
+# Static binaries: they start fast inside the lab (no dynamic loading over 9p).
+binaries: setup
+	cargo build --release --locked --target $(MUSL) -p brig-vmm -p brig-cli
+	@mkdir -p $(BIN)
+	cp target/$(MUSL)/release/brig-vmm target/$(MUSL)/release/brig $(BIN)/
+
+stage: kernel initramfs binaries
+
+# Boot a microVM and show its agent answering over vsock.
+run: stage
+	@$(call IN_GUEST_HOST,$(BIN)/brig boot)
+
+test: unit-test e2e-test
+
+unit-test: setup
+	cargo test --locked --workspace --exclude brig-e2e
+
+# End-to-end tests: the real binaries booting real guests, all in one lab boot.
+e2e-test: stage
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' | head -1); \
+	test -n "$$exe" || { echo "e2e test binary did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
+	$(call IN_GUEST_HOST,$$exe --test-threads=1)
+
+bench-boot: stage
+	@$(call IN_GUEST_HOST,bench/boot.sh)
+
+clean-stage:
+	rm -rf $(STAGE)

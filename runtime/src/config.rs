@@ -1,0 +1,186 @@
+//! Runtime configuration: one TOML file (`/etc/brig/brig.toml`, or `$BRIG_CONFIG`), every
+//! field optional, with defaults that work without any file.
+//!
+//! ```toml
+//! kernel = "/usr/local/share/brig/vmlinux"          # guest vmlinux (PVH)
+//! initrd = "/usr/local/share/brig/initramfs.cpio.gz" # guest initramfs with the agent
+//! vmm = "/usr/local/bin/brig-vmm"
+//! root = "/run/brig"                                 # state directory
+//! cpus = 1
+//! memory_mib = 256
+//! boot_timeout_secs = 60
+//! ```
+//! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
+//! `BRIG_ROOT`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/brig/brig.toml";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown/mistyped fields.
+    #[error("config file {path} is invalid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    /// A file the runtime needs cannot be found.
+    #[error("{what} not found (looked in: {looked}); {fix}")]
+    Missing { what: &'static str, looked: String, fix: &'static str },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    vmm: Option<PathBuf>,
+    root: Option<PathBuf>,
+    cpus: Option<u8>,
+    memory_mib: Option<u64>,
+    boot_timeout_secs: Option<u64>,
+}
+
+/// Resolved runtime configuration.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Guest kernel (uncompressed vmlinux with a PVH note).
+    pub kernel: PathBuf,
+    /// Guest initramfs holding the agent.
+    pub initrd: PathBuf,
+    /// The `brig-vmm` binary.
+    pub vmm: PathBuf,
+    /// State directory (one subdirectory per sandbox).
+    pub root: PathBuf,
+    /// Default vCPUs per sandbox.
+    pub cpus: u8,
+    /// Default guest memory per sandbox, MiB.
+    pub memory_mib: u64,
+    /// How long a sandbox may take to answer from its agent.
+    pub boot_timeout: Duration,
+}
+
+impl RuntimeConfig {
+    /// Load from `$BRIG_CONFIG` or `/etc/brig/brig.toml` (if present), then apply the
+    /// environment overrides and fill in defaults.
+    pub fn load() -> Result<Self, ConfigError> {
+        let path = std::env::var_os("BRIG_CONFIG").map(PathBuf::from);
+        let file = match &path {
+            Some(p) => Some(read_file(p)?),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => Some(read_file(Path::new(DEFAULT_CONFIG_PATH))?),
+            None => None,
+        };
+        Self::resolve(file.unwrap_or_default(), |k| std::env::var_os(k).map(PathBuf::from), &share_dirs(), &bin_dirs())
+    }
+
+    fn resolve(
+        file: ConfigFile,
+        env: impl Fn(&str) -> Option<PathBuf>,
+        share_dirs: &[PathBuf],
+        bin_dirs: &[PathBuf],
+    ) -> Result<Self, ConfigError> {
+        let kernel = pick(env("BRIG_KERNEL").or(file.kernel), share_dirs, "vmlinux").ok_or_else(|| {
+            ConfigError::Missing {
+                what: "guest kernel (vmlinux)",
+                looked: looked(share_dirs, "vmlinux"),
+                fix: "build it with `make kernel`, or set `kernel` in brig.toml or BRIG_KERNEL",
+            }
+        })?;
+        let initrd = pick(env("BRIG_INITRD").or(file.initrd), share_dirs, "initramfs.cpio.gz").ok_or_else(|| {
+            ConfigError::Missing {
+                what: "guest initramfs (initramfs.cpio.gz)",
+                looked: looked(share_dirs, "initramfs.cpio.gz"),
+                fix: "build it with `make initramfs`, or set `initrd` in brig.toml or BRIG_INITRD",
+            }
+        })?;
+        let vmm = pick(env("BRIG_VMM").or(file.vmm), bin_dirs, "brig-vmm").ok_or_else(|| ConfigError::Missing {
+            what: "brig-vmm",
+            looked: looked(bin_dirs, "brig-vmm"),
+            fix: "install it next to brig, or set `vmm` in brig.toml or BRIG_VMM",
+        })?;
+        Ok(Self {
+            kernel,
+            initrd,
+            vmm,
+            root: env("BRIG_ROOT").or(file.root).unwrap_or_else(|| PathBuf::from("/run/brig")),
+            cpus: file.cpus.unwrap_or(1),
+            memory_mib: file.memory_mib.unwrap_or(256),
+            boot_timeout: Duration::from_secs(file.boot_timeout_secs.unwrap_or(60)),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), reason: e.to_string() })
+}
+
+/// An explicit path wins (even if missing: the VMM then names it); otherwise the first
+/// directory holding `name`.
+fn pick(explicit: Option<PathBuf>, dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    explicit.or_else(|| dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()))
+}
+
+fn looked(dirs: &[PathBuf], name: &str) -> String {
+    dirs.iter().map(|d| d.join(name).display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe().ok()?.parent().map(Path::to_path_buf)
+}
+
+/// `<exe>/../share/brig`, then the usual install prefixes.
+fn share_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = exe_dir().map(|d| d.join("../share/brig")).into_iter().collect();
+    dirs.push("/usr/local/share/brig".into());
+    dirs.push("/usr/share/brig".into());
+    dirs
+}
+
+/// The directory of the running binary, then `$PATH`.
+fn bin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = exe_dir().into_iter().collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_paths_and_defaults() {
+        let file: ConfigFile = toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\ncpus = 2").unwrap();
+        let cfg = RuntimeConfig::resolve(file, |_| None, &[], &[]).unwrap();
+        assert_eq!(cfg.kernel, PathBuf::from("/k"));
+        assert_eq!(cfg.cpus, 2);
+        assert_eq!(cfg.memory_mib, 256);
+        assert_eq!(cfg.root, PathBuf::from("/run/brig"));
+        let file: ConfigFile = toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"").unwrap();
+        let env = |k: &str| (k == "BRIG_KERNEL").then(|| PathBuf::from("/env/k"));
+        let cfg = RuntimeConfig::resolve(file, env, &[], &[]).unwrap();
+        assert_eq!(cfg.kernel, PathBuf::from("/env/k"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(toml::from_str::<ConfigFile>("kernal = \"/k\"").is_err());
+    }
+
+    #[test]
+    fn a_missing_kernel_says_how_to_fix_it() {
+        let dirs = [PathBuf::from("/nonexistent/share/brig")];
+        let msg = RuntimeConfig::resolve(ConfigFile::default(), |_| None, &dirs, &dirs).unwrap_err().to_string();
+        assert!(msg.contains("/nonexistent/share/brig/vmlinux"), "{msg}");
+        assert!(msg.contains("BRIG_KERNEL"), "{msg}");
+        assert!(msg.contains("make kernel"), "{msg}");
+    }
+}

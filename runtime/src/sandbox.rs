@@ -1,0 +1,269 @@
+//! A sandbox: one microVM (a `brig-vmm` process) with the agent answering inside.
+//!
+//! Everything a sandbox owns lives in `<root>/<id>/` (the VMM's vsock socket, the console
+//! log) and is removed when the sandbox ends, however it ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::agent::{AgentClient, AgentError};
+use crate::config::RuntimeConfig;
+
+/// How long the VMM gets to exit after the guest was asked to power off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Lines of the guest console quoted in boot errors.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Sandbox ID: names its state directory.
+    pub id: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Kernel command line; `None` = the VMM's default.
+    pub cmdline: Option<String>,
+}
+
+impl SandboxSpec {
+    /// A spec with the configuration's defaults.
+    pub fn new(id: impl Into<String>, config: &RuntimeConfig) -> Self {
+        Self { id: id.into(), cpus: config.cpus, memory_mib: config.memory_mib, cmdline: None }
+    }
+}
+
+/// Errors starting or stopping a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The ID cannot name a directory.
+    #[error("invalid sandbox id {0:?}: use letters, digits, '-', '_' and '.', at most 64 characters")]
+    BadId(String),
+    /// A sandbox with this ID exists.
+    #[error("sandbox {id} already exists ({dir}); remove it first")]
+    Exists { id: String, dir: PathBuf },
+    /// The state directory cannot be created.
+    #[error("cannot create sandbox directory {dir}: {source}")]
+    StateDir { dir: PathBuf, source: std::io::Error },
+    /// The VMM could not be started.
+    #[error("cannot start {vmm}: {source}")]
+    Spawn { vmm: PathBuf, source: std::io::Error },
+    /// The VMM exited before the agent answered.
+    #[error("the microVM exited during boot ({status}){stderr}{console}")]
+    VmmExited { status: String, stderr: String, console: String },
+    /// The agent did not answer in time.
+    #[error("the agent did not answer within {secs} s (last error: {last}){console}")]
+    BootTimeout { secs: u64, last: String, console: String },
+    /// An agent call failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    vmm: Child,
+    agent: AgentClient,
+    boot_time: Duration,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Sandbox {
+    /// Boot a microVM for `spec` and wait until its agent answers.
+    pub async fn start(config: &RuntimeConfig, spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        if !valid_id(&spec.id) {
+            return Err(SandboxError::BadId(spec.id.clone()));
+        }
+        let dir = config.root.join(&spec.id);
+        std::fs::create_dir_all(&config.root).map_err(|source| SandboxError::StateDir { dir: config.root.clone(), source })?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists { id: spec.id.clone(), dir })
+            }
+            Err(source) => return Err(SandboxError::StateDir { dir, source }),
+        }
+        let result = Self::boot(config, spec, &dir).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn boot(config: &RuntimeConfig, spec: &SandboxSpec, dir: &Path) -> Result<Self, SandboxError> {
+        let uds = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        let started = Instant::now();
+        let mut cmd = Command::new(&config.vmm);
+        cmd.arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--initrd")
+            .arg(&config.initrd)
+            .arg("--cpus")
+            .arg(spec.cpus.to_string())
+            .arg("--memory")
+            .arg(format!("{}M", spec.memory_mib))
+            .arg("--console")
+            .arg(&console)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(cmdline) = &spec.cmdline {
+            cmd.arg("--cmdline").arg(cmdline);
+        }
+        let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn { vmm: config.vmm.clone(), source })?;
+
+        let mut last = String::from("none yet");
+        loop {
+            if let Ok(Some(status)) = vmm.try_wait() {
+                let stderr = read_stderr(&mut vmm).await;
+                return Err(SandboxError::VmmExited {
+                    status: status.to_string(),
+                    stderr: if stderr.is_empty() { String::new() } else { format!(": {}", stderr.trim()) },
+                    console: console_tail(&console),
+                });
+            }
+            if started.elapsed() > config.boot_timeout {
+                let _ = vmm.kill().await;
+                return Err(SandboxError::BootTimeout {
+                    secs: config.boot_timeout.as_secs(),
+                    last,
+                    console: console_tail(&console),
+                });
+            }
+            if uds.exists() {
+                match AgentClient::connect(&uds, Duration::from_secs(5)).await {
+                    Ok(agent) => match agent.version().await {
+                        Ok(_) => {
+                            let boot_time = started.elapsed();
+                            tracing::debug!(id = %spec.id, ?boot_time, "agent answered");
+                            return Ok(Self { id: spec.id.clone(), dir: dir.to_path_buf(), vmm, agent, boot_time });
+                        }
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The sandbox ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// From starting the VMM to the agent's first answer.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    /// PID of the VMM process.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.id()
+    }
+
+    /// The VMM's hybrid vsock socket.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// Where a host listener must be for guest-initiated connections to host `port`.
+    pub fn vsock_listener_path(&self, port: u32) -> PathBuf {
+        self.dir.join(format!("vsock.sock_{port}"))
+    }
+
+    /// The guest console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Power the guest off and wait for the VMM to exit; kill it if it does not in time.
+    /// Returns the VMM's exit status. The state directory is removed either way.
+    pub async fn shutdown(mut self) -> Result<ExitStatus, SandboxError> {
+        let asked = self.agent.shutdown().await;
+        let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => None,
+        };
+        let status = match status {
+            Some(s) => s,
+            None => {
+                let _ = self.vmm.kill().await;
+                self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })?
+            }
+        };
+        asked?;
+        Ok(status)
+    }
+
+    /// Stop the VMM at once (SIGKILL) and clean up.
+    pub async fn kill(mut self) -> Result<ExitStatus, SandboxError> {
+        let _ = self.vmm.start_kill();
+        self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Never leak a VM: if the VMM still runs, kill it, then remove the state directory.
+        if let Ok(None) = self.vmm.try_wait() {
+            let _ = self.vmm.start_kill();
+            if let Some(pid) = self.vmm.id() {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn read_stderr(child: &mut Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut out)).await;
+    }
+    out
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
+    format!("\n--- guest console (last {} lines) ---\n{}", tail.len(), tail.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_name_a_plain_directory() {
+        assert!(valid_id("pod-1_a.b"));
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+}
