@@ -1,0 +1,259 @@
+//! The virtio-mmio transport (virtio 1.2 §4.2, version 2 register layout).
+//!
+//! One transport per device: it answers the driver's register accesses, builds the queues
+//! from the addresses the driver writes, and activates the device when the driver sets
+//! DRIVER_OK. Queue notifications do not come through here at all: KVM turns writes to
+//! `QueueNotify` into the device's queue eventfds (ioeventfds).
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4252_4947; // "BRIG"
+
+/// Register offsets.
+pub mod reg {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+    pub const QUEUE_USED_LOW: u64 = 0x0a0;
+    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// virtio-mmio transport state for one device.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemory,
+    irq: Arc<IrqTrigger>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// A transport for `device` in `mem`, raising interrupts through `irq`.
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemory, irq: Arc<IrqTrigger>) -> Self {
+        let queues = Self::fresh_queues(&device);
+        Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    fn fresh_queues(device: &Arc<Mutex<dyn VirtioDevice>>) -> Vec<Queue> {
+        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        dev.queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect()
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queues can only be configured before DRIVER_OK.
+        if self.status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    /// Guest read of `data.len()` bytes at `offset` in the device window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            self.device().read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let value = match offset {
+            reg::MAGIC_VALUE => MAGIC_VALUE,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device().device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => {
+                let features = self.device().avail_features();
+                match self.device_features_select {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            reg::QUEUE_NUM_MAX => self.queues.get(self.queue_select as usize).map_or(0, |q| q.max_size().into()),
+            reg::QUEUE_READY => self.queues.get(self.queue_select as usize).map_or(0, |q| q.ready().into()),
+            reg::INTERRUPT_STATUS => self.irq.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// Guest write of `data` at `offset` in the device window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            self.device().write_config(offset - reg::CONFIG, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            tracing::debug!("virtio-mmio: ignoring {}-byte write at {offset:#x}", data.len());
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_select = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_select = v,
+            reg::DRIVER_FEATURES => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return; // features are frozen once FEATURES_OK is set
+                }
+                let offered = self.device().avail_features();
+                let shift = match self.driver_features_select {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = 0xffff_ffffu64 << shift;
+                self.acked_features = (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
+            }
+            reg::QUEUE_SEL => self.queue_select = v,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            reg::QUEUE_AVAIL_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            reg::QUEUE_AVAIL_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::QUEUE_USED_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            reg::QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_NOTIFY => {
+                // Normally caught by the ioeventfd; forward if it reached us anyway.
+                let dev = self.device();
+                if let Some(evt) = dev.queue_events().get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => self.irq.ack(v),
+            reg::STATUS => self.set_status(v),
+            _ => tracing::debug!("virtio-mmio: ignoring write of {v:#x} at {offset:#x}"),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let newly_set = v & !self.status;
+        self.status = v;
+        if newly_set & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.acked_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            if !q.is_valid(&self.mem) {
+                tracing::warn!("virtio-mmio: the driver set up an invalid virtqueue {i}");
+                self.status |= status::DEVICE_NEEDS_RESET;
+                let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
+                return;
+            }
+        }
+        // The device takes the queues over; the transport keeps fresh ones for the next
+        // reset (queue registers are read-only after DRIVER_OK anyway).
+        let fresh = Self::fresh_queues(&self.device);
+        let queues = std::mem::replace(&mut self.queues, fresh);
+        let result = self.device.lock().unwrap_or_else(|p| p.into_inner()).activate(
+            self.mem.clone(),
+            queues,
+            self.irq.clone(),
+            self.acked_features,
+        );
+        if let Err(e) = result {
+            tracing::warn!("virtio-mmio: device activation failed: {e}");
+            self.status |= status::DEVICE_NEEDS_RESET;
+            let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.status & status::DRIVER_OK != 0 {
+            self.device().reset();
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.irq.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Virtio devices and the virtio-mmio transport that exposes them to the guest.
+//!
+//! A device implements [`VirtioDevice`] (what the transport needs: identity, features,
+//! config space, activation) and `event_manager::MutEventSubscriber` (its queue
+//! notifications and backend file descriptors, served on the VMM's event loop thread).
+//! The transport owns nothing device specific; new devices copy the smallest existing one.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: every Brig device is a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_IN_ORDER` is not offered; `VIRTIO_RING_F_EVENT_IDX` is bit 29.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Bit in the MMIO `InterruptStatus` register: a used ring was updated.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Bit in the MMIO `InterruptStatus` register: the configuration space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Guest memory type used by every device.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Errors a device can report when the driver activates it.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("the driver configured {got} queues, the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    /// A queue the device needs is not valid (size, addresses or ready bit).
+    #[error("virtqueue {0} is not valid (size, ring addresses or ready bit)")]
+    InvalidQueue(usize),
+    /// The device could not be activated for a device specific reason.
+    #[error("activating the device failed: {0}")]
+    Device(String),
+}
+
+/// Interrupt line of one virtio-mmio device: the status register the driver reads plus the
+/// eventfd that KVM turns into the device's IRQ (an irqfd).
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    /// A trigger that raises its interrupt by writing `evt` (registered as an irqfd).
+    pub fn new(evt: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), evt }
+    }
+
+    /// Set `bit` (`VIRTIO_MMIO_INT_VRING` or `VIRTIO_MMIO_INT_CONFIG`) and raise the IRQ.
+    pub fn trigger(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+
+    /// The `InterruptStatus` register value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged the bits in `bits` (`InterruptACK` register).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clear all pending bits (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The eventfd behind the interrupt, for registering the irqfd with KVM.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// What the virtio-mmio transport needs from a device.
+///
+/// Queue notifications arrive on `queue_events()` (ioeventfds that KVM signals when the
+/// driver writes `QueueNotify`); the device registers them, with its backend file
+/// descriptors, on the event loop in its `MutEventSubscriber::init`.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (e.g. 19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (including `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Read from the device configuration space at `offset`; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write to the device configuration space; writes to read-only fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues` in `mem`, signal through `irq`.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        irq: Arc<IrqTrigger>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device (wrote 0 to `Status`). Return to the pre-activation
+    /// state, dropping guest-visible state (for vsock: every connection is reset).
+    fn reset(&mut self);
+}

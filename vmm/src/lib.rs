@@ -1,0 +1,10 @@
+//! `brig-vmm`: Brig's virtual machine monitor.
+//!
+//! A small KVM VMM in the mould of Firecracker: it boots an uncompressed `vmlinux` through
+//! PVH with an initramfs, gives the guest a 16550 console and virtio-mmio devices (vsock with
+//! a Unix-socket backend), and exits when the guest resets.
+
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod vm;

@@ -1,0 +1,100 @@
+//! `brig-vmm`: boot one microVM and run it until the guest resets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use brig_vmm::config::{parse_mem_mib, ConsoleTarget, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use brig_vmm::vm::{self, VmError, VmExit};
+use clap::Parser;
+
+/// Exit status when the guest crashed (panic, triple fault, KVM error).
+const EXIT_GUEST_CRASH: u8 = 1;
+/// Exit status for a configuration the VMM cannot boot (clap uses 2 for bad flags too).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+/// Boot a Brig microVM: an uncompressed vmlinux (PVH) with an initramfs on /dev/kvm.
+///
+/// The VMM is configured entirely by these flags. It runs until the guest resets or powers
+/// off (exit status 0), the guest crashes — kernel panic, triple fault, KVM error — (status 1,
+/// the reason on stderr, the panic in the console), the configuration cannot boot (status 2,
+/// one line on stderr naming the problem), or it receives SIGTERM/SIGINT/SIGHUP (status 128 +
+/// signal number). It removes the vsock socket it created before exiting.
+#[derive(Parser, Debug)]
+#[command(name = "brig-vmm", version, about, long_about)]
+struct Args {
+    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry note (CONFIG_PVH=y).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs handed to the kernel (Brig's holds the agent as /init).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line. virtio-mmio device declarations are appended to it.
+    #[arg(long, value_name = "ARGS", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs (1-32).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    cpus: u32,
+    /// Guest memory: 256, 256M, 1G… (64 MiB to 3 GiB).
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_mem_mib)]
+    memory: u64,
+    /// Guest console (COM1): `stdout`, `off`, or a file path to append to.
+    #[arg(long, default_value = "stdout", value_name = "DEST")]
+    console: String,
+    /// Add a virtio-vsock device whose host side is this Unix socket (hybrid vsock): connect
+    /// and write `CONNECT <port>\n` to reach a guest port; guest connections to host port P
+    /// go to `<PATH>_<P>`. The path must not exist.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// Guest context ID of the vsock device.
+    #[arg(long, default_value_t = 3, value_name = "CID", requires = "vsock_uds")]
+    vsock_cid: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRIG_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let console = match args.console.as_str() {
+        "stdout" => ConsoleTarget::Stdout,
+        "off" => ConsoleTarget::Off,
+        path => ConsoleTarget::File(path.into()),
+    };
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: u8::try_from(args.cpus).unwrap_or(u8::MAX),
+        mem_mib: args.memory,
+        console,
+        vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
+    };
+    let result = vm::run(&config);
+    // The vsock device owns its socket, but vCPU threads may still hold the device when we
+    // exit: remove the socket here so that no exit path leaves it behind.
+    let created_socket = !matches!(result, Err(VmError::Config(_)) | Err(VmError::Vsock(_)));
+    if let (true, Some(vsock)) = (created_socket, &config.vsock) {
+        let _ = std::fs::remove_file(&vsock.uds);
+    }
+    let code = match result {
+        Ok(VmExit::GuestReset) => 0,
+        Ok(VmExit::GuestPanic(line)) => {
+            eprintln!("brig-vmm: guest kernel panicked: {line}");
+            EXIT_GUEST_CRASH
+        }
+        Ok(VmExit::GuestCrash(reason)) => {
+            eprintln!("brig-vmm: guest crashed: {reason}");
+            EXIT_GUEST_CRASH
+        }
+        Ok(VmExit::Signal(sig)) => 128u8.saturating_add(sig as u8),
+        Err(e) => {
+            eprintln!("brig-vmm: {e}");
+            EXIT_BAD_CONFIG
+        }
+    };
+    // vCPU threads may be parked in KVM_RUN; leave without waiting for them.
+    std::process::exit(code.into())
+}

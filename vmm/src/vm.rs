@@ -1,0 +1,316 @@
+//! Assemble a microVM from a [`VmConfig`] and run it until the guest resets, crashes, or the
+//! VMM is told to stop.
+//!
+//! Threads: one per vCPU (port and MMIO exits are served right there), one event loop for
+//! the virtio devices' queues and backends, one that waits for SIGTERM/SIGINT. The thread
+//! that called [`run`] waits for the first of them to report how the VM ended.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::layout::*;
+use crate::arch::{cpu, mptable, pvh};
+use crate::config::{ConsoleTarget, VmConfig};
+use crate::devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::legacy::{ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET};
+use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{IrqTrigger, VirtioDevice};
+
+/// Why a VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset or powered off: the normal end of a microVM.
+    GuestReset,
+    /// The guest kernel panicked (the line is from its console).
+    GuestPanic(String),
+    /// The guest crashed in a way KVM reported (triple fault, failed entry…).
+    GuestCrash(String),
+    /// The VMM received a termination signal.
+    Signal(i32),
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot use /dev/kvm: {0} (is KVM available? `brig check` tells what this host can do)")]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM VM-level ioctl failed.
+    #[error("{what} failed: {source}")]
+    KvmOp { what: &'static str, source: kvm_ioctls::Error },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u64, reason: String },
+    /// Loading the kernel, initrd or boot data failed.
+    #[error(transparent)]
+    Boot(#[from] pvh::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// Some other OS resource (eventfd, thread, signal mask) failed.
+    #[error("{what}: {source}")]
+    Os { what: &'static str, source: std::io::Error },
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Os { what, source }
+}
+
+fn kvm_op(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmOp { what, source }
+}
+
+/// The devices vCPU threads dispatch port and MMIO accesses to.
+struct Bus {
+    serial: Mutex<SerialConsole>,
+    mmio: Vec<(u64, Mutex<MmioTransport>)>,
+}
+
+impl Bus {
+    fn mmio(&self, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {
+        self.mmio
+            .iter()
+            .find(|(base, _)| (*base..*base + MMIO_SIZE).contains(&addr))
+            .map(|(base, t)| (addr - base, t))
+    }
+}
+
+/// Build the VM described by `config` and run it. Returns when the VM has ended; vCPU
+/// threads may still be parked in KVM, so the caller should exit the process soon.
+pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
+    config.validate()?;
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+    let mem = create_memory(&vm, config.mem_mib)?;
+
+    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
+
+    // Devices. Each virtio-mmio device gets a window, an IRQ, an irqfd and ioeventfds.
+    let (exit_tx, exit_rx) = mpsc::channel::<VmExit>();
+    let mut cmdline = config.cmdline.trim().to_string();
+    let mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| VmError::Os { what: "creating the event loop", source: std::io::Error::other(e.to_string()) })?;
+    let mut mmio = Vec::new();
+    if let Some(vsock_cfg) = &config.vsock {
+        let vsock = Arc::new(Mutex::new(Vsock::new(vsock_cfg.guest_cid, vsock_cfg.uds.clone())?));
+        let base = MMIO_BASE + MMIO_SIZE * mmio.len() as u64;
+        let irq = MMIO_IRQ_BASE + mmio.len() as u32;
+        let transport = attach_mmio_device(&vm, &mem, vsock.clone(), base, irq)?;
+        event_manager.add_subscriber(vsock);
+        mmio.push((base, Mutex::new(transport)));
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+
+    // Boot data.
+    let entry = pvh::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(pvh::load_initrd(&mem, path)?),
+        None => None,
+    };
+    pvh::write_cmdline(&mem, &cmdline)?;
+    pvh::write_start_info(&mem, initrd)?;
+    mptable::write(&mem, config.vcpus)?;
+    cpu::write_descriptor_tables(&mem)?;
+
+    // Serial console.
+    let panic_watch = PanicWatch::default();
+    let sink: Option<Box<dyn Write + Send>> = match &config.console {
+        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleTarget::File(path) => {
+            let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                VmError::Config(crate::config::ConfigError::ConsoleFile { path: path.clone(), reason: e.to_string() })
+            })?;
+            Some(Box::new(file))
+        }
+        ConsoleTarget::Off => None,
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os("creating the serial eventfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_op("KVM_IRQFD (serial)"))?;
+    let serial = SerialConsole::new(serial_irq, ConsoleOutput::new(sink, panic_watch.clone()));
+    let bus = Arc::new(Bus { serial: Mutex::new(serial), mmio });
+
+    // vCPUs.
+    let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus.into());
+    for id in 0..config.vcpus {
+        let vcpu = vm.create_vcpu(id.into()).map_err(kvm_op("KVM_CREATE_VCPU"))?;
+        cpu::configure(&vcpu, id, config.vcpus, entry.pvh_entry.0, &base_cpuid)?;
+        vcpus.push(vcpu);
+    }
+
+    // From here on the VM runs. Termination signals are taken by one thread only.
+    let signals = termination_signals();
+    signals.thread_block().map_err(|e| VmError::Os { what: "blocking signals", source: e.into() })?;
+    {
+        let tx = exit_tx.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    let _ = tx.send(VmExit::Signal(sig as i32));
+                }
+            })
+            .map_err(os("spawning the signal thread"))?;
+    }
+    thread::Builder::new()
+        .name("event-loop".into())
+        .spawn(move || loop {
+            if let Err(e) = event_manager.run() {
+                tracing::error!("device event loop: {e}");
+                return;
+            }
+        })
+        .map_err(os("spawning the device event loop"))?;
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let bus = bus.clone();
+        let tx = exit_tx.clone();
+        thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let exit = run_vcpu(id, vcpu, &bus);
+                let _ = tx.send(exit);
+            })
+            .map_err(os("spawning a vCPU thread"))?;
+    }
+    drop(exit_tx);
+
+    let exit = exit_rx.recv().unwrap_or_else(|_| VmExit::GuestCrash("every vCPU thread ended".into()));
+    if let Ok(mut serial) = bus.serial.lock() {
+        serial.flush();
+    }
+    // A reset right after a kernel panic is the panic, not a clean reboot.
+    Ok(match (exit, panic_watch.panic_line()) {
+        (VmExit::GuestReset, Some(line)) => VmExit::GuestPanic(line),
+        (exit, _) => exit,
+    })
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set
+}
+
+fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let size = (mib << 20) as usize;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+        let region_info = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem` of exactly `memory_size`
+        // bytes; `mem` is kept alive (cloned into devices and boot code) for as long as the
+        // VM runs, and the process exits when the VM ends.
+        unsafe { vm.set_user_memory_region(region_info) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+fn attach_mmio_device<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    device: Arc<Mutex<D>>,
+    base: u64,
+    irq: u32,
+) -> Result<MmioTransport, VmError> {
+    let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a device IRQ eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq).map_err(kvm_op("KVM_IRQFD (virtio-mmio)"))?;
+    {
+        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, evt) in dev.queue_events().iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY), i as u32)
+                .map_err(kvm_op("KVM_IOEVENTFD (virtio-mmio queue notify)"))?;
+        }
+    }
+    let irq = Arc::new(IrqTrigger::new(irq_evt));
+    Ok(MmioTransport::new(device, mem.clone(), irq))
+}
+
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+                    if let (Ok(mut s), Some(&b)) = (bus.serial.lock(), data.first()) {
+                        s.write((port - COM1_BASE) as u8, b);
+                    }
+                } else if port == I8042_COMMAND_PORT && data.first() == Some(&I8042_RESET) {
+                    return VmExit::GuestReset;
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+                    let value = bus.serial.lock().map(|mut s| s.read((port - COM1_BASE) as u8)).unwrap_or(0xff);
+                    data.fill(value);
+                } else if port == I8042_COMMAND_PORT || port == I8042_DATA_PORT {
+                    data.fill(0); // controller idle: the kernel's reset path may poll it
+                } else {
+                    data.fill(0xff); // nothing there
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => match bus.mmio(addr) {
+                Some((offset, t)) => t.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data),
+                None => data.fill(0),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((offset, t)) = bus.mmio(addr) {
+                    t.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                }
+            }
+            Ok(VcpuExit::Hlt) => {} // the in-kernel irqchip handles HLT; nothing to do
+            Ok(VcpuExit::Shutdown) => {
+                return VmExit::GuestCrash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::GuestReset,
+                    other => VmExit::GuestCrash(format!("vCPU {id}: system event {other}")),
+                };
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return VmExit::GuestCrash(format!(
+                    "vCPU {id}: KVM could not enter the guest (hardware reason {reason:#x} on CPU {cpu})"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => return VmExit::GuestCrash(format!("vCPU {id}: KVM internal error")),
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => tracing::debug!("vCPU {id}: unhandled exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return VmExit::GuestCrash(format!("vCPU {id}: KVM_RUN failed: {e}")),
+        }
+    }
+}
