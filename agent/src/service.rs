@@ -1,0 +1,226 @@
+//! The ttrpc `brig.agent.v1.Agent` service.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use brig_protocols::agent::{
+    Empty, ShutdownRequest, VersionRequest, VersionResponse, VsockSelfTestRequest,
+    VsockSelfTestResponse,
+};
+use brig_protocols::agent_ttrpc;
+use ttrpc::{Code, TtrpcContext};
+
+use crate::guest_info;
+use crate::vsock_self_test::{self, SelfTestError, Target};
+
+/// Time given to the Shutdown reply to reach the host before the guest resets.
+const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(100);
+
+/// The agent's state shared by all requests.
+pub struct AgentService {
+    /// Guest uptime when the server started listening; set once, right after it did.
+    ready_uptime_ms: Arc<OnceLock<u64>>,
+    /// Where VsockSelfTest connects.
+    self_test_target: Target,
+    /// Whether Shutdown may reboot the machine (PID 1) or only exits the process (debug run).
+    is_pid1: bool,
+}
+
+impl AgentService {
+    /// A service whose boot-to-ready time is filled in through `ready_uptime_ms`.
+    pub fn new(
+        ready_uptime_ms: Arc<OnceLock<u64>>,
+        self_test_target: Target,
+        is_pid1: bool,
+    ) -> Self {
+        Self {
+            ready_uptime_ms,
+            self_test_target,
+            is_pid1,
+        }
+    }
+
+    fn version(&self) -> Result<VersionResponse, guest_info::GuestInfoError> {
+        Ok(VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: brig_protocols::AGENT_API_VERSION,
+            kernel_release: guest_info::kernel_release()?,
+            cpus_online: guest_info::cpus_online()?,
+            mem_total_kib: guest_info::mem_total_kib()?,
+            uptime_ms: guest_info::uptime_ms()?,
+            boot_to_ready_ms: self.ready_uptime_ms.get().copied().unwrap_or(0),
+            ..Default::default()
+        })
+    }
+}
+
+fn rpc_error(code: Code, message: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+}
+
+impl agent_ttrpc::Agent for AgentService {
+    fn version(&self, _ctx: &TtrpcContext, _req: VersionRequest) -> ttrpc::Result<VersionResponse> {
+        crate::debug!("Version");
+        AgentService::version(self).map_err(|err| rpc_error(Code::INTERNAL, err))
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        let is_pid1 = self.is_pid1;
+        crate::info!("Shutdown requested");
+        std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                std::thread::sleep(SHUTDOWN_REPLY_GRACE);
+                if is_pid1 {
+                    crate::info!("powering off");
+                    crate::pid1::power_off();
+                } else {
+                    crate::agent_log!(
+                        crate::logging::Level::Error,
+                        "shutdown requested; not PID 1, so exiting instead of rebooting"
+                    );
+                    std::process::exit(0);
+                }
+            })
+            .map_err(|err| rpc_error(Code::INTERNAL, format!("cannot start shutdown: {err}")))?;
+        Ok(Empty::new())
+    }
+
+    fn vsock_self_test(
+        &self,
+        _ctx: &TtrpcContext,
+        req: VsockSelfTestRequest,
+    ) -> ttrpc::Result<VsockSelfTestResponse> {
+        crate::debug!(
+            "VsockSelfTest port {} send_bytes {}",
+            req.port,
+            req.send_bytes
+        );
+        match vsock_self_test::run(&self.self_test_target, req.port, req.send_bytes) {
+            Ok(report) => {
+                crate::debug!("VsockSelfTest received {} bytes", report.received_bytes);
+                Ok(VsockSelfTestResponse {
+                    received_bytes: report.received_bytes,
+                    received_sha256: report.received_sha256.to_vec(),
+                    sent_sha256: report.sent_sha256.to_vec(),
+                    ..Default::default()
+                })
+            }
+            Err(err) => {
+                crate::warn!("VsockSelfTest failed: {err}");
+                let code = match err {
+                    SelfTestError::TooLarge { .. } | SelfTestError::BadPort(_) => {
+                        Code::INVALID_ARGUMENT
+                    }
+                    SelfTestError::Connect { .. } => Code::UNAVAILABLE,
+                    _ => Code::INTERNAL,
+                };
+                Err(rpc_error(code, err))
+            }
+        }
+    }
+}
+
+/// Binds `address`, registers the service and starts serving on ttrpc's threads.
+/// Returns the running server (dropping it does not stop it; keep it for clarity).
+pub fn serve(
+    address: &str,
+    self_test_target: Target,
+    is_pid1: bool,
+) -> anyhow::Result<(ttrpc::Server, u64)> {
+    use anyhow::Context;
+    if let Some(path) = address.strip_prefix("unix://") {
+        // A stale socket from an earlier debug run would make bind fail.
+        if !path.starts_with('@') && std::path::Path::new(path).exists() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {path}"))?;
+        }
+    }
+    let ready_uptime_ms = Arc::new(OnceLock::new());
+    let service = AgentService::new(Arc::clone(&ready_uptime_ms), self_test_target, is_pid1);
+    let mut server = ttrpc::Server::new()
+        .bind(address)
+        .with_context(|| format!("cannot listen on {address}"))?
+        .register_service(agent_ttrpc::create_agent(Arc::new(service)));
+    server
+        .start()
+        .with_context(|| format!("cannot start the ttrpc server on {address}"))?;
+    let uptime = guest_info::uptime_ms().unwrap_or(0);
+    let _ = ready_uptime_ms.set(uptime);
+    Ok((server, uptime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brig_protocols::agent_ttrpc::AgentClient;
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("brig-agent-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn serves_version_and_self_test_over_a_unix_socket() {
+        let dir = temp_dir("service");
+        let socket = format!("unix://{}", dir.join("agent.sock").display());
+        let vsock_prefix = dir.join("vsock").display().to_string();
+        let (server, ready) =
+            serve(&socket, Target::UnixPrefix(vsock_prefix.clone()), false).unwrap();
+
+        let client = AgentClient::new(ttrpc::Client::connect(&socket).unwrap());
+        let ctx = || ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64);
+
+        // Version: what a host would check after boot.
+        let version = client.version(ctx(), &VersionRequest::new()).unwrap();
+        assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(version.api_version, 1);
+        assert!(!version.kernel_release.is_empty());
+        assert!(version.cpus_online >= 1);
+        assert!(version.mem_total_kib > 0);
+        assert!(version.uptime_ms >= version.boot_to_ready_ms);
+        assert_eq!(version.boot_to_ready_ms, ready);
+
+        // VsockSelfTest: the "host" listens where a hybrid vsock would put port 6000.
+        let listener = UnixListener::bind(format!("{vsock_prefix}_6000")).unwrap();
+        let host = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let sender = std::thread::spawn(move || {
+                writer.write_all(&[7u8; 100_000]).unwrap();
+                writer.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).unwrap();
+            sender.join().unwrap();
+            got
+        });
+        let mut req = VsockSelfTestRequest::new();
+        req.port = 6000;
+        req.send_bytes = 1_000_000;
+        let reply = client.vsock_self_test(ctx(), &req).unwrap();
+        let got = host.join().unwrap();
+        assert_eq!(got.len(), 1_000_000);
+        assert_eq!(reply.sent_sha256, Sha256::digest(&got).to_vec());
+        assert_eq!(reply.received_bytes, 100_000);
+        assert_eq!(
+            reply.received_sha256,
+            Sha256::digest([7u8; 100_000]).to_vec()
+        );
+
+        // Errors come back as readable ttrpc statuses.
+        req.port = 6001;
+        let err = client.vsock_self_test(ctx(), &req).unwrap_err();
+        assert!(format!("{err:?}").contains("cannot connect to"), "{err:?}");
+        req.send_bytes = 65 * 1024 * 1024;
+        let err = client.vsock_self_test(ctx(), &req).unwrap_err();
+        assert!(format!("{err:?}").contains("over the limit"), "{err:?}");
+
+        server.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
