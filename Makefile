@@ -69,8 +69,13 @@ e2e-test: stage
 	test -n "$$exe" || { echo "e2e test binary did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
 	$(call IN_GUEST_HOST,$$exe --test-threads=1)
 
+# Boot time and VMM memory against QEMU microvm, in one lab boot; the report is committed.
 bench-boot: stage
-	@$(call IN_GUEST_HOST,bench/boot.sh)
+	cargo build --release --locked --target $(MUSL) -p brig-bench
+	cp target/$(MUSL)/release/brig-bench $(BIN)/
+	@mkdir -p bench/reports
+	@set -o pipefail; $(call IN_GUEST_HOST,$(BIN)/brig-bench --runs 10) | tee bench/reports/boot.md.new
+	@mv bench/reports/boot.md.new bench/reports/boot.md
 
 clean-stage:
 	rm -rf $(STAGE)

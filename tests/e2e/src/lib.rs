@@ -1,0 +1,67 @@
+//! Helpers for Brig's end-to-end tests: they run the real binaries and boot real guests
+//! (directly on hosts with hardware KVM, inside the nested-KVM lab elsewhere).
+//!
+//! The binaries and guest images come from the environment the Makefile sets:
+//! `BRIG_VMM`, `BRIG_BIN`, `BRIG_KERNEL`, `BRIG_INITRD`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use brig_runtime::RuntimeConfig;
+
+/// A path from the environment, or a panic that says which variable to set.
+pub fn env_path(var: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set: run the end-to-end tests with `make e2e-test`"));
+    assert!(path.exists(), "{var}={} does not exist", path.display());
+    path
+}
+
+/// Runtime configuration for a test, with its own state root.
+pub fn config(test: &str) -> RuntimeConfig {
+    let mut config = RuntimeConfig::load().expect("runtime config");
+    config.root = PathBuf::from("/run/brig-e2e").join(test);
+    config
+}
+
+/// `brig-vmm` with the test kernel and initramfs.
+pub fn vmm_command() -> Command {
+    let mut cmd = Command::new(env_path("BRIG_VMM"));
+    cmd.arg("--kernel").arg(env_path("BRIG_KERNEL")).arg("--initrd").arg(env_path("BRIG_INITRD"));
+    cmd
+}
+
+/// PIDs of running processes whose command name is `name`.
+pub fn processes_named(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
+                // A zombie that is already reaped disappears; one that is not still counts.
+                if comm.trim() == name {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// Names of the entries of a directory (empty if it does not exist).
+pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|it| it.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("brig-e2e-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
