@@ -1,0 +1,456 @@
+//! Tests for the virtio-fs device: a fake guest driver writes FUSE requests into guest memory
+//! as descriptor chains, the device serves its queue, and the test reads the replies back from
+//! the used ring, as the guest kernel would.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, InitOut, OutHeader};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+
+const MEM_SIZE: usize = 16 << 20;
+const QSIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+/// Guest buffers are allocated from here up.
+const BUF_BASE: u64 = 0x10_0000;
+const FUSE_INIT: u32 = 26;
+const FUSE_LOOKUP: u32 = 1;
+const ROOT_ID: u64 = 1;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "brig-fs-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One descriptor as the test driver lays it out: guest address, length, device-writable.
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+/// The guest side: memory, the request queue's rings and a bump allocator for buffers.
+struct Guest {
+    mem: GuestMemoryMmap,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+    next_buf: u64,
+    fs: Fs,
+    unique: u64,
+}
+
+impl Guest {
+    /// A guest whose driver activated a virtio-fs device sharing `dir`.
+    fn new(dir: &Path) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
+        let request = MockSplitQueue::create(&mem, GuestAddress(0x8000), QSIZE);
+        let queues = vec![
+            hiprio.create_queue::<Queue>().unwrap(),
+            request.create_queue::<Queue>().unwrap(),
+        ];
+        let (desc, avail, used) = (
+            request.desc_table_addr(),
+            request.avail_addr(),
+            request.used_addr(),
+        );
+        let mut fs = Fs::new("brig", dir.to_path_buf()).unwrap();
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        fs.activate(mem.clone(), queues, irq, VIRTIO_F_VERSION_1)
+            .unwrap();
+        Guest {
+            mem,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+            next_buf: BUF_BASE,
+            fs,
+            unique: 0,
+        }
+    }
+
+    /// Guest memory for `bytes`, returning its address.
+    fn buffer(&mut self, bytes: &[u8], len: usize) -> u64 {
+        let addr = self.next_buf;
+        let mut data = bytes.to_vec();
+        data.resize(len.max(bytes.len()), 0);
+        self.mem.write_slice(&data, GuestAddress(addr)).unwrap();
+        self.next_buf += (data.len() as u64 + 0xfff) & !0xfff;
+        addr
+    }
+
+    /// Put one chain on the request queue, let the device serve it, and return the used
+    /// length it reported.
+    fn submit(&mut self, chain: &[Desc]) -> u32 {
+        let head = self.next_desc;
+        for (i, d) in chain.iter().enumerate() {
+            let idx = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QSIZE;
+            let mut flags = if d.write { F_WRITE } else { 0 };
+            if i + 1 < chain.len() {
+                flags |= F_NEXT;
+            }
+            let at = self.desc.0 + 16 * u64::from(idx);
+            self.mem.write_obj(d.addr, GuestAddress(at)).unwrap();
+            self.mem.write_obj(d.len, GuestAddress(at + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            self.mem
+                .write_obj(self.next_desc, GuestAddress(at + 14))
+                .unwrap();
+        }
+        let slot = self.avail.0 + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(self.avail.0 + 2))
+            .unwrap();
+
+        self.fs.process_queue(REQUEST_QUEUE);
+
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(self.used.0 + 2)).unwrap();
+        assert_eq!(
+            used_idx,
+            self.used_seen.wrapping_add(1),
+            "the device returns every chain it takes"
+        );
+        let elem = self.used.0 + 4 + 8 * u64::from(self.used_seen % QSIZE);
+        self.used_seen = used_idx;
+        let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+        assert_eq!(id, u32::from(head));
+        self.mem.read_obj(GuestAddress(elem + 4)).unwrap()
+    }
+
+    /// Send a FUSE request (`opcode` on `nodeid` with `body`) with room for `reply_len`
+    /// reply bytes; return the reply header and the reply body.
+    fn request(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        body: &[u8],
+        reply_len: usize,
+    ) -> (OutHeader, Vec<u8>) {
+        self.unique += 2;
+        let header = InHeader {
+            len: u32::try_from(std::mem::size_of::<InHeader>() + body.len()).unwrap(),
+            opcode,
+            unique: self.unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        };
+        let mut req = header.as_slice().to_vec();
+        req.extend_from_slice(body);
+        let out_len = std::mem::size_of::<OutHeader>() + reply_len;
+        let req_addr = self.buffer(&req, req.len());
+        let reply_addr = self.buffer(&[], out_len);
+        let used = self.submit(&[
+            Desc {
+                addr: req_addr,
+                len: u32::try_from(req.len()).unwrap(),
+                write: false,
+            },
+            Desc {
+                addr: reply_addr,
+                len: u32::try_from(out_len).unwrap(),
+                write: true,
+            },
+        ]);
+        let mut reply = vec![0u8; used as usize];
+        self.mem
+            .read_slice(&mut reply, GuestAddress(reply_addr))
+            .unwrap();
+        assert!(
+            reply.len() >= std::mem::size_of::<OutHeader>(),
+            "a reply header"
+        );
+        let out = OutHeader::from_slice(&reply[..std::mem::size_of::<OutHeader>()])
+            .copied()
+            .unwrap();
+        assert_eq!(out.unique, self.unique, "the reply answers our request");
+        assert_eq!(out.len, used, "the header's length is the used length");
+        (out, reply[std::mem::size_of::<OutHeader>()..].to_vec())
+    }
+
+    fn init(&mut self) -> InitOut {
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 1 << 17,
+            flags: 0,
+        };
+        let (out, body) = self.request(
+            FUSE_INIT,
+            0,
+            init.as_slice(),
+            std::mem::size_of::<InitOut>(),
+        );
+        assert_eq!(out.error, 0, "INIT succeeds");
+        let mut init_out = InitOut::default();
+        let n = body.len().min(std::mem::size_of::<InitOut>());
+        init_out.as_mut_slice()[..n].copy_from_slice(&body[..n]);
+        init_out
+    }
+
+    /// LOOKUP `name` in directory `parent`: the entry, or the (negative) errno.
+    fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        let (out, reply) =
+            self.request(FUSE_LOOKUP, parent, &body, std::mem::size_of::<EntryOut>());
+        if out.error != 0 {
+            return Err(out.error);
+        }
+        Ok(EntryOut::from_slice(&reply).copied().unwrap())
+    }
+}
+
+#[test]
+fn init_negotiates_the_fuse_version() {
+    let dir = TempDir::new();
+    let mut guest = Guest::new(dir.path());
+    let init = guest.init();
+    assert_eq!(init.major, 7);
+    assert!(
+        init.minor >= 27,
+        "minor version {} is too old for virtio-fs",
+        init.minor
+    );
+}
+
+#[test]
+fn lookup_of_a_shared_file_returns_its_attributes() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("hello.txt"), b"hello, guest\n").unwrap();
+    let mut guest = Guest::new(dir.path());
+    guest.init();
+
+    let entry = guest
+        .lookup(ROOT_ID, "hello.txt")
+        .expect("the file is found");
+    assert_eq!(entry.attr.size, 13);
+    assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFREG);
+    assert_ne!(entry.nodeid, ROOT_ID);
+
+    assert_eq!(guest.lookup(ROOT_ID, "missing").err(), Some(-libc::ENOENT));
+}
+
+#[test]
+fn dotdot_of_the_root_does_not_escape_the_shared_directory() {
+    let outside = TempDir::new();
+    std::fs::write(outside.path().join("host-secret"), b"no").unwrap();
+    let shared = outside.path().join("share");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::create_dir(shared.join("sub")).unwrap();
+    let mut guest = Guest::new(&shared);
+    guest.init();
+
+    let root_ino = std::fs::metadata(&shared).unwrap().ino();
+    let sub = guest.lookup(ROOT_ID, "sub").unwrap();
+    for (parent, name) in [
+        (ROOT_ID, ".."),
+        (sub.nodeid, ".."),
+        (ROOT_ID, "../host-secret"),
+    ] {
+        match guest.lookup(parent, name) {
+            Ok(entry) => {
+                assert_eq!(
+                    entry.attr.ino, root_ino,
+                    "{name} resolves to the shared root"
+                );
+                assert!(
+                    guest.lookup(entry.nodeid, "host-secret").is_err(),
+                    "the parent's entries are not reachable through {name}"
+                );
+            }
+            Err(e) => assert!(e < 0, "an errno, got {e}"),
+        }
+    }
+    // Neither through the root itself.
+    assert!(guest.lookup(ROOT_ID, "host-secret").is_err());
+}
+
+#[test]
+fn malformed_chains_are_returned_empty_and_the_device_keeps_serving() {
+    let dir = TempDir::new();
+    let mut guest = Guest::new(dir.path());
+
+    // A request shorter than a FUSE header, with a reply buffer.
+    let short = guest.buffer(&[1, 2, 3, 4], 4);
+    let reply = guest.buffer(&[], 256);
+    let chain = [
+        Desc {
+            addr: short,
+            len: 4,
+            write: false,
+        },
+        Desc {
+            addr: reply,
+            len: 256,
+            write: true,
+        },
+    ];
+    assert_eq!(guest.submit(&chain), 0);
+
+    // A header only, no room for a reply.
+    let header = InHeader {
+        len: 40,
+        opcode: FUSE_INIT,
+        unique: 99,
+        ..InHeader::default()
+    };
+    let req = guest.buffer(header.as_slice(), 40);
+    assert_eq!(
+        guest.submit(&[Desc {
+            addr: req,
+            len: 40,
+            write: false
+        }]),
+        0
+    );
+
+    // A descriptor that points past the end of guest memory.
+    let past_end = MEM_SIZE as u64 - 8;
+    assert_eq!(
+        guest.submit(&[
+            Desc {
+                addr: past_end,
+                len: 64,
+                write: false
+            },
+            Desc {
+                addr: reply,
+                len: 256,
+                write: true
+            },
+        ]),
+        0
+    );
+
+    // A header claiming more bytes than the chain holds.
+    let lying = InHeader {
+        len: 4096,
+        opcode: FUSE_LOOKUP,
+        unique: 7,
+        nodeid: ROOT_ID,
+        ..InHeader::default()
+    };
+    let req = guest.buffer(lying.as_slice(), 40);
+    let used = guest.submit(&[
+        Desc {
+            addr: req,
+            len: 40,
+            write: false,
+        },
+        Desc {
+            addr: reply,
+            len: 256,
+            write: true,
+        },
+    ]);
+    assert!(used as usize <= 256);
+
+    // Only writable descriptors.
+    assert_eq!(
+        guest.submit(&[Desc {
+            addr: reply,
+            len: 256,
+            write: true
+        }]),
+        0
+    );
+
+    // The device still answers a well-formed request.
+    assert_eq!(guest.init().major, 7);
+}
+
+#[test]
+fn config_space_holds_the_tag_and_one_request_queue() {
+    let dir = TempDir::new();
+    let fs = Fs::new("rootfs", dir.path().to_path_buf()).unwrap();
+    assert_eq!(fs.device_type(), 26);
+    assert_eq!(fs.queue_max_sizes(), &[1024, 1024]);
+    assert_eq!(fs.avail_features(), VIRTIO_F_VERSION_1);
+
+    let mut config = [0xffu8; 44];
+    fs.read_config(0, &mut config);
+    assert_eq!(&config[..6], b"rootfs");
+    assert!(
+        config[6..36].iter().all(|&b| b == 0),
+        "the tag is NUL padded"
+    );
+    assert_eq!(&config[36..40], &1u32.to_le_bytes());
+    assert_eq!(&config[40..], &[0; 4], "bytes past the end read as 0");
+
+    let mut num = [0u8; 4];
+    fs.read_config(36, &mut num);
+    assert_eq!(u32::from_le_bytes(num), 1);
+    fs.read_config(u64::MAX, &mut num);
+    assert_eq!(num, [0; 4]);
+}
+
+#[test]
+fn new_rejects_bad_tags_and_missing_directories() {
+    let dir = TempDir::new();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let ok_dir = dir.path().to_path_buf();
+
+    assert!(matches!(
+        Fs::new("", ok_dir.clone()),
+        Err(FsError::EmptyTag)
+    ));
+    assert!(matches!(
+        Fs::new(&"t".repeat(37), ok_dir.clone()),
+        Err(FsError::TagTooLong(37))
+    ));
+    assert!(
+        Fs::new(&"t".repeat(36), ok_dir.clone()).is_ok(),
+        "36 bytes fill the field"
+    );
+    assert!(matches!(
+        Fs::new("a\0b", ok_dir),
+        Err(FsError::TagContainsNul)
+    ));
+    assert!(matches!(
+        Fs::new("brig", dir.path().join("missing")),
+        Err(FsError::DirMissing { .. })
+    ));
+    assert!(matches!(
+        Fs::new("brig", file),
+        Err(FsError::NotADirectory(_))
+    ));
+}
