@@ -861,6 +861,2515 @@ impl ::protobuf::reflect::ProtobufValue for VsockSelfTestResponse {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:brig.agent.v1.StdioPorts)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct StdioPorts {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.StdioPorts.stdin)
+    pub stdin: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.StdioPorts.stdout)
+    pub stdout: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.StdioPorts.stderr)
+    pub stderr: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.StdioPorts.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a StdioPorts {
+    fn default() -> &'a StdioPorts {
+        <StdioPorts as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl StdioPorts {
+    pub fn new() -> StdioPorts {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "stdin",
+            |m: &StdioPorts| { &m.stdin },
+            |m: &mut StdioPorts| { &mut m.stdin },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "stdout",
+            |m: &StdioPorts| { &m.stdout },
+            |m: &mut StdioPorts| { &mut m.stdout },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "stderr",
+            |m: &StdioPorts| { &m.stderr },
+            |m: &mut StdioPorts| { &mut m.stderr },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StdioPorts>(
+            "StdioPorts",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for StdioPorts {
+    const NAME: &'static str = "StdioPorts";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.stdin = is.read_uint32()?;
+                },
+                16 => {
+                    self.stdout = is.read_uint32()?;
+                },
+                24 => {
+                    self.stderr = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.stdin != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.stdin);
+        }
+        if self.stdout != 0 {
+            my_size += ::protobuf::rt::uint32_size(2, self.stdout);
+        }
+        if self.stderr != 0 {
+            my_size += ::protobuf::rt::uint32_size(3, self.stderr);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.stdin != 0 {
+            os.write_uint32(1, self.stdin)?;
+        }
+        if self.stdout != 0 {
+            os.write_uint32(2, self.stdout)?;
+        }
+        if self.stderr != 0 {
+            os.write_uint32(3, self.stderr)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> StdioPorts {
+        StdioPorts::new()
+    }
+
+    fn clear(&mut self) {
+        self.stdin = 0;
+        self.stdout = 0;
+        self.stderr = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static StdioPorts {
+        static instance: StdioPorts = StdioPorts {
+            stdin: 0,
+            stdout: 0,
+            stderr: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for StdioPorts {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("StdioPorts").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for StdioPorts {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for StdioPorts {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.CreateContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct CreateContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.CreateContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.CreateContainerRequest.oci_spec_json)
+    pub oci_spec_json: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.CreateContainerRequest.rootfs)
+    pub rootfs: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.CreateContainerRequest.stdio)
+    pub stdio: ::protobuf::MessageField<StdioPorts>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.CreateContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a CreateContainerRequest {
+    fn default() -> &'a CreateContainerRequest {
+        <CreateContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl CreateContainerRequest {
+    pub fn new() -> CreateContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &CreateContainerRequest| { &m.container_id },
+            |m: &mut CreateContainerRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oci_spec_json",
+            |m: &CreateContainerRequest| { &m.oci_spec_json },
+            |m: &mut CreateContainerRequest| { &mut m.oci_spec_json },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "rootfs",
+            |m: &CreateContainerRequest| { &m.rootfs },
+            |m: &mut CreateContainerRequest| { &mut m.rootfs },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, StdioPorts>(
+            "stdio",
+            |m: &CreateContainerRequest| { &m.stdio },
+            |m: &mut CreateContainerRequest| { &mut m.stdio },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateContainerRequest>(
+            "CreateContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for CreateContainerRequest {
+    const NAME: &'static str = "CreateContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.oci_spec_json = is.read_string()?;
+                },
+                26 => {
+                    self.rootfs = is.read_string()?;
+                },
+                34 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.stdio)?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.oci_spec_json.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.oci_spec_json);
+        }
+        if !self.rootfs.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.rootfs);
+        }
+        if let Some(v) = self.stdio.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.oci_spec_json.is_empty() {
+            os.write_string(2, &self.oci_spec_json)?;
+        }
+        if !self.rootfs.is_empty() {
+            os.write_string(3, &self.rootfs)?;
+        }
+        if let Some(v) = self.stdio.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> CreateContainerRequest {
+        CreateContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.oci_spec_json.clear();
+        self.rootfs.clear();
+        self.stdio.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static CreateContainerRequest {
+        static instance: CreateContainerRequest = CreateContainerRequest {
+            container_id: ::std::string::String::new(),
+            oci_spec_json: ::std::string::String::new(),
+            rootfs: ::std::string::String::new(),
+            stdio: ::protobuf::MessageField::none(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for CreateContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("CreateContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for CreateContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for CreateContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.CreateContainerResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct CreateContainerResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.CreateContainerResponse.pid)
+    pub pid: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.CreateContainerResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a CreateContainerResponse {
+    fn default() -> &'a CreateContainerResponse {
+        <CreateContainerResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl CreateContainerResponse {
+    pub fn new() -> CreateContainerResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pid",
+            |m: &CreateContainerResponse| { &m.pid },
+            |m: &mut CreateContainerResponse| { &mut m.pid },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateContainerResponse>(
+            "CreateContainerResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for CreateContainerResponse {
+    const NAME: &'static str = "CreateContainerResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.pid = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.pid != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.pid);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.pid != 0 {
+            os.write_uint32(1, self.pid)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> CreateContainerResponse {
+        CreateContainerResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.pid = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static CreateContainerResponse {
+        static instance: CreateContainerResponse = CreateContainerResponse {
+            pid: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for CreateContainerResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("CreateContainerResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for CreateContainerResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for CreateContainerResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.StartContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct StartContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.StartContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.StartContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a StartContainerRequest {
+    fn default() -> &'a StartContainerRequest {
+        <StartContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl StartContainerRequest {
+    pub fn new() -> StartContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &StartContainerRequest| { &m.container_id },
+            |m: &mut StartContainerRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StartContainerRequest>(
+            "StartContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for StartContainerRequest {
+    const NAME: &'static str = "StartContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> StartContainerRequest {
+        StartContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static StartContainerRequest {
+        static instance: StartContainerRequest = StartContainerRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for StartContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("StartContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for StartContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for StartContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ExecProcessRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ExecProcessRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ExecProcessRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.ExecProcessRequest.exec_id)
+    pub exec_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.ExecProcessRequest.process_json)
+    pub process_json: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.ExecProcessRequest.stdio)
+    pub stdio: ::protobuf::MessageField<StdioPorts>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ExecProcessRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ExecProcessRequest {
+    fn default() -> &'a ExecProcessRequest {
+        <ExecProcessRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ExecProcessRequest {
+    pub fn new() -> ExecProcessRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &ExecProcessRequest| { &m.container_id },
+            |m: &mut ExecProcessRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exec_id",
+            |m: &ExecProcessRequest| { &m.exec_id },
+            |m: &mut ExecProcessRequest| { &mut m.exec_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "process_json",
+            |m: &ExecProcessRequest| { &m.process_json },
+            |m: &mut ExecProcessRequest| { &mut m.process_json },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, StdioPorts>(
+            "stdio",
+            |m: &ExecProcessRequest| { &m.stdio },
+            |m: &mut ExecProcessRequest| { &mut m.stdio },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ExecProcessRequest>(
+            "ExecProcessRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ExecProcessRequest {
+    const NAME: &'static str = "ExecProcessRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.exec_id = is.read_string()?;
+                },
+                26 => {
+                    self.process_json = is.read_string()?;
+                },
+                34 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.stdio)?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.exec_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.exec_id);
+        }
+        if !self.process_json.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.process_json);
+        }
+        if let Some(v) = self.stdio.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.exec_id.is_empty() {
+            os.write_string(2, &self.exec_id)?;
+        }
+        if !self.process_json.is_empty() {
+            os.write_string(3, &self.process_json)?;
+        }
+        if let Some(v) = self.stdio.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ExecProcessRequest {
+        ExecProcessRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.exec_id.clear();
+        self.process_json.clear();
+        self.stdio.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ExecProcessRequest {
+        static instance: ExecProcessRequest = ExecProcessRequest {
+            container_id: ::std::string::String::new(),
+            exec_id: ::std::string::String::new(),
+            process_json: ::std::string::String::new(),
+            stdio: ::protobuf::MessageField::none(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ExecProcessRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ExecProcessRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ExecProcessRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ExecProcessRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ExecProcessResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ExecProcessResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ExecProcessResponse.pid)
+    pub pid: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ExecProcessResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ExecProcessResponse {
+    fn default() -> &'a ExecProcessResponse {
+        <ExecProcessResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ExecProcessResponse {
+    pub fn new() -> ExecProcessResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pid",
+            |m: &ExecProcessResponse| { &m.pid },
+            |m: &mut ExecProcessResponse| { &mut m.pid },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ExecProcessResponse>(
+            "ExecProcessResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ExecProcessResponse {
+    const NAME: &'static str = "ExecProcessResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.pid = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.pid != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.pid);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.pid != 0 {
+            os.write_uint32(1, self.pid)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ExecProcessResponse {
+        ExecProcessResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.pid = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ExecProcessResponse {
+        static instance: ExecProcessResponse = ExecProcessResponse {
+            pid: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ExecProcessResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ExecProcessResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ExecProcessResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ExecProcessResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.SignalProcessRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct SignalProcessRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.SignalProcessRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.SignalProcessRequest.exec_id)
+    pub exec_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.SignalProcessRequest.signal)
+    pub signal: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.SignalProcessRequest.all)
+    pub all: bool,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.SignalProcessRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a SignalProcessRequest {
+    fn default() -> &'a SignalProcessRequest {
+        <SignalProcessRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl SignalProcessRequest {
+    pub fn new() -> SignalProcessRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &SignalProcessRequest| { &m.container_id },
+            |m: &mut SignalProcessRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exec_id",
+            |m: &SignalProcessRequest| { &m.exec_id },
+            |m: &mut SignalProcessRequest| { &mut m.exec_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "signal",
+            |m: &SignalProcessRequest| { &m.signal },
+            |m: &mut SignalProcessRequest| { &mut m.signal },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "all",
+            |m: &SignalProcessRequest| { &m.all },
+            |m: &mut SignalProcessRequest| { &mut m.all },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<SignalProcessRequest>(
+            "SignalProcessRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for SignalProcessRequest {
+    const NAME: &'static str = "SignalProcessRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.exec_id = is.read_string()?;
+                },
+                24 => {
+                    self.signal = is.read_uint32()?;
+                },
+                32 => {
+                    self.all = is.read_bool()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.exec_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.exec_id);
+        }
+        if self.signal != 0 {
+            my_size += ::protobuf::rt::uint32_size(3, self.signal);
+        }
+        if self.all != false {
+            my_size += 1 + 1;
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.exec_id.is_empty() {
+            os.write_string(2, &self.exec_id)?;
+        }
+        if self.signal != 0 {
+            os.write_uint32(3, self.signal)?;
+        }
+        if self.all != false {
+            os.write_bool(4, self.all)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> SignalProcessRequest {
+        SignalProcessRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.exec_id.clear();
+        self.signal = 0;
+        self.all = false;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static SignalProcessRequest {
+        static instance: SignalProcessRequest = SignalProcessRequest {
+            container_id: ::std::string::String::new(),
+            exec_id: ::std::string::String::new(),
+            signal: 0,
+            all: false,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for SignalProcessRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("SignalProcessRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for SignalProcessRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for SignalProcessRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.WaitProcessRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct WaitProcessRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitProcessRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitProcessRequest.exec_id)
+    pub exec_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.WaitProcessRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a WaitProcessRequest {
+    fn default() -> &'a WaitProcessRequest {
+        <WaitProcessRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl WaitProcessRequest {
+    pub fn new() -> WaitProcessRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &WaitProcessRequest| { &m.container_id },
+            |m: &mut WaitProcessRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exec_id",
+            |m: &WaitProcessRequest| { &m.exec_id },
+            |m: &mut WaitProcessRequest| { &mut m.exec_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<WaitProcessRequest>(
+            "WaitProcessRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for WaitProcessRequest {
+    const NAME: &'static str = "WaitProcessRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.exec_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.exec_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.exec_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.exec_id.is_empty() {
+            os.write_string(2, &self.exec_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> WaitProcessRequest {
+        WaitProcessRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.exec_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static WaitProcessRequest {
+        static instance: WaitProcessRequest = WaitProcessRequest {
+            container_id: ::std::string::String::new(),
+            exec_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for WaitProcessRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("WaitProcessRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for WaitProcessRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for WaitProcessRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.WaitProcessResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct WaitProcessResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitProcessResponse.exit_status)
+    pub exit_status: i32,
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitProcessResponse.signal)
+    pub signal: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitProcessResponse.oom_killed)
+    pub oom_killed: bool,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.WaitProcessResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a WaitProcessResponse {
+    fn default() -> &'a WaitProcessResponse {
+        <WaitProcessResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl WaitProcessResponse {
+    pub fn new() -> WaitProcessResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exit_status",
+            |m: &WaitProcessResponse| { &m.exit_status },
+            |m: &mut WaitProcessResponse| { &mut m.exit_status },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "signal",
+            |m: &WaitProcessResponse| { &m.signal },
+            |m: &mut WaitProcessResponse| { &mut m.signal },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom_killed",
+            |m: &WaitProcessResponse| { &m.oom_killed },
+            |m: &mut WaitProcessResponse| { &mut m.oom_killed },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<WaitProcessResponse>(
+            "WaitProcessResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for WaitProcessResponse {
+    const NAME: &'static str = "WaitProcessResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.exit_status = is.read_int32()?;
+                },
+                16 => {
+                    self.signal = is.read_uint32()?;
+                },
+                24 => {
+                    self.oom_killed = is.read_bool()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.exit_status != 0 {
+            my_size += ::protobuf::rt::int32_size(1, self.exit_status);
+        }
+        if self.signal != 0 {
+            my_size += ::protobuf::rt::uint32_size(2, self.signal);
+        }
+        if self.oom_killed != false {
+            my_size += 1 + 1;
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.exit_status != 0 {
+            os.write_int32(1, self.exit_status)?;
+        }
+        if self.signal != 0 {
+            os.write_uint32(2, self.signal)?;
+        }
+        if self.oom_killed != false {
+            os.write_bool(3, self.oom_killed)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> WaitProcessResponse {
+        WaitProcessResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.exit_status = 0;
+        self.signal = 0;
+        self.oom_killed = false;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static WaitProcessResponse {
+        static instance: WaitProcessResponse = WaitProcessResponse {
+            exit_status: 0,
+            signal: 0,
+            oom_killed: false,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for WaitProcessResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("WaitProcessResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for WaitProcessResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for WaitProcessResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.CloseStdinRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct CloseStdinRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.CloseStdinRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.CloseStdinRequest.exec_id)
+    pub exec_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.CloseStdinRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a CloseStdinRequest {
+    fn default() -> &'a CloseStdinRequest {
+        <CloseStdinRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl CloseStdinRequest {
+    pub fn new() -> CloseStdinRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &CloseStdinRequest| { &m.container_id },
+            |m: &mut CloseStdinRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exec_id",
+            |m: &CloseStdinRequest| { &m.exec_id },
+            |m: &mut CloseStdinRequest| { &mut m.exec_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CloseStdinRequest>(
+            "CloseStdinRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for CloseStdinRequest {
+    const NAME: &'static str = "CloseStdinRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.exec_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.exec_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.exec_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.exec_id.is_empty() {
+            os.write_string(2, &self.exec_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> CloseStdinRequest {
+        CloseStdinRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.exec_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static CloseStdinRequest {
+        static instance: CloseStdinRequest = CloseStdinRequest {
+            container_id: ::std::string::String::new(),
+            exec_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for CloseStdinRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("CloseStdinRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for CloseStdinRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for CloseStdinRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ResizeTtyRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ResizeTtyRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ResizeTtyRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.ResizeTtyRequest.exec_id)
+    pub exec_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.ResizeTtyRequest.rows)
+    pub rows: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.ResizeTtyRequest.cols)
+    pub cols: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ResizeTtyRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ResizeTtyRequest {
+    fn default() -> &'a ResizeTtyRequest {
+        <ResizeTtyRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ResizeTtyRequest {
+    pub fn new() -> ResizeTtyRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &ResizeTtyRequest| { &m.container_id },
+            |m: &mut ResizeTtyRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "exec_id",
+            |m: &ResizeTtyRequest| { &m.exec_id },
+            |m: &mut ResizeTtyRequest| { &mut m.exec_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "rows",
+            |m: &ResizeTtyRequest| { &m.rows },
+            |m: &mut ResizeTtyRequest| { &mut m.rows },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cols",
+            |m: &ResizeTtyRequest| { &m.cols },
+            |m: &mut ResizeTtyRequest| { &mut m.cols },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ResizeTtyRequest>(
+            "ResizeTtyRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ResizeTtyRequest {
+    const NAME: &'static str = "ResizeTtyRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    self.exec_id = is.read_string()?;
+                },
+                24 => {
+                    self.rows = is.read_uint32()?;
+                },
+                32 => {
+                    self.cols = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if !self.exec_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.exec_id);
+        }
+        if self.rows != 0 {
+            my_size += ::protobuf::rt::uint32_size(3, self.rows);
+        }
+        if self.cols != 0 {
+            my_size += ::protobuf::rt::uint32_size(4, self.cols);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if !self.exec_id.is_empty() {
+            os.write_string(2, &self.exec_id)?;
+        }
+        if self.rows != 0 {
+            os.write_uint32(3, self.rows)?;
+        }
+        if self.cols != 0 {
+            os.write_uint32(4, self.cols)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ResizeTtyRequest {
+        ResizeTtyRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.exec_id.clear();
+        self.rows = 0;
+        self.cols = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ResizeTtyRequest {
+        static instance: ResizeTtyRequest = ResizeTtyRequest {
+            container_id: ::std::string::String::new(),
+            exec_id: ::std::string::String::new(),
+            rows: 0,
+            cols: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ResizeTtyRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ResizeTtyRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ResizeTtyRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ResizeTtyRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ListProcessesRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ListProcessesRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ListProcessesRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ListProcessesRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ListProcessesRequest {
+    fn default() -> &'a ListProcessesRequest {
+        <ListProcessesRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ListProcessesRequest {
+    pub fn new() -> ListProcessesRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &ListProcessesRequest| { &m.container_id },
+            |m: &mut ListProcessesRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ListProcessesRequest>(
+            "ListProcessesRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ListProcessesRequest {
+    const NAME: &'static str = "ListProcessesRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ListProcessesRequest {
+        ListProcessesRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ListProcessesRequest {
+        static instance: ListProcessesRequest = ListProcessesRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ListProcessesRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ListProcessesRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ListProcessesRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ListProcessesRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ProcessInfo)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ProcessInfo {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ProcessInfo.pid)
+    pub pid: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.ProcessInfo.cmdline)
+    pub cmdline: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ProcessInfo.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ProcessInfo {
+    fn default() -> &'a ProcessInfo {
+        <ProcessInfo as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ProcessInfo {
+    pub fn new() -> ProcessInfo {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pid",
+            |m: &ProcessInfo| { &m.pid },
+            |m: &mut ProcessInfo| { &mut m.pid },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cmdline",
+            |m: &ProcessInfo| { &m.cmdline },
+            |m: &mut ProcessInfo| { &mut m.cmdline },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ProcessInfo>(
+            "ProcessInfo",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ProcessInfo {
+    const NAME: &'static str = "ProcessInfo";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.pid = is.read_uint32()?;
+                },
+                18 => {
+                    self.cmdline = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.pid != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.pid);
+        }
+        if !self.cmdline.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.cmdline);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.pid != 0 {
+            os.write_uint32(1, self.pid)?;
+        }
+        if !self.cmdline.is_empty() {
+            os.write_string(2, &self.cmdline)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ProcessInfo {
+        ProcessInfo::new()
+    }
+
+    fn clear(&mut self) {
+        self.pid = 0;
+        self.cmdline.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ProcessInfo {
+        static instance: ProcessInfo = ProcessInfo {
+            pid: 0,
+            cmdline: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ProcessInfo {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ProcessInfo").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ProcessInfo {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ProcessInfo {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ListProcessesResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ListProcessesResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ListProcessesResponse.processes)
+    pub processes: ::std::vec::Vec<ProcessInfo>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ListProcessesResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ListProcessesResponse {
+    fn default() -> &'a ListProcessesResponse {
+        <ListProcessesResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ListProcessesResponse {
+    pub fn new() -> ListProcessesResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "processes",
+            |m: &ListProcessesResponse| { &m.processes },
+            |m: &mut ListProcessesResponse| { &mut m.processes },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ListProcessesResponse>(
+            "ListProcessesResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ListProcessesResponse {
+    const NAME: &'static str = "ListProcessesResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.processes.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        for value in &self.processes {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        for v in &self.processes {
+            ::protobuf::rt::write_message_field_with_cached_size(1, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ListProcessesResponse {
+        ListProcessesResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.processes.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ListProcessesResponse {
+        static instance: ListProcessesResponse = ListProcessesResponse {
+            processes: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ListProcessesResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ListProcessesResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ListProcessesResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ListProcessesResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.StatsRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct StatsRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.StatsRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a StatsRequest {
+    fn default() -> &'a StatsRequest {
+        <StatsRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl StatsRequest {
+    pub fn new() -> StatsRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &StatsRequest| { &m.container_id },
+            |m: &mut StatsRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StatsRequest>(
+            "StatsRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for StatsRequest {
+    const NAME: &'static str = "StatsRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> StatsRequest {
+        StatsRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static StatsRequest {
+        static instance: StatsRequest = StatsRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for StatsRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("StatsRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for StatsRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for StatsRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.StatsResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct StatsResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_current_bytes)
+    pub memory_current_bytes: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_max_bytes)
+    pub memory_max_bytes: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_usage_usec)
+    pub cpu_usage_usec: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.pids_current)
+    pub pids_current: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.pids_max)
+    pub pids_max: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.oom_kills)
+    pub oom_kills: u64,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.StatsResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a StatsResponse {
+    fn default() -> &'a StatsResponse {
+        <StatsResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl StatsResponse {
+    pub fn new() -> StatsResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(6);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "memory_current_bytes",
+            |m: &StatsResponse| { &m.memory_current_bytes },
+            |m: &mut StatsResponse| { &mut m.memory_current_bytes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "memory_max_bytes",
+            |m: &StatsResponse| { &m.memory_max_bytes },
+            |m: &mut StatsResponse| { &mut m.memory_max_bytes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_usage_usec",
+            |m: &StatsResponse| { &m.cpu_usage_usec },
+            |m: &mut StatsResponse| { &mut m.cpu_usage_usec },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pids_current",
+            |m: &StatsResponse| { &m.pids_current },
+            |m: &mut StatsResponse| { &mut m.pids_current },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pids_max",
+            |m: &StatsResponse| { &m.pids_max },
+            |m: &mut StatsResponse| { &mut m.pids_max },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom_kills",
+            |m: &StatsResponse| { &m.oom_kills },
+            |m: &mut StatsResponse| { &mut m.oom_kills },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StatsResponse>(
+            "StatsResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for StatsResponse {
+    const NAME: &'static str = "StatsResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.memory_current_bytes = is.read_uint64()?;
+                },
+                16 => {
+                    self.memory_max_bytes = is.read_uint64()?;
+                },
+                24 => {
+                    self.cpu_usage_usec = is.read_uint64()?;
+                },
+                32 => {
+                    self.pids_current = is.read_uint64()?;
+                },
+                40 => {
+                    self.pids_max = is.read_uint64()?;
+                },
+                48 => {
+                    self.oom_kills = is.read_uint64()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.memory_current_bytes != 0 {
+            my_size += ::protobuf::rt::uint64_size(1, self.memory_current_bytes);
+        }
+        if self.memory_max_bytes != 0 {
+            my_size += ::protobuf::rt::uint64_size(2, self.memory_max_bytes);
+        }
+        if self.cpu_usage_usec != 0 {
+            my_size += ::protobuf::rt::uint64_size(3, self.cpu_usage_usec);
+        }
+        if self.pids_current != 0 {
+            my_size += ::protobuf::rt::uint64_size(4, self.pids_current);
+        }
+        if self.pids_max != 0 {
+            my_size += ::protobuf::rt::uint64_size(5, self.pids_max);
+        }
+        if self.oom_kills != 0 {
+            my_size += ::protobuf::rt::uint64_size(6, self.oom_kills);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.memory_current_bytes != 0 {
+            os.write_uint64(1, self.memory_current_bytes)?;
+        }
+        if self.memory_max_bytes != 0 {
+            os.write_uint64(2, self.memory_max_bytes)?;
+        }
+        if self.cpu_usage_usec != 0 {
+            os.write_uint64(3, self.cpu_usage_usec)?;
+        }
+        if self.pids_current != 0 {
+            os.write_uint64(4, self.pids_current)?;
+        }
+        if self.pids_max != 0 {
+            os.write_uint64(5, self.pids_max)?;
+        }
+        if self.oom_kills != 0 {
+            os.write_uint64(6, self.oom_kills)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> StatsResponse {
+        StatsResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.memory_current_bytes = 0;
+        self.memory_max_bytes = 0;
+        self.cpu_usage_usec = 0;
+        self.pids_current = 0;
+        self.pids_max = 0;
+        self.oom_kills = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static StatsResponse {
+        static instance: StatsResponse = StatsResponse {
+            memory_current_bytes: 0,
+            memory_max_bytes: 0,
+            cpu_usage_usec: 0,
+            pids_current: 0,
+            pids_max: 0,
+            oom_kills: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for StatsResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("StatsResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for StatsResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for StatsResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.RemoveContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct RemoveContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.RemoveContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.RemoveContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a RemoveContainerRequest {
+    fn default() -> &'a RemoveContainerRequest {
+        <RemoveContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl RemoveContainerRequest {
+    pub fn new() -> RemoveContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &RemoveContainerRequest| { &m.container_id },
+            |m: &mut RemoveContainerRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<RemoveContainerRequest>(
+            "RemoveContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for RemoveContainerRequest {
+    const NAME: &'static str = "RemoveContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> RemoveContainerRequest {
+        RemoveContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static RemoveContainerRequest {
+        static instance: RemoveContainerRequest = RemoveContainerRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for RemoveContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("RemoveContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for RemoveContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for RemoveContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 static file_descriptor_proto_data: &'static [u8] = b"\
     \n\x0bagent.proto\x12\rbrig.agent.v1\"\x07\n\x05Empty\"\x10\n\x0eVersion\
     Request\"\x89\x02\n\x0fVersionResponse\x12#\n\ragent_version\x18\x01\x20\
@@ -874,12 +3383,64 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     bytes\x18\x02\x20\x01(\x04R\tsendBytes\"\x88\x01\n\x15VsockSelfTestRespo\
     nse\x12%\n\x0ereceived_bytes\x18\x01\x20\x01(\x04R\rreceivedBytes\x12'\n\
     \x0freceived_sha256\x18\x02\x20\x01(\x0cR\x0ereceivedSha256\x12\x1f\n\
-    \x0bsent_sha256\x18\x03\x20\x01(\x0cR\nsentSha2562\xef\x01\n\x05Agent\
-    \x12H\n\x07Version\x12\x1d.brig.agent.v1.VersionRequest\x1a\x1e.brig.age\
-    nt.v1.VersionResponse\x12@\n\x08Shutdown\x12\x1e.brig.agent.v1.ShutdownR\
-    equest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rVsockSelfTest\x12#.brig.agent\
-    .v1.VsockSelfTestRequest\x1a$.brig.agent.v1.VsockSelfTestResponseb\x06pr\
-    oto3\
+    \x0bsent_sha256\x18\x03\x20\x01(\x0cR\nsentSha256\"R\n\nStdioPorts\x12\
+    \x14\n\x05stdin\x18\x01\x20\x01(\rR\x05stdin\x12\x16\n\x06stdout\x18\x02\
+    \x20\x01(\rR\x06stdout\x12\x16\n\x06stderr\x18\x03\x20\x01(\rR\x06stderr\
+    \"\xa8\x01\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\
+    \x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\x01(\tR\
+    \x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06rootfs\x12/\n\
+    \x05stdio\x18\x04\x20\x01(\x0b2\x19.brig.agent.v1.StdioPortsR\x05stdio\"\
+    +\n\x17CreateContainerResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03p\
+    id\":\n\x15StartContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
+    \tR\x0bcontainerId\"\xa4\x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer\
+    _id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    \x01(\tR\x06execId\x12!\n\x0cprocess_json\x18\x03\x20\x01(\tR\x0bprocess\
+    Json\x12/\n\x05stdio\x18\x04\x20\x01(\x0b2\x19.brig.agent.v1.StdioPortsR\
+    \x05stdio\"'\n\x13ExecProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\
+    \rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\
+    \x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06\
+    execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03al\
+    l\x18\x04\x20\x01(\x08R\x03all\"P\n\x12WaitProcessRequest\x12!\n\x0ccont\
+    ainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
+    \x20\x01(\tR\x06execId\"m\n\x13WaitProcessResponse\x12\x1f\n\x0bexit_sta\
+    tus\x18\x01\x20\x01(\x05R\nexitStatus\x12\x16\n\x06signal\x18\x02\x20\
+    \x01(\rR\x06signal\x12\x1d\n\noom_killed\x18\x03\x20\x01(\x08R\toomKille\
+    d\"O\n\x11CloseStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"v\n\
+    \x10ResizeTtyRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
+    inerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04r\
+    ows\x18\x03\x20\x01(\rR\x04rows\x12\x12\n\x04cols\x18\x04\x20\x01(\rR\
+    \x04cols\"9\n\x14ListProcessesRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
+    \x01(\tR\x0bcontainerId\"9\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01\x20\
+    \x01(\rR\x03pid\x12\x18\n\x07cmdline\x18\x02\x20\x01(\tR\x07cmdline\"Q\n\
+    \x15ListProcessesResponse\x128\n\tprocesses\x18\x01\x20\x03(\x0b2\x1a.br\
+    ig.agent.v1.ProcessInfoR\tprocesses\"1\n\x0cStatsRequest\x12!\n\x0cconta\
+    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xec\x01\n\rStatsResponse\
+    \x120\n\x14memory_current_bytes\x18\x01\x20\x01(\x04R\x12memoryCurrentBy\
+    tes\x12(\n\x10memory_max_bytes\x18\x02\x20\x01(\x04R\x0ememoryMaxBytes\
+    \x12$\n\x0ecpu_usage_usec\x18\x03\x20\x01(\x04R\x0ccpuUsageUsec\x12!\n\
+    \x0cpids_current\x18\x04\x20\x01(\x04R\x0bpidsCurrent\x12\x19\n\x08pids_\
+    max\x18\x05\x20\x01(\x04R\x07pidsMax\x12\x1b\n\toom_kills\x18\x06\x20\
+    \x01(\x04R\x08oomKills\";\n\x16RemoveContainerRequest\x12!\n\x0ccontaine\
+    r_id\x18\x01\x20\x01(\tR\x0bcontainerId2\x91\x08\n\x05Agent\x12H\n\x07Ve\
+    rsion\x12\x1d.brig.agent.v1.VersionRequest\x1a\x1e.brig.agent.v1.Version\
+    Response\x12@\n\x08Shutdown\x12\x1e.brig.agent.v1.ShutdownRequest\x1a\
+    \x14.brig.agent.v1.Empty\x12Z\n\rVsockSelfTest\x12#.brig.agent.v1.VsockS\
+    elfTestRequest\x1a$.brig.agent.v1.VsockSelfTestResponse\x12`\n\x0fCreate\
+    Container\x12%.brig.agent.v1.CreateContainerRequest\x1a&.brig.agent.v1.C\
+    reateContainerResponse\x12L\n\x0eStartContainer\x12$.brig.agent.v1.Start\
+    ContainerRequest\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bExecProcess\x12!.\
+    brig.agent.v1.ExecProcessRequest\x1a\".brig.agent.v1.ExecProcessResponse\
+    \x12J\n\rSignalProcess\x12#.brig.agent.v1.SignalProcessRequest\x1a\x14.b\
+    rig.agent.v1.Empty\x12T\n\x0bWaitProcess\x12!.brig.agent.v1.WaitProcessR\
+    equest\x1a\".brig.agent.v1.WaitProcessResponse\x12D\n\nCloseStdin\x12\
+    \x20.brig.agent.v1.CloseStdinRequest\x1a\x14.brig.agent.v1.Empty\x12B\n\
+    \tResizeTty\x12\x1f.brig.agent.v1.ResizeTtyRequest\x1a\x14.brig.agent.v1\
+    .Empty\x12Z\n\rListProcesses\x12#.brig.agent.v1.ListProcessesRequest\x1a\
+    $.brig.agent.v1.ListProcessesResponse\x12B\n\x05Stats\x12\x1b.brig.agent\
+    .v1.StatsRequest\x1a\x1c.brig.agent.v1.StatsResponse\x12N\n\x0fRemoveCon\
+    tainer\x12%.brig.agent.v1.RemoveContainerRequest\x1a\x14.brig.agent.v1.E\
+    mptyb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -897,13 +3458,30 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(6);
+            let mut messages = ::std::vec::Vec::with_capacity(23);
             messages.push(Empty::generated_message_descriptor_data());
             messages.push(VersionRequest::generated_message_descriptor_data());
             messages.push(VersionResponse::generated_message_descriptor_data());
             messages.push(ShutdownRequest::generated_message_descriptor_data());
             messages.push(VsockSelfTestRequest::generated_message_descriptor_data());
             messages.push(VsockSelfTestResponse::generated_message_descriptor_data());
+            messages.push(StdioPorts::generated_message_descriptor_data());
+            messages.push(CreateContainerRequest::generated_message_descriptor_data());
+            messages.push(CreateContainerResponse::generated_message_descriptor_data());
+            messages.push(StartContainerRequest::generated_message_descriptor_data());
+            messages.push(ExecProcessRequest::generated_message_descriptor_data());
+            messages.push(ExecProcessResponse::generated_message_descriptor_data());
+            messages.push(SignalProcessRequest::generated_message_descriptor_data());
+            messages.push(WaitProcessRequest::generated_message_descriptor_data());
+            messages.push(WaitProcessResponse::generated_message_descriptor_data());
+            messages.push(CloseStdinRequest::generated_message_descriptor_data());
+            messages.push(ResizeTtyRequest::generated_message_descriptor_data());
+            messages.push(ListProcessesRequest::generated_message_descriptor_data());
+            messages.push(ProcessInfo::generated_message_descriptor_data());
+            messages.push(ListProcessesResponse::generated_message_descriptor_data());
+            messages.push(StatsRequest::generated_message_descriptor_data());
+            messages.push(StatsResponse::generated_message_descriptor_data());
+            messages.push(RemoveContainerRequest::generated_message_descriptor_data());
             let mut enums = ::std::vec::Vec::with_capacity(0);
             ::protobuf::reflect::GeneratedFileDescriptor::new_generated(
                 file_descriptor_proto(),

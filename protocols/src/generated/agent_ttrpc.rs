@@ -47,6 +47,66 @@ impl AgentClient {
         ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "VsockSelfTest", cres);
         Ok(cres)
     }
+
+    pub fn create_container(&self, ctx: ttrpc::context::Context, req: &super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::CreateContainerResponse> {
+        let mut cres = super::agent::CreateContainerResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "CreateContainer", cres);
+        Ok(cres)
+    }
+
+    pub fn start_container(&self, ctx: ttrpc::context::Context, req: &super::agent::StartContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "StartContainer", cres);
+        Ok(cres)
+    }
+
+    pub fn exec_process(&self, ctx: ttrpc::context::Context, req: &super::agent::ExecProcessRequest) -> ::ttrpc::Result<super::agent::ExecProcessResponse> {
+        let mut cres = super::agent::ExecProcessResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "ExecProcess", cres);
+        Ok(cres)
+    }
+
+    pub fn signal_process(&self, ctx: ttrpc::context::Context, req: &super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "SignalProcess", cres);
+        Ok(cres)
+    }
+
+    pub fn wait_process(&self, ctx: ttrpc::context::Context, req: &super::agent::WaitProcessRequest) -> ::ttrpc::Result<super::agent::WaitProcessResponse> {
+        let mut cres = super::agent::WaitProcessResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitProcess", cres);
+        Ok(cres)
+    }
+
+    pub fn close_stdin(&self, ctx: ttrpc::context::Context, req: &super::agent::CloseStdinRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "CloseStdin", cres);
+        Ok(cres)
+    }
+
+    pub fn resize_tty(&self, ctx: ttrpc::context::Context, req: &super::agent::ResizeTtyRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "ResizeTty", cres);
+        Ok(cres)
+    }
+
+    pub fn list_processes(&self, ctx: ttrpc::context::Context, req: &super::agent::ListProcessesRequest) -> ::ttrpc::Result<super::agent::ListProcessesResponse> {
+        let mut cres = super::agent::ListProcessesResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "ListProcesses", cres);
+        Ok(cres)
+    }
+
+    pub fn stats(&self, ctx: ttrpc::context::Context, req: &super::agent::StatsRequest) -> ::ttrpc::Result<super::agent::StatsResponse> {
+        let mut cres = super::agent::StatsResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "Stats", cres);
+        Ok(cres)
+    }
+
+    pub fn remove_container(&self, ctx: ttrpc::context::Context, req: &super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "RemoveContainer", cres);
+        Ok(cres)
+    }
 }
 
 struct VersionMethod {
@@ -82,6 +142,116 @@ impl ::ttrpc::MethodHandler for VsockSelfTestMethod {
     }
 }
 
+struct CreateContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for CreateContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, CreateContainerRequest, create_container);
+        Ok(())
+    }
+}
+
+struct StartContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for StartContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, StartContainerRequest, start_container);
+        Ok(())
+    }
+}
+
+struct ExecProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ExecProcessMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ExecProcessRequest, exec_process);
+        Ok(())
+    }
+}
+
+struct SignalProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for SignalProcessMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, SignalProcessRequest, signal_process);
+        Ok(())
+    }
+}
+
+struct WaitProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for WaitProcessMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, WaitProcessRequest, wait_process);
+        Ok(())
+    }
+}
+
+struct CloseStdinMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for CloseStdinMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, CloseStdinRequest, close_stdin);
+        Ok(())
+    }
+}
+
+struct ResizeTtyMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ResizeTtyMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ResizeTtyRequest, resize_tty);
+        Ok(())
+    }
+}
+
+struct ListProcessesMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ListProcessesMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ListProcessesRequest, list_processes);
+        Ok(())
+    }
+}
+
+struct StatsMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for StatsMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, StatsRequest, stats);
+        Ok(())
+    }
+}
+
+struct RemoveContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for RemoveContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, RemoveContainerRequest, remove_container);
+        Ok(())
+    }
+}
+
 pub trait Agent {
     fn version(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/Version is not supported".to_string())))
@@ -91,6 +261,36 @@ pub trait Agent {
     }
     fn vsock_self_test(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::VsockSelfTestRequest) -> ::ttrpc::Result<super::agent::VsockSelfTestResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/VsockSelfTest is not supported".to_string())))
+    }
+    fn create_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::CreateContainerResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/CreateContainer is not supported".to_string())))
+    }
+    fn start_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::StartContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/StartContainer is not supported".to_string())))
+    }
+    fn exec_process(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ExecProcessRequest) -> ::ttrpc::Result<super::agent::ExecProcessResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ExecProcess is not supported".to_string())))
+    }
+    fn signal_process(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/SignalProcess is not supported".to_string())))
+    }
+    fn wait_process(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::WaitProcessRequest) -> ::ttrpc::Result<super::agent::WaitProcessResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitProcess is not supported".to_string())))
+    }
+    fn close_stdin(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::CloseStdinRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/CloseStdin is not supported".to_string())))
+    }
+    fn resize_tty(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ResizeTtyRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ResizeTty is not supported".to_string())))
+    }
+    fn list_processes(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ListProcessesRequest) -> ::ttrpc::Result<super::agent::ListProcessesResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ListProcesses is not supported".to_string())))
+    }
+    fn stats(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::StatsRequest) -> ::ttrpc::Result<super::agent::StatsResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/Stats is not supported".to_string())))
+    }
+    fn remove_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/RemoveContainer is not supported".to_string())))
     }
 }
 
@@ -105,6 +305,36 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, Bo
 
     methods.insert("/brig.agent.v1.Agent/VsockSelfTest".to_string(),
                     Box::new(VsockSelfTestMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/CreateContainer".to_string(),
+                    Box::new(CreateContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/StartContainer".to_string(),
+                    Box::new(StartContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/ExecProcess".to_string(),
+                    Box::new(ExecProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/SignalProcess".to_string(),
+                    Box::new(SignalProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/WaitProcess".to_string(),
+                    Box::new(WaitProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/CloseStdin".to_string(),
+                    Box::new(CloseStdinMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/ResizeTty".to_string(),
+                    Box::new(ResizeTtyMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/ListProcesses".to_string(),
+                    Box::new(ListProcessesMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/Stats".to_string(),
+                    Box::new(StatsMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/RemoveContainer".to_string(),
+                    Box::new(RemoveContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
 
     methods
 }

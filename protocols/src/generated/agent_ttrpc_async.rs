@@ -45,6 +45,56 @@ impl AgentClient {
         let mut cres = super::agent::VsockSelfTestResponse::new();
         ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "VsockSelfTest", cres);
     }
+
+    pub async fn create_container(&self, ctx: ttrpc::context::Context, req: &super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::CreateContainerResponse> {
+        let mut cres = super::agent::CreateContainerResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "CreateContainer", cres);
+    }
+
+    pub async fn start_container(&self, ctx: ttrpc::context::Context, req: &super::agent::StartContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "StartContainer", cres);
+    }
+
+    pub async fn exec_process(&self, ctx: ttrpc::context::Context, req: &super::agent::ExecProcessRequest) -> ::ttrpc::Result<super::agent::ExecProcessResponse> {
+        let mut cres = super::agent::ExecProcessResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "ExecProcess", cres);
+    }
+
+    pub async fn signal_process(&self, ctx: ttrpc::context::Context, req: &super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "SignalProcess", cres);
+    }
+
+    pub async fn wait_process(&self, ctx: ttrpc::context::Context, req: &super::agent::WaitProcessRequest) -> ::ttrpc::Result<super::agent::WaitProcessResponse> {
+        let mut cres = super::agent::WaitProcessResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitProcess", cres);
+    }
+
+    pub async fn close_stdin(&self, ctx: ttrpc::context::Context, req: &super::agent::CloseStdinRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "CloseStdin", cres);
+    }
+
+    pub async fn resize_tty(&self, ctx: ttrpc::context::Context, req: &super::agent::ResizeTtyRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "ResizeTty", cres);
+    }
+
+    pub async fn list_processes(&self, ctx: ttrpc::context::Context, req: &super::agent::ListProcessesRequest) -> ::ttrpc::Result<super::agent::ListProcessesResponse> {
+        let mut cres = super::agent::ListProcessesResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "ListProcesses", cres);
+    }
+
+    pub async fn stats(&self, ctx: ttrpc::context::Context, req: &super::agent::StatsRequest) -> ::ttrpc::Result<super::agent::StatsResponse> {
+        let mut cres = super::agent::StatsResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "Stats", cres);
+    }
+
+    pub async fn remove_container(&self, ctx: ttrpc::context::Context, req: &super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "RemoveContainer", cres);
+    }
 }
 
 struct VersionMethod {
@@ -80,6 +130,116 @@ impl ::ttrpc::r#async::MethodHandler for VsockSelfTestMethod {
     }
 }
 
+struct CreateContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for CreateContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, CreateContainerRequest, create_container);
+    }
+}
+
+struct StartContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for StartContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, StartContainerRequest, start_container);
+    }
+}
+
+struct ExecProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ExecProcessMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ExecProcessRequest, exec_process);
+    }
+}
+
+struct SignalProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for SignalProcessMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, SignalProcessRequest, signal_process);
+    }
+}
+
+struct WaitProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for WaitProcessMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, WaitProcessRequest, wait_process);
+    }
+}
+
+struct CloseStdinMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for CloseStdinMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, CloseStdinRequest, close_stdin);
+    }
+}
+
+struct ResizeTtyMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ResizeTtyMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ResizeTtyRequest, resize_tty);
+    }
+}
+
+struct ListProcessesMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ListProcessesMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ListProcessesRequest, list_processes);
+    }
+}
+
+struct StatsMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for StatsMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, StatsRequest, stats);
+    }
+}
+
+struct RemoveContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for RemoveContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, RemoveContainerRequest, remove_container);
+    }
+}
+
 #[async_trait]
 pub trait Agent: Sync {
     async fn version(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
@@ -90,6 +250,36 @@ pub trait Agent: Sync {
     }
     async fn vsock_self_test(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::VsockSelfTestRequest) -> ::ttrpc::Result<super::agent::VsockSelfTestResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/VsockSelfTest is not supported".to_string())))
+    }
+    async fn create_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::CreateContainerResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/CreateContainer is not supported".to_string())))
+    }
+    async fn start_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::StartContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/StartContainer is not supported".to_string())))
+    }
+    async fn exec_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ExecProcessRequest) -> ::ttrpc::Result<super::agent::ExecProcessResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ExecProcess is not supported".to_string())))
+    }
+    async fn signal_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/SignalProcess is not supported".to_string())))
+    }
+    async fn wait_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::WaitProcessRequest) -> ::ttrpc::Result<super::agent::WaitProcessResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitProcess is not supported".to_string())))
+    }
+    async fn close_stdin(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::CloseStdinRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/CloseStdin is not supported".to_string())))
+    }
+    async fn resize_tty(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ResizeTtyRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ResizeTty is not supported".to_string())))
+    }
+    async fn list_processes(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ListProcessesRequest) -> ::ttrpc::Result<super::agent::ListProcessesResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ListProcesses is not supported".to_string())))
+    }
+    async fn stats(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::StatsRequest) -> ::ttrpc::Result<super::agent::StatsResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/Stats is not supported".to_string())))
+    }
+    async fn remove_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/RemoveContainer is not supported".to_string())))
     }
 }
 
@@ -106,6 +296,36 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, ::
 
     methods.insert("VsockSelfTest".to_string(),
                     Box::new(VsockSelfTestMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("CreateContainer".to_string(),
+                    Box::new(CreateContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("StartContainer".to_string(),
+                    Box::new(StartContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ExecProcess".to_string(),
+                    Box::new(ExecProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("SignalProcess".to_string(),
+                    Box::new(SignalProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("WaitProcess".to_string(),
+                    Box::new(WaitProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("CloseStdin".to_string(),
+                    Box::new(CloseStdinMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ResizeTty".to_string(),
+                    Box::new(ResizeTtyMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ListProcesses".to_string(),
+                    Box::new(ListProcessesMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("Stats".to_string(),
+                    Box::new(StatsMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("RemoveContainer".to_string(),
+                    Box::new(RemoveContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     ret.insert("brig.agent.v1.Agent".to_string(), ::ttrpc::r#async::Service{ methods, streams });
     ret
