@@ -10,10 +10,12 @@
 #                                       kvm_intel nor kvm_amd is loaded; exit 1 if hardware KVM is
 #                                       usable directly (then run tests without the lab)
 #   tests/lab/run.sh --prepare          only build/fetch the cached L1 kernel + initramfs
+#   tests/lab/selftest.sh               checks the lab end to end (incl. an L2 boot with KVM)
 #
 # Inside L1:
 #   - the host's / is shared read-only over virtio-9p, with a tmpfs overlay on top (writes stay in
 #     L1 RAM and vanish at power-off); host paths are the same inside (work tree, target/, caches);
+#     9p runs with cache=loose: files the host changes while L1 runs may look stale inside;
 #     /proc /sys /dev /dev/pts /dev/shm are fresh, /run and /tmp are empty tmpfs (so a $PWD under
 #     the host's /tmp is NOT visible), cgroup2 is at /sys/fs/cgroup, lo is up;
 #   - /dev/kvm (kvm-amd), /dev/vhost-vsock and /dev/net/tun exist; other modules of L1's kernel
@@ -29,12 +31,14 @@
 #   BRIG_LAB_TIMEOUT=3000       seconds for the whole run; then exit 124
 #   BRIG_LAB_BOOT_TIMEOUT=300   seconds for L1 to reach CMD; a boot that fails is retried
 #   BRIG_LAB_BOOT_RETRIES=1     ... this many times (CMD has not started, so a retry is safe)
-#   BRIG_LAB_CONSOLE_LOG=FILE   keep L1's console log there (default: only its tail on failure)
+#   BRIG_LAB_CONSOLE_LOG=FILE   copy L1's console log there at exit (default: tail on failure)
 #   BRIG_CACHE=~/.cache/brig    cache root; the lab lives in $BRIG_CACHE/lab-<hash>/, keyed by the
-#                               Debian kernel package + version and this script's content
+#                               Debian kernel package + version and this script's content;
+#                               building a new one prunes older lab-* dirs no running lab uses
 #
 # Exit status: CMD's status; 124 on timeout; 125 if L1 did not come up / died without a result
-# (the last 40 lines of L1's console are printed to stderr); 2 on usage or setup errors.
+# (the last 40 lines of L1's console are printed to stderr); 141 if our stdout was closed;
+# 2 on usage or setup errors.
 #
 # Needs: qemu-system-x86 (q35, TCG), busybox-static, kmod, cpio, apt-get download access to a
 # Debian mirror for linux-image-6.1.0-*-amd64 (generic flavour: the cloud one has no 9p).
@@ -74,27 +78,32 @@ needs_lab() {
 
 # ---------------------------------------------------------------------------------------------
 # Which Debian kernel: the one the linux-image-amd64 metapackage names, else the newest
-# linux-image-6.1.0-N-amd64 that is installed or known to apt.
+# linux-image-6.1.0-N-amd64 that is installed or known to apt. Prints "PACKAGE VERSION".
+# (apt-cache costs ~0.8 s a call here: the lists are kept gzipped and there is no pkgcache.)
 pick_kernel_pkg() {
-  local p
-  p=$(apt-cache depends linux-image-amd64 2>/dev/null |
-      awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/ {print $2; exit}') || true
-  if [ -z "$p" ]; then
+  local p v
+  read -r p v < <(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null |
+    awk '$1 == "Depends:" { for (i = 2; i <= NF; i++) if ($i ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/) {
+           v = ($(i+1) == "(=") ? $(i+2) : ""; sub(/\)?,?$/, "", v); print $i, v; exit } }') || true
+  if [ -z "${p:-}" ]; then
     p=$( { dpkg-query -W -f '${Package}\n' 'linux-image-6.1.0-*-amd64' 2>/dev/null || true
            apt-cache pkgnames linux-image-6.1.0- 2>/dev/null || true; } |
          grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -n 1) || true
   fi
-  [ -n "$p" ] || die "no linux-image-6.1.0-*-amd64 known to apt (run apt-get update?)"
-  echo "$p"
+  [ -n "${p:-}" ] || die "no linux-image-6.1.0-*-amd64 known to apt (run apt-get update?)"
+  if [ -z "${v:-}" ]; then
+    v=$(apt-cache show --no-all-versions "$p" 2>/dev/null | awk '$1 == "Version:" {print $2; exit}') || true
+  fi
+  [ -n "${v:-}" ] || die "apt knows no version of $p (run apt-get update?)"
+  echo "$p $v"
 }
 
 # Sets DIR to the cache dir, building it if needed, and keeps a shared lock on it (fd 9) for
 # as long as this script runs, so that pruning by a newer script version never removes it.
 prepare_cache() {
   local pkg ver key
-  pkg=$(pick_kernel_pkg)
-  ver=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | awk '$1 == "Version:" {print $2; exit}') || true
-  [ -n "$ver" ] || die "apt knows no version of $pkg"
+  read -r pkg ver < <(pick_kernel_pkg)
+  [ -n "${ver:-}" ] || exit 2   # pick_kernel_pkg said why
   # The key covers everything the cached files are made from: kernel package and this script
   # (module list, init scripts). busybox is taken as is; delete the cache dir to rebuild.
   key=$( { echo "$pkg=$ver"; cat "$SELF"; } | sha256sum | cut -c1-16)
@@ -110,6 +119,8 @@ prepare_cache() {
     fi
   fi
   flock -s 9
+  # An older version of this script may have pruned it between our check and our lock.
+  [ -e "$DIR/ready" ] || die "lab cache $DIR vanished (pruned concurrently?); run again"
 }
 
 # Drop lab dirs of other script/kernel versions that no running lab holds (each run keeps a
@@ -127,7 +138,8 @@ prune_cache() {
 build_cache() {
   local pkg=$1 ver=$2 dir=$3 kver=${1#linux-image-} b deb debs sha m f n
   b=$dir.build.$$
-  rm -rf "$dir" "$b"; mkdir -p "$b"
+  # Leftovers of failed builds of this key (we hold its lock: nobody else is building it).
+  rm -rf "$dir" "$dir".build.*; mkdir -p "$b"
   say "building L1 kernel+initramfs cache in $dir ($pkg $ver)"
   command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
   [ -x "$BUSYBOX" ] || die "$BUSYBOX missing (apt-get install busybox-static)"
@@ -209,6 +221,11 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work 
 N=/newroot
 for d in dev proc sys; do mount -o move /$d $N/$d || fail "move /$d"; done
 mkdir -p $N/dev/pts $N/dev/shm
+# What udev would add and devtmpfs does not (bash's <(...) needs /dev/fd).
+ln -sf /proc/self/fd $N/dev/fd
+ln -sf /proc/self/fd/0 $N/dev/stdin
+ln -sf /proc/self/fd/1 $N/dev/stdout
+ln -sf /proc/self/fd/2 $N/dev/stderr
 mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts $N/dev/pts
 mount -t tmpfs -o mode=1777 shm $N/dev/shm
 mount -t tmpfs -o mode=0755 run $N/run
@@ -280,11 +297,18 @@ write_cmd_script() {
 TMP=
 QPID=
 WPID=
+stop_qemu() {
+  kill "$1" 2>/dev/null || return 0
+  for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
 cleanup() {
   local rc=$?
   set +e   # best effort: a failing kill must not skip the rest
   [ -n "$WPID" ] && kill "$WPID" 2>/dev/null
-  if [ -n "$QPID" ] && kill -0 "$QPID" 2>/dev/null; then kill -9 "$QPID" 2>/dev/null; wait "$QPID" 2>/dev/null; fi
+  if [ -n "$QPID" ]; then stop_qemu "$QPID"; wait "$QPID" 2>/dev/null; fi
+  if [ -n "${BRIG_LAB_CONSOLE_LOG:-}" ] && [ -f "$TMP/console.log" ]; then cp "$TMP/console.log" "$BRIG_LAB_CONSOLE_LOG"; fi
   [ -n "$TMP" ] && rm -rf "$TMP"
   exit "$rc"
 }
@@ -293,18 +317,31 @@ show_console() {
   say "last 40 lines of L1's console:"
   tail -n 40 "$TMP/console.log" 2>/dev/null | sed 's/^/  | /' >&2 || true
   if [ -s "$TMP/qemu.log" ]; then say "qemu said:"; sed 's/^/  | /' "$TMP/qemu.log" >&2; fi
-  if [ -n "${BRIG_LAB_CONSOLE_LOG:-}" ]; then cp "$TMP/console.log" "$BRIG_LAB_CONSOLE_LOG" 2>/dev/null || true; fi
 }
 
-# One L1 boot. Sets BOOT_RESULT: rc (CMD finished), timeout, noboot, died.
+# Is process $1 running (not gone, not a zombie)? kill -0 succeeds on an unreaped zombie.
+alive() {
+  local st
+  st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  st=${st##*) }
+  [ "${st%% *}" != Z ]
+}
+
+# One L1 boot. Sets BOOT_RESULT: rc (CMD finished), timeout, noboot, stdout, died.
 boot_once() {
-  local dir=$1 io=$TMP/io t0=$SECONDS
+  local dir=$1 io=$TMP/io t0=$SECONDS rpid
   rm -f "$io/started" "$io/rc" "$io/rc.tmp" "$TMP/why" "$TMP/console.log"
+  # QEMU's stdout goes through a FIFO and cat to ours, so that a reader that goes away (e.g.
+  # `| head`) is noticed: QEMU itself would keep the data, and the guest's port driver would
+  # busy-wait at 100% CPU until the timeout.
+  cat "$TMP/out" &
+  rpid=$!
   # -nodefaults/-display none: only the port uses stdio. stdin must never reach EOF: QEMU takes
   # EOF on stdin as "host side closed" and the guest's writes to the port then stall forever.
   # So stdin is a FIFO that this shell holds open read-write: no data, no EOF, and no terminal
-  # for QEMU to put into raw mode.
-  qemu-system-x86_64 -M q35,accel=tcg -cpu max -smp 1 -m "$LAB_MEM" \
+  # for QEMU to put into raw mode. timeout(1) is only a safety net for when this script itself
+  # is SIGKILLed (no trap runs then); the watchdog below does the real timing.
+  timeout -k 10 $((LAB_TIMEOUT + 60)) qemu-system-x86_64 -M q35,accel=tcg -cpu max -smp 1 -m "$LAB_MEM" \
     -nodefaults -no-user-config -display none -monitor none -no-reboot \
     -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.cpio.gz" \
     -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off" \
@@ -314,7 +351,7 @@ boot_once() {
     -device virtio-rng-pci \
     -device virtio-serial-pci -chardev stdio,id=out,signal=off \
     -device virtserialport,chardev=out,name=brig.out \
-    <&8 2> "$TMP/qemu.log" &
+    <&8 > "$TMP/out" 2> "$TMP/qemu.log" &
   QPID=$!
   # Watchdog in a subshell, so the main shell can simply `wait` for QEMU.
   (
@@ -322,14 +359,18 @@ boot_once() {
       e=$((SECONDS - t0))
       if [ ! -e "$io/started" ] && [ "$e" -ge "$BOOT_TIMEOUT" ]; then echo noboot > "$TMP/why"; break; fi
       if [ "$e" -ge "$LAB_TIMEOUT" ]; then echo timeout > "$TMP/why"; break; fi
+      if ! alive "$rpid"; then echo stdout > "$TMP/why"; break; fi
       sleep 1
     done
-    [ -e "$TMP/why" ] && kill -9 "$QPID" 2>/dev/null
+    # SIGTERM first: QEMU exits cleanly on it (and bash does not report a killed job).
+    if [ -e "$TMP/why" ]; then stop_qemu "$QPID"; fi
   ) &
   WPID=$!
   local qrc=0
   wait "$QPID" || qrc=$?
   QPID=
+  # All of CMD's output is out before anything else is said or done.
+  wait "$rpid" 2>/dev/null || true
   kill "$WPID" 2>/dev/null || true
   wait "$WPID" 2>/dev/null || true
   WPID=
@@ -350,7 +391,7 @@ case "${1:-}" in
   -h|--help|*) usage ;;
 esac
 [ $# -ge 1 ] || usage
-[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
+[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
 
 prepare_cache
 trap cleanup EXIT
@@ -358,7 +399,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/brig-lab.XXXXXX")
 mkdir "$TMP/io"
-mkfifo "$TMP/stdin"
+mkfifo "$TMP/stdin" "$TMP/out"
 exec 8<> "$TMP/stdin"
 write_cmd_script "$TMP/io/cmd" "$@"
 
@@ -377,6 +418,9 @@ while :; do
       show_console
       say "FAILED: L1 did not come up (qemu rc $QEMU_RC, ${LAB_SECONDS}s; boot timeout ${BOOT_TIMEOUT}s)"
       exit 125 ;;
+    stdout)
+      say "stdout closed; L1 stopped"
+      exit 141 ;;
     timeout)
       show_console
       say "TIMEOUT: command did not finish within ${LAB_TIMEOUT}s (BRIG_LAB_TIMEOUT); L1 killed"
