@@ -29,6 +29,15 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// A virtio-fs share: a host directory the guest mounts with `mount -t virtiofs TAG DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// Mount tag (at most 36 bytes).
+    pub tag: String,
+    /// The host directory; nothing outside it is reachable from the guest.
+    pub shared_dir: PathBuf,
+}
+
 /// A microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -46,6 +55,8 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The virtio-fs share, if any.
+    pub fs: Option<FsConfig>,
 }
 
 /// A configuration that cannot boot.
@@ -69,6 +80,9 @@ pub enum ConfigError {
     /// The vsock socket path is taken.
     #[error("vsock socket {0} already exists: another VMM may be using it, or a stale one was left behind (remove it)")]
     VsockPathInUse(PathBuf),
+    /// The shared directory does not exist.
+    #[error("--fs: shared directory {0} does not exist or is not a directory")]
+    FsDir(PathBuf),
     /// The console file cannot be opened.
     #[error("cannot open console file {path}: {reason}")]
     ConsoleFile { path: PathBuf, reason: String },
@@ -99,7 +113,22 @@ impl VmConfig {
                 return Err(ConfigError::VsockPathInUse(vsock.uds.clone()));
             }
         }
+        if let Some(fs) = &self.fs {
+            if !fs.shared_dir.is_dir() {
+                return Err(ConfigError::FsDir(fs.shared_dir.clone()));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Parse `TAG=DIR` (the `--fs` flag).
+pub fn parse_fs(s: &str) -> Result<FsConfig, String> {
+    match s.split_once('=') {
+        Some((tag, dir)) if !tag.is_empty() && tag.len() <= 36 && !dir.is_empty() => {
+            Ok(FsConfig { tag: tag.to_string(), shared_dir: dir.into() })
+        }
+        _ => Err(format!("'{s}' is not TAG=DIR (a tag of 1 to 36 bytes, then the host directory)")),
     }
 }
 
@@ -130,6 +159,7 @@ mod tests {
             mem_mib: 256,
             console: ConsoleTarget::Off,
             vsock: None,
+            fs: None,
         }
     }
 
@@ -162,6 +192,20 @@ mod tests {
         c.vsock = Some(VsockConfig { guest_cid: 2, uds: "/nonexistent/v.sock".into() });
         assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
         c.vsock = Some(VsockConfig { guest_cid: 3, uds: exe.clone() });
-        assert_eq!(c.validate(), Err(ConfigError::VsockPathInUse(exe)));
+        assert_eq!(c.validate(), Err(ConfigError::VsockPathInUse(exe.clone())));
+        c = config(exe.clone());
+        c.fs = Some(FsConfig { tag: "brig".into(), shared_dir: exe.clone() });
+        assert_eq!(c.validate(), Err(ConfigError::FsDir(exe)));
+    }
+
+    #[test]
+    fn fs_flags_parse() {
+        assert_eq!(
+            parse_fs("brig=/run/x"),
+            Ok(FsConfig { tag: "brig".into(), shared_dir: "/run/x".into() })
+        );
+        assert!(parse_fs("nodir").is_err());
+        assert!(parse_fs("=/x").is_err());
+        assert!(parse_fs(&format!("{}=/x", "t".repeat(37))).is_err());
     }
 }

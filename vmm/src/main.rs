@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use brig_vmm::config::{parse_mem_mib, ConsoleTarget, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 use brig_vmm::vm::{self, VmError, VmExit};
 use clap::Parser;
 
@@ -48,6 +48,10 @@ struct Args {
     /// Guest context ID of the vsock device.
     #[arg(long, default_value_t = 3, value_name = "CID", requires = "vsock_uds")]
     vsock_cid: u64,
+    /// Add a virtio-fs device sharing host directory DIR under mount tag TAG (served inside
+    /// the VMM; the guest cannot reach outside DIR).
+    #[arg(long, value_name = "TAG=DIR", value_parser = parse_fs)]
+    fs: Option<FsConfig>,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         mem_mib: args.memory,
         console,
         vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
+        fs: args.fs,
     };
     let result = vm::run(&config);
     // The vsock device owns its socket, but vCPU threads may still hold the device when we

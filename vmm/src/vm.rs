@@ -23,6 +23,7 @@ use crate::config::{ConsoleTarget, VmConfig};
 use crate::devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::{ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET};
 use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqTrigger, VirtioDevice};
 
@@ -66,6 +67,9 @@ pub enum VmError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// The virtio-fs device could not be created.
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     /// Some other OS resource (eventfd, thread, signal mask) failed.
     #[error("{what}: {source}")]
     Os { what: &'static str, source: std::io::Error },
@@ -108,6 +112,19 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
+    // Console sink first: files the VMM creates must exist before the virtio-fs server
+    // clears the process umask.
+    let panic_watch = PanicWatch::default();
+    let sink: Option<Box<dyn Write + Send>> = match &config.console {
+        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleTarget::File(path) => {
+            let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                VmError::Config(crate::config::ConfigError::ConsoleFile { path: path.clone(), reason: e.to_string() })
+            })?;
+            Some(Box::new(file))
+        }
+        ConsoleTarget::Off => None,
+    };
     // Devices. Each virtio-mmio device gets a window, an IRQ, an irqfd and ioeventfds.
     let (exit_tx, exit_rx) = mpsc::channel::<VmExit>();
     let mut cmdline = config.cmdline.trim().to_string();
@@ -116,12 +133,15 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let mut mmio = Vec::new();
     if let Some(vsock_cfg) = &config.vsock {
         let vsock = Arc::new(Mutex::new(Vsock::new(vsock_cfg.guest_cid, vsock_cfg.uds.clone())?));
-        let base = MMIO_BASE + MMIO_SIZE * mmio.len() as u64;
-        let irq = MMIO_IRQ_BASE + mmio.len() as u32;
-        let transport = attach_mmio_device(&vm, &mem, vsock.clone(), base, irq)?;
+        let transport = attach_mmio_device(&vm, &mem, vsock.clone(), mmio.len(), &mut cmdline)?;
         event_manager.add_subscriber(vsock);
-        mmio.push((base, Mutex::new(transport)));
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        mmio.push(transport);
+    }
+    if let Some(fs_cfg) = &config.fs {
+        let fs = Arc::new(Mutex::new(Fs::new(&fs_cfg.tag, fs_cfg.shared_dir.clone())?));
+        let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
+        event_manager.add_subscriber(fs);
+        mmio.push(transport);
     }
 
     // Boot data.
@@ -135,18 +155,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     mptable::write(&mem, config.vcpus)?;
     cpu::write_descriptor_tables(&mem)?;
 
-    // Serial console.
-    let panic_watch = PanicWatch::default();
-    let sink: Option<Box<dyn Write + Send>> = match &config.console {
-        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
-        ConsoleTarget::File(path) => {
-            let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
-                VmError::Config(crate::config::ConfigError::ConsoleFile { path: path.clone(), reason: e.to_string() })
-            })?;
-            Some(Box::new(file))
-        }
-        ConsoleTarget::Off => None,
-    };
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os("creating the serial eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_op("KVM_IRQFD (serial)"))?;
     let serial = SerialConsole::new(serial_irq, ConsoleOutput::new(sink, panic_watch.clone()));
@@ -240,13 +248,20 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
     Ok(mem)
 }
 
+/// Give `device` the `index`-th virtio-mmio window and IRQ: irqfd, ioeventfds, transport,
+/// and its declaration on the kernel command line.
 fn attach_mmio_device<D: VirtioDevice + 'static>(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     device: Arc<Mutex<D>>,
-    base: u64,
-    irq: u32,
-) -> Result<MmioTransport, VmError> {
+    index: usize,
+    cmdline: &mut String,
+) -> Result<(u64, Mutex<MmioTransport>), VmError> {
+    let base = MMIO_BASE + MMIO_SIZE * index as u64;
+    let irq = MMIO_IRQ_BASE + index as u32;
+    if irq > IRQ_MAX {
+        return Err(VmError::Os { what: "attaching a virtio-mmio device", source: std::io::Error::other("out of IRQs") });
+    }
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a device IRQ eventfd"))?;
     vm.register_irqfd(&irq_evt, irq).map_err(kvm_op("KVM_IRQFD (virtio-mmio)"))?;
     {
@@ -256,8 +271,9 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
                 .map_err(kvm_op("KVM_IOEVENTFD (virtio-mmio queue notify)"))?;
         }
     }
-    let irq = Arc::new(IrqTrigger::new(irq_evt));
-    Ok(MmioTransport::new(device, mem.clone(), irq))
+    let trigger = Arc::new(IrqTrigger::new(irq_evt));
+    cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    Ok((base, Mutex::new(MmioTransport::new(device, mem.clone(), trigger))))
 }
 
 fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
