@@ -4,6 +4,7 @@
 //! Run by hand (not PID 1) it skips everything that changes the machine and serves on the
 //! address given by `--listen`, for debugging and tests.
 
+mod container;
 mod guest_info;
 mod logging;
 mod options;
@@ -20,6 +21,10 @@ use options::Command;
 use vsock_self_test::Target;
 
 fn main() -> ExitCode {
+    // A container's init is the agent re-executed, and PID 1 of its namespace: check first.
+    if std::env::args().nth(1).as_deref() == Some(container::init::INIT_ARG) {
+        container::init::main();
+    }
     if nix::unistd::getpid().as_raw() == 1 {
         run_as_pid1()
     } else {
@@ -57,12 +62,21 @@ fn run_as_pid1() -> ! {
     }
     pid1::populate_dev_and_tmp();
     pid1::enable_cgroup_controllers();
-    let _reaper = match reaper::Reaper::start() {
+    let share_problem = pid1::mount_share(kernel_options.share.as_deref());
+    let reaper = match reaper::Reaper::start() {
         Ok(reaper) => reaper,
         Err(err) => fatal(&format!("{err:#}")),
     };
+    let containers = container::Containers::new(
+        container::RuntimeConfig {
+            stdio_target: Target::HostVsock,
+            cgroup_root: Some("/sys/fs/cgroup/brig".into()),
+            share_problem,
+        },
+        reaper,
+    );
     let address = format!("vsock://-1:{AGENT_VSOCK_PORT}");
-    let _server = match service::serve(&address, Target::HostVsock, true) {
+    let _server = match service::serve(&address, Target::HostVsock, true, containers) {
         Ok((server, uptime)) => {
             agent_log!(
                 Level::Error,
@@ -119,7 +133,7 @@ fn run_by_hand() -> ExitCode {
         Level::Error,
         "not PID 1: skipping mounts, cgroups and hostname; Shutdown exits instead of rebooting"
     );
-    let _reaper = match reaper::Reaper::start() {
+    let reaper = match reaper::Reaper::start() {
         Ok(reaper) => reaper,
         Err(err) => {
             error!("{err:#}");
@@ -133,7 +147,25 @@ fn run_by_hand() -> ExitCode {
         Some(prefix) => Target::UnixPrefix(prefix),
         None => Target::HostVsock,
     };
-    let _server = match service::serve(&address, target, false) {
+    let cgroup_root = match serve.cgroup_root {
+        Some(root) => Some(std::path::PathBuf::from(root)),
+        None if container::is_cgroup2(std::path::Path::new("/sys/fs/cgroup")) => {
+            Some("/sys/fs/cgroup/brig".into())
+        }
+        None => {
+            warn!("/sys/fs/cgroup is not cgroup v2: containers run without cgroups (no limits, Stats, OOM reports)");
+            None
+        }
+    };
+    let containers = container::Containers::new(
+        container::RuntimeConfig {
+            stdio_target: target.clone(),
+            cgroup_root,
+            share_problem: None,
+        },
+        reaper,
+    );
+    let _server = match service::serve(&address, target, false, containers) {
         Ok((server, uptime)) => {
             agent_log!(Level::Error, "ready on {address} (uptime {uptime} ms)");
             server

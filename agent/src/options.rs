@@ -19,6 +19,8 @@ pub struct KernelOptions {
     pub log_level: Option<Level>,
     /// `brig.hostname=`.
     pub hostname: Option<String>,
+    /// `brig.share=TAG`: the virtio-fs tag to mount at /run/brig/shared.
+    pub share: Option<String>,
     /// Human-readable problems found while parsing, to log once logging is set up.
     pub problems: Vec<String>,
 }
@@ -47,6 +49,7 @@ pub fn parse_kernel_cmdline(cmdline: &str) -> KernelOptions {
                     .problems
                     .push(format!("ignoring brig.hostname={value:?}: {err}")),
             },
+            "share" if !value.is_empty() => options.share = Some(value.to_string()),
             _ => options
                 .problems
                 .push(format!("ignoring unknown kernel option brig.{key}")),
@@ -131,19 +134,25 @@ pub struct ServeOptions {
     /// `--self-test-uds PREFIX`: VsockSelfTest connects to the Unix socket `PREFIX_<port>`
     /// (the VMM's hybrid-vsock convention) instead of vsock CID 2. For tests on a host.
     pub self_test_uds: Option<String>,
+    /// `--cgroup-root DIR`: parent of container cgroups (default /sys/fs/cgroup/brig when
+    /// /sys/fs/cgroup is cgroup v2, else none).
+    pub cgroup_root: Option<String>,
 }
 
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 usage: brig-agent [--version] [--help]
-       brig-agent [--listen ADDR] [--log LEVEL] [--self-test-uds PREFIX]
+       brig-agent [--listen ADDR] [--log LEVEL] [--self-test-uds PREFIX] [--cgroup-root DIR]
 
 As PID 1 (the guest's /init) brig-agent ignores its arguments: it mounts the guest's
 filesystems, reads brig.log= and brig.hostname= from /proc/cmdline and serves ttrpc on
 vsock port 1024. Run by hand it skips mounts, hostname and reboot (debugging), and:
   --listen ADDR          ttrpc address, e.g. unix:///tmp/agent.sock (default vsock://-1:1024)
   --log LEVEL            error, warn (default), info or debug
-  --self-test-uds PREFIX VsockSelfTest connects to the Unix socket PREFIX_<port>, not vsock
+  --self-test-uds PREFIX VsockSelfTest and container stdio connect to the Unix socket
+                         PREFIX_<port>, not vsock
+  --cgroup-root DIR      parent cgroup (v2) of containers (default /sys/fs/cgroup/brig if
+                         cgroup v2 is mounted there; else containers run without cgroups)
 ";
 
 /// Why argv was refused.
@@ -186,6 +195,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Ar
                 serve.log_level = Some(Level::parse(&level).ok_or(ArgsError::BadLevel(level))?);
             }
             "--self-test-uds" => serve.self_test_uds = Some(value("--self-test-uds")?),
+            "--cgroup-root" => serve.cgroup_root = Some(value("--cgroup-root")?),
             _ => return Err(ArgsError::Unexpected(arg)),
         }
     }
@@ -199,10 +209,11 @@ mod tests {
     #[test]
     fn reads_brig_options_and_ignores_the_rest() {
         let options = parse_kernel_cmdline(
-            "console=ttyS0 reboot=k panic=1 brig.log=debug brig.hostname=pod-1 quiet\n",
+            "console=ttyS0 reboot=k panic=1 brig.log=debug brig.hostname=pod-1 brig.share=sb quiet\n",
         );
         assert_eq!(options.log_level, Some(Level::Debug));
         assert_eq!(options.hostname.as_deref(), Some("pod-1"));
+        assert_eq!(options.share.as_deref(), Some("sb"));
         assert!(options.problems.is_empty(), "{:?}", options.problems);
     }
 
@@ -256,6 +267,7 @@ mod tests {
                 listen: Some("unix:///tmp/a.sock".into()),
                 log_level: Some(Level::Debug),
                 self_test_uds: None,
+                cgroup_root: None,
             }))
         );
         assert_eq!(

@@ -196,3 +196,34 @@ pub fn power_off() -> ! {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
+
+/// Mounts the sandbox's virtio-fs share `tag` at /run/brig/shared. Returns the problem, if
+/// any, for CreateContainer to report.
+pub fn mount_share(tag: Option<&str>) -> Option<String> {
+    let target = crate::container::SHARED_DIR;
+    let Some(tag) = tag else {
+        return Some("the kernel command line has no brig.share=TAG".into());
+    };
+    if let Err(err) = fs::create_dir_all(target) {
+        let problem = format!("cannot create {target}: {err}");
+        crate::error!("{problem}");
+        return Some(problem);
+    }
+    match mount(
+        Some(tag),
+        target,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
+        Ok(()) => {
+            crate::debug!("mounted virtiofs {tag} on {target}");
+            None
+        }
+        Err(errno) => {
+            let problem = format!("cannot mount virtiofs tag {tag:?} on {target}: {errno}");
+            crate::error!("{problem}");
+            Some(problem)
+        }
+    }
+}

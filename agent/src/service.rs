@@ -4,12 +4,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use brig_protocols::agent::{
-    Empty, ShutdownRequest, VersionRequest, VersionResponse, VsockSelfTestRequest,
-    VsockSelfTestResponse,
+    CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
+    ExecProcessResponse, ListProcessesRequest, ListProcessesResponse, RemoveContainerRequest,
+    ResizeTtyRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest, StatsRequest,
+    StatsResponse, VersionRequest, VersionResponse, VsockSelfTestRequest, VsockSelfTestResponse,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use brig_protocols::agent_ttrpc;
 use ttrpc::{Code, TtrpcContext};
 
+use crate::container::{ContainerError, Containers};
 use crate::guest_info;
 use crate::vsock_self_test::{self, SelfTestError, Target};
 
@@ -24,6 +28,8 @@ pub struct AgentService {
     self_test_target: Target,
     /// Whether Shutdown may reboot the machine (PID 1) or only exits the process (debug run).
     is_pid1: bool,
+    /// The sandbox's containers.
+    containers: Containers,
 }
 
 impl AgentService {
@@ -32,11 +38,13 @@ impl AgentService {
         ready_uptime_ms: Arc<OnceLock<u64>>,
         self_test_target: Target,
         is_pid1: bool,
+        containers: Containers,
     ) -> Self {
         Self {
             ready_uptime_ms,
             self_test_target,
             is_pid1,
+            containers,
         }
     }
 
@@ -58,7 +66,160 @@ fn rpc_error(code: Code, message: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
 }
 
+/// A container error as the ttrpc status the host expects (see agent.proto).
+fn container_error(call: &str, err: ContainerError) -> ttrpc::Error {
+    let code = match &err {
+        ContainerError::NotFound(_) => Code::NOT_FOUND,
+        ContainerError::PermissionDenied(_) => Code::PERMISSION_DENIED,
+        ContainerError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        ContainerError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        ContainerError::Unavailable(_) => Code::UNAVAILABLE,
+        ContainerError::Internal(_) => Code::INTERNAL,
+    };
+    crate::info!("{call} failed: {err}");
+    rpc_error(code, err)
+}
+
 impl agent_ttrpc::Agent for AgentService {
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        crate::debug!("CreateContainer {}", req.container_id);
+        let ports = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.oci_spec_json, &req.rootfs, &ports)
+            .map_err(|err| container_error("CreateContainer", err))?;
+        Ok(CreateContainerResponse {
+            pid: u32::try_from(pid.as_raw()).unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!("StartContainer {}", req.container_id);
+        self.containers
+            .start(&req.container_id)
+            .map_err(|err| container_error("StartContainer", err))?;
+        Ok(Empty::new())
+    }
+
+    fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        crate::debug!("ExecProcess {} {}", req.container_id, req.exec_id);
+        let ports = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json, &ports)
+            .map_err(|err| container_error("ExecProcess", err))?;
+        Ok(ExecProcessResponse {
+            pid: u32::try_from(pid.as_raw()).unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!(
+            "SignalProcess {} {:?} {}",
+            req.container_id,
+            req.exec_id,
+            req.signal
+        );
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .map_err(|err| container_error("SignalProcess", err))?;
+        Ok(Empty::new())
+    }
+
+    fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        crate::debug!("WaitProcess {} {:?}", req.container_id, req.exec_id);
+        let exit = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .map_err(|err| container_error("WaitProcess", err))?;
+        Ok(WaitProcessResponse {
+            exit_status: exit.status,
+            signal: exit.signal,
+            oom_killed: exit.oom_killed,
+            ..Default::default()
+        })
+    }
+
+    fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .map_err(|err| container_error("CloseStdin", err))?;
+        Ok(Empty::new())
+    }
+
+    fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .resize_tty(&req.container_id, &req.exec_id, req.rows, req.cols)
+            .map_err(|err| container_error("ResizeTty", err))?;
+        Ok(Empty::new())
+    }
+
+    fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let processes = self
+            .containers
+            .list_processes(&req.container_id)
+            .map_err(|err| container_error("ListProcesses", err))?;
+        Ok(ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let stats = self
+            .containers
+            .stats(&req.container_id)
+            .map_err(|err| container_error("Stats", err))?;
+        Ok(StatsResponse {
+            memory_current_bytes: stats.memory_current,
+            memory_max_bytes: stats.memory_max,
+            cpu_usage_usec: stats.cpu_usage_usec,
+            pids_current: stats.pids_current,
+            pids_max: stats.pids_max,
+            oom_kills: stats.oom_kills,
+            ..Default::default()
+        })
+    }
+
+    fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!("RemoveContainer {}", req.container_id);
+        self.containers
+            .remove(&req.container_id)
+            .map_err(|err| container_error("RemoveContainer", err))?;
+        Ok(Empty::new())
+    }
+
     fn version(&self, _ctx: &TtrpcContext, _req: VersionRequest) -> ttrpc::Result<VersionResponse> {
         crate::debug!("Version");
         AgentService::version(self).map_err(|err| rpc_error(Code::INTERNAL, err))
@@ -127,6 +288,7 @@ pub fn serve(
     address: &str,
     self_test_target: Target,
     is_pid1: bool,
+    containers: Containers,
 ) -> anyhow::Result<(ttrpc::Server, u64)> {
     use anyhow::Context;
     if let Some(path) = address.strip_prefix("unix://") {
@@ -137,7 +299,12 @@ pub fn serve(
         }
     }
     let ready_uptime_ms = Arc::new(OnceLock::new());
-    let service = AgentService::new(Arc::clone(&ready_uptime_ms), self_test_target, is_pid1);
+    let service = AgentService::new(
+        Arc::clone(&ready_uptime_ms),
+        self_test_target,
+        is_pid1,
+        containers,
+    );
     let mut server = ttrpc::Server::new()
         .bind(address)
         .with_context(|| format!("cannot listen on {address}"))?
@@ -169,8 +336,16 @@ mod tests {
         let dir = temp_dir("service");
         let socket = format!("unix://{}", dir.join("agent.sock").display());
         let vsock_prefix = dir.join("vsock").display().to_string();
-        let (server, ready) =
-            serve(&socket, Target::UnixPrefix(vsock_prefix.clone()), false).unwrap();
+        let target = Target::UnixPrefix(vsock_prefix.clone());
+        let containers = Containers::new(
+            crate::container::RuntimeConfig {
+                stdio_target: target.clone(),
+                cgroup_root: None,
+                share_problem: None,
+            },
+            Arc::new(crate::reaper::Reaper::default()),
+        );
+        let (server, ready) = serve(&socket, target, false, containers).unwrap();
 
         let client = AgentClient::new(ttrpc::Client::connect(&socket).unwrap());
         let ctx = || ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64);

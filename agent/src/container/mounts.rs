@@ -1,0 +1,428 @@
+//! The container's filesystem view, built by its init in its new mount namespace: rootfs,
+//! OCI mounts, /dev, pivot_root, read-only root, masked and read-only paths.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
+
+use super::spec::join_under;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn errno(what: &str, path: &Path, err: impl std::fmt::Display) -> String {
+    format!("{what} {}: {err}", path.display())
+}
+
+/// Everything before pivot_root, with `rootfs` the guest path of the container's root.
+pub fn prepare_rootfs(spec: &Spec, rootfs: &Path, console: Option<&Path>) -> Result<()> {
+    let propagation = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().clone())
+        .unwrap_or_else(|| "rslave".into());
+    let (prop_flags, _) = parse_options(&[propagation]);
+    let prop_flags = if prop_flags.is_empty() {
+        MsFlags::MS_SLAVE | MsFlags::MS_REC
+    } else {
+        prop_flags
+    };
+    // Nothing we mount may leak back into the agent's namespace.
+    mount(None::<&str>, "/", None::<&str>, prop_flags, None::<&str>)
+        .map_err(|err| errno("cannot set propagation of", Path::new("/"), err))?;
+    mount(
+        Some(rootfs),
+        rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|err| errno("cannot bind the rootfs", rootfs, err))?;
+
+    let mut dev_is_ours = false;
+    for m in spec.mounts().iter().flatten() {
+        mount_one(rootfs, m)?;
+        if m.destination() == Path::new("/dev") {
+            dev_is_ours = true;
+        }
+    }
+    if dev_is_ours {
+        populate_dev(spec, rootfs)?;
+    }
+    if let Some(console) = console {
+        let target = rootfs.join("dev/console");
+        if rootfs.join("dev").is_dir() {
+            if !target.exists() {
+                fs::write(&target, b"").map_err(|err| errno("cannot create", &target, err))?;
+            }
+            mount(
+                Some(console),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|err| errno("cannot bind the console on", &target, err))?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
+    let dest = join_under(rootfs, m.destination()).map_err(|err| err.to_string())?;
+    let options = m.options().clone().unwrap_or_default();
+    let (flags, data) = parse_options(&options);
+    let typ = m.typ().clone().unwrap_or_default();
+    let is_bind = typ == "bind" || flags.contains(MsFlags::MS_BIND);
+    let source = m.source().clone().unwrap_or_else(|| PathBuf::from(&typ));
+
+    if is_bind {
+        // A file is bound onto a file, a directory onto a directory.
+        if source.is_dir() {
+            fs::create_dir_all(&dest).map_err(|err| errno("cannot create", &dest, err))?;
+        } else if !dest.exists() {
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(|err| errno("cannot create", parent, err))?;
+            }
+            fs::write(&dest, b"").map_err(|err| errno("cannot create", &dest, err))?;
+        }
+        let bind_flags = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
+        mount(Some(&source), &dest, None::<&str>, bind_flags, None::<&str>).map_err(|err| {
+            format!(
+                "cannot bind {} on {}: {err}",
+                source.display(),
+                m.destination().display()
+            )
+        })?;
+        let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | propagation_flags());
+        if !extra.is_empty() {
+            mount(
+                None::<&str>,
+                &dest,
+                None::<&str>,
+                extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None::<&str>,
+            )
+            .map_err(|err| errno("cannot remount", m.destination(), err))?;
+        }
+    } else {
+        fs::create_dir_all(&dest).map_err(|err| errno("cannot create", &dest, err))?;
+        // cgroup v1 does not exist in the guest: give the container the v2 hierarchy.
+        let fstype = if typ == "cgroup" {
+            "cgroup2"
+        } else {
+            typ.as_str()
+        };
+        let data = if fstype == "cgroup2" {
+            String::new()
+        } else {
+            data
+        };
+        let mount_flags = flags & !propagation_flags();
+        let result = mount(
+            Some(&source),
+            &dest,
+            Some(fstype),
+            mount_flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        );
+        match result {
+            Ok(()) => {}
+            // A sysfs or cgroup2 that this kernel will not mount here is not fatal (runc
+            // behaves the same in rootless setups); anything else is.
+            Err(err) if matches!(fstype, "cgroup2" | "mqueue") && err == Errno::EPERM => {
+                crate::warn!("skipping {fstype} on {}: {err}", m.destination().display());
+            }
+            Err(err) => {
+                return Err(format!(
+                    "cannot mount {fstype} on {}: {err}",
+                    m.destination().display()
+                ))
+            }
+        }
+    }
+    let propagation = flags & propagation_flags();
+    if !propagation.is_empty() {
+        mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>)
+            .map_err(|err| errno("cannot set propagation of", m.destination(), err))?;
+    }
+    Ok(())
+}
+
+fn propagation_flags() -> MsFlags {
+    MsFlags::MS_SHARED | MsFlags::MS_PRIVATE | MsFlags::MS_SLAVE | MsFlags::MS_UNBINDABLE
+}
+
+/// Splits OCI mount options into flags and the filesystem's data string.
+pub fn parse_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        let (set, clear) = match option.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
+            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "private" => (MsFlags::MS_PRIVATE, MsFlags::empty()),
+            "rprivate" => (MsFlags::MS_PRIVATE | MsFlags::MS_REC, MsFlags::empty()),
+            "shared" => (MsFlags::MS_SHARED, MsFlags::empty()),
+            "rshared" => (MsFlags::MS_SHARED | MsFlags::MS_REC, MsFlags::empty()),
+            "slave" => (MsFlags::MS_SLAVE, MsFlags::empty()),
+            "rslave" => (MsFlags::MS_SLAVE | MsFlags::MS_REC, MsFlags::empty()),
+            "unbindable" => (MsFlags::MS_UNBINDABLE, MsFlags::empty()),
+            "runbindable" => (MsFlags::MS_UNBINDABLE | MsFlags::MS_REC, MsFlags::empty()),
+            // Docker/containerd hints with no kernel meaning.
+            "tmpcopyup" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            other => {
+                data.push(other.to_string());
+                (MsFlags::empty(), MsFlags::empty())
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    (flags, data.join(","))
+}
+
+/// Default device nodes, spec devices and the usual /dev symlinks in a fresh /dev.
+fn populate_dev(spec: &Spec, rootfs: &Path) -> Result<()> {
+    let dev = rootfs.join("dev");
+    let defaults: [(&str, u64, u64); 6] = [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
+    for (name, major, minor) in defaults {
+        make_node(&dev.join(name), SFlag::S_IFCHR, major, minor, 0o666, None)?;
+    }
+    for device in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default()
+    {
+        let path = join_under(rootfs, device.path()).map_err(|err| err.to_string())?;
+        let kind = match device.typ() {
+            LinuxDeviceType::B => SFlag::S_IFBLK,
+            LinuxDeviceType::P => SFlag::S_IFIFO,
+            _ => SFlag::S_IFCHR,
+        };
+        let major = u64::try_from(device.major()).unwrap_or(0);
+        let minor = u64::try_from(device.minor()).unwrap_or(0);
+        make_node(
+            &path,
+            kind,
+            major,
+            minor,
+            device.file_mode().unwrap_or(0o666),
+            device.uid().zip(device.gid()),
+        )?;
+    }
+    for dir in ["pts", "shm"] {
+        let _ = fs::create_dir(dev.join(dir));
+    }
+    let links = [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ];
+    for (name, target) in links {
+        let path = dev.join(name);
+        match symlink(target, &path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(errno("cannot create", &path, err)),
+        }
+    }
+    if Path::new("/proc/kcore").exists() {
+        let _ = symlink("/proc/kcore", dev.join("core"));
+    }
+    Ok(())
+}
+
+fn make_node(
+    path: &Path,
+    kind: SFlag,
+    major: u64,
+    minor: u64,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|err| errno("cannot create", parent, err))?;
+    }
+    match mknod(
+        path,
+        kind,
+        Mode::from_bits_truncate(mode & 0o7777),
+        makedev(major, minor),
+    ) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(err) => return Err(errno("cannot create device", path, err)),
+    }
+    // mknod applies the umask; set the exact mode.
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777));
+    if let Some((uid, gid)) = owner {
+        let _ = std::os::unix::fs::chown(path, Some(uid), Some(gid));
+    }
+    Ok(())
+}
+
+/// Makes `rootfs` the root. pivot_root cannot leave the initramfs (the guest's root has no
+/// parent mount), so there we fall back to moving the rootfs onto / and chroot, like
+/// `runc --no-pivot`.
+pub fn enter_rootfs(rootfs: &Path) -> Result<()> {
+    use nix::fcntl::{open, OFlag};
+    let oldroot = open("/", OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty())
+        .map_err(|err| errno("cannot open", Path::new("/"), err))?;
+    let newroot = open(rootfs, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty())
+        .map_err(|err| errno("cannot open", rootfs, err))?;
+    nix::unistd::fchdir(&newroot).map_err(|err| errno("cannot chdir to", rootfs, err))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            nix::unistd::fchdir(&oldroot).map_err(|err| format!("cannot chdir: {err}"))?;
+            mount(
+                None::<&str>,
+                ".",
+                None::<&str>,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|err| format!("cannot make the old root a slave: {err}"))?;
+            umount2(".", MntFlags::MNT_DETACH)
+                .map_err(|err| format!("cannot unmount the old root: {err}"))?;
+        }
+        Err(Errno::EINVAL) => {
+            mount(
+                Some(rootfs),
+                "/",
+                None::<&str>,
+                MsFlags::MS_MOVE,
+                None::<&str>,
+            )
+            .map_err(|err| errno("cannot move the rootfs onto / from", rootfs, err))?;
+            nix::unistd::chroot(".").map_err(|err| format!("cannot chroot: {err}"))?;
+        }
+        Err(err) => return Err(errno("pivot_root to", rootfs, err)),
+    }
+    nix::unistd::chdir("/").map_err(|err| format!("cannot chdir to /: {err}"))
+}
+
+/// After entering the rootfs: read-only root, masked and read-only paths.
+pub fn finish(spec: &Spec) -> Result<()> {
+    let linux = spec.linux().as_ref();
+    for path in linux
+        .and_then(|l| l.masked_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        mask(Path::new(path))?;
+    }
+    for path in linux
+        .and_then(|l| l.readonly_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        make_readonly(Path::new(path))?;
+    }
+    if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|err| format!("cannot make the root read-only: {err}"))?;
+    }
+    Ok(())
+}
+
+fn mask(path: &Path) -> Result<()> {
+    let result = if path.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    match result {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(err) => Err(errno("cannot mask", path, err)),
+    }
+}
+
+fn make_readonly(path: &Path) -> Result<()> {
+    match mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        Ok(()) => {}
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(err) => return Err(errno("cannot bind", path, err)),
+    }
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|err| errno("cannot make read-only", path, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let options: Vec<String> = ["nosuid", "strictatime", "mode=755", "size=65536k", "ro"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (flags, data) = parse_options(&options);
+        assert!(flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME | MsFlags::MS_RDONLY));
+        assert_eq!(data, "mode=755,size=65536k");
+    }
+}

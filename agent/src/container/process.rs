@@ -1,0 +1,356 @@
+//! Starting a container process (the agent binary re-executed as `__container-init`) and
+//! following it until it exits.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sched::CloneFlags;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use super::init::INIT_ARG;
+use super::spec::{InitConfig, InitReport, InitReportFailure};
+use super::stdio::StdioHandles;
+use super::ContainerError;
+use crate::reaper::Reaper;
+
+/// Stack of the cloned child; it only calls dup2 and execve.
+const CLONE_STACK_SIZE: usize = 64 * 1024;
+/// Lowest fd number the child's fds are parked at before clone, above the targets 0..=5.
+const PARKED_FD_MIN: RawFd = 16;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, or 128 + signal.
+    pub status: i32,
+    /// The killing signal, 0 if it exited.
+    pub signal: u32,
+    /// The container's cgroup saw an OOM kill while it ran.
+    pub oom_killed: bool,
+}
+
+impl ExitInfo {
+    fn from_wait_status(status: WaitStatus) -> ExitInfo {
+        let (status, signal) = match status {
+            WaitStatus::Exited(_, code) => (code, 0),
+            WaitStatus::Signaled(_, signal, _) => (128 + signal as i32, signal as u32),
+            _ => (255, 0),
+        };
+        ExitInfo {
+            status,
+            signal,
+            oom_killed: false,
+        }
+    }
+}
+
+/// A container init or exec process, from the agent's side.
+pub struct Process {
+    /// Its pid in the agent's (the guest's) pid namespace.
+    pub pid: Pid,
+    /// Its stdio streams.
+    pub stdio: StdioHandles,
+    exit: Mutex<Option<ExitInfo>>,
+    exited: Condvar,
+}
+
+impl Process {
+    /// Follows `pid` until it exits: a thread takes its status from the reaper, waits for its
+    /// output streams to be flushed, then records the exit.
+    pub fn follow(
+        pid: Pid,
+        statuses: Receiver<WaitStatus>,
+        mut stdio: StdioHandles,
+        oom_kills: impl Fn() -> u64 + Send + 'static,
+    ) -> Arc<Process> {
+        let pumps = stdio.take_output_pumps();
+        let process = Arc::new(Process {
+            pid,
+            stdio,
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+        });
+        let oom_before = oom_kills();
+        let follower = Arc::clone(&process);
+        let spawned = std::thread::Builder::new()
+            .name(format!("wait-{pid}"))
+            .spawn(move || {
+                let status = loop {
+                    match statuses.recv() {
+                        Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                            break Some(status)
+                        }
+                        Ok(_) => continue,
+                        Err(_) => break None,
+                    }
+                };
+                let mut info = match status {
+                    Some(status) => ExitInfo::from_wait_status(status),
+                    None => ExitInfo {
+                        status: 255,
+                        signal: 0,
+                        oom_killed: false,
+                    },
+                };
+                info.oom_killed = oom_kills() > oom_before;
+                for pump in pumps {
+                    let _ = pump.join();
+                }
+                follower.stdio.close_stdin();
+                crate::debug!("process {pid} exited: {info:?}");
+                follower.set_exit(info);
+            });
+        if let Err(err) = spawned {
+            crate::error!("cannot start the wait thread of process {pid}: {err}");
+        }
+        process
+    }
+
+    fn set_exit(&self, info: ExitInfo) {
+        *self.exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(info);
+        self.exited.notify_all();
+    }
+
+    /// The exit, if it happened.
+    pub fn exit(&self) -> Option<ExitInfo> {
+        *self.exit.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until the process exited and its output was flushed.
+    pub fn wait(&self) -> ExitInfo {
+        let mut exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(info) = *exit {
+                return info;
+            }
+            exit = self
+                .exited
+                .wait(exit)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Like [`Process::wait`] but gives up after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitInfo> {
+        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        let (exit, _) = self
+            .exited
+            .wait_timeout_while(exit, timeout, |exit| exit.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        *exit
+    }
+}
+
+/// A process that has been cloned and has read its config, stopped before its command.
+pub struct Spawned {
+    /// Its pid.
+    pub pid: Pid,
+    /// Its exit statuses.
+    pub statuses: Receiver<WaitStatus>,
+    /// Write end of the start pipe.
+    start: File,
+    /// Read end of the status pipe.
+    status: BufReader<File>,
+}
+
+/// How to clone the process.
+pub struct SpawnOptions {
+    /// Namespaces to create with clone (CLONE_NEW*).
+    pub clone_flags: CloneFlags,
+    /// Pid namespace to join before cloning (`/proc/PID/ns/pid`): the child is born in it.
+    pub join_pid_ns: Option<PathBuf>,
+}
+
+/// Clones the re-executed agent with `options`, lets `before_config` act on its pid (join
+/// the cgroup), sends it `config` and waits until it reports that it is ready to start.
+pub fn spawn(
+    reaper: &Arc<Reaper>,
+    options: SpawnOptions,
+    child_stdio: [OwnedFd; 3],
+    config: &InitConfig,
+    before_config: impl FnOnce(Pid) -> Result<(), ContainerError>,
+) -> Result<Spawned, ContainerError> {
+    let internal = |what: &str, err: &dyn std::fmt::Display| {
+        ContainerError::Internal(format!("cannot start the container process: {what}: {err}"))
+    };
+    let config_json = serde_json::to_vec(config).map_err(|err| internal("config", &err))?;
+    let (config_read, config_write) = pipe().map_err(|err| internal("pipe", &err))?;
+    let (status_read, status_write) = pipe().map_err(|err| internal("pipe", &err))?;
+    let (start_read, start_write) = pipe().map_err(|err| internal("pipe", &err))?;
+
+    // Park every fd the child needs above the target numbers, so the child's dup2 calls
+    // cannot clobber one another.
+    let [stdin, stdout, stderr] = child_stdio;
+    let sources = [stdin, stdout, stderr, config_read, status_write, start_read];
+    let mut parked = Vec::with_capacity(sources.len());
+    for fd in &sources {
+        let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(PARKED_FD_MIN))
+            .map_err(|err| internal("dup", &err))?;
+        // SAFETY: fcntl just returned this new fd; nothing else owns it.
+        parked.push(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
+    drop(sources);
+    let parked_raw: Vec<RawFd> = parked.iter().map(|fd| fd.as_raw_fd()).collect();
+
+    // Everything the child touches is allocated here, before clone.
+    let exe = CString::new("/proc/self/exe").map_err(|err| internal("exe", &err))?;
+    let arg0 = CString::new("brig-agent").map_err(|err| internal("argv", &err))?;
+    let arg1 = CString::new(INIT_ARG).map_err(|err| internal("argv", &err))?;
+    let mut stack = vec![0u8; CLONE_STACK_SIZE];
+
+    let clone_flags = options.clone_flags;
+    let do_clone = move || -> Result<Pid, ContainerError> {
+        if let Some(path) = &options.join_pid_ns {
+            let ns = File::open(path)
+                .map_err(|err| internal(&format!("open {}", path.display()), &err))?;
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID)
+                .map_err(|err| internal("setns(pid)", &err))?;
+        }
+        let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        let exe_ptr = exe.as_ptr();
+        let clone_child = move || -> isize {
+            // Only async-signal-safe calls: this is a copy of a multi-threaded process.
+            for (target, source) in parked_raw.iter().enumerate() {
+                // SAFETY: dup2 on fds open in this process (parked above); targets are 0..=5.
+                if unsafe { libc::dup2(*source, target as RawFd) } < 0 {
+                    // SAFETY: _exit is async-signal-safe and never returns.
+                    unsafe { libc::_exit(120) };
+                }
+            }
+            // SAFETY: exe, argv and envp are NUL-terminated C strings/arrays that outlive
+            // the call (the CStrings are owned by the enclosing closure).
+            unsafe { libc::execve(exe_ptr, argv.as_ptr(), envp.as_ptr()) };
+            // SAFETY: as above.
+            unsafe { libc::_exit(121) }
+        };
+        // SAFETY: the child runs only `clone_child` (dup2, execve, _exit), which is
+        // async-signal-safe and uses memory prepared before the clone; the stack is ours and
+        // lives until clone returns in the parent (the child has its own copy of it).
+        unsafe {
+            nix::sched::clone(
+                Box::new(clone_child),
+                &mut stack,
+                clone_flags,
+                Some(libc::SIGCHLD),
+            )
+        }
+        .map_err(|err| {
+            internal(
+                "clone",
+                &format!("{err} (namespaces {clone_flags:?}; is the container's init alive?)"),
+            )
+        })
+    };
+
+    // Joining a pid namespace changes this thread for good: do it on a thread of its own.
+    let (pid, statuses) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| reaper.spawn_watched(do_clone))
+            .join()
+            .unwrap_or_else(|_| Err(internal("clone", &"the clone thread panicked")))
+    })?;
+    drop(parked);
+
+    let abort = |err: ContainerError| {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        err
+    };
+    before_config(pid).map_err(abort)?;
+    let mut config_write = File::from(config_write);
+    config_write
+        .write_all(&config_json)
+        .map_err(|err| abort(internal("sending the config", &err)))?;
+    drop(config_write);
+
+    let mut spawned = Spawned {
+        pid,
+        statuses,
+        start: File::from(start_write),
+        status: BufReader::new(File::from(status_read)),
+    };
+    match spawned.read_report() {
+        Some(InitReport::Ready) => Ok(spawned),
+        Some(InitReport::Failed { code, message }) => {
+            Err(abort(InitReportFailure { code, message }.into()))
+        }
+        None => Err(abort(ContainerError::Internal(format!(
+            "the container process {pid} exited during setup without a report{}",
+            spawned.exit_note()
+        )))),
+    }
+}
+
+impl Spawned {
+    fn read_report(&mut self) -> Option<InitReport> {
+        let mut line = String::new();
+        match self.status.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    fn exit_note(&self) -> String {
+        match self.statuses.recv_timeout(Duration::from_secs(2)) {
+            Ok(status) => format!(" ({status:?})"),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Splits off what [`Spawned::start`] needs; the statuses go to [`Process::follow`].
+    pub fn into_parts(self) -> (Pid, Receiver<WaitStatus>, Starter) {
+        (
+            self.pid,
+            self.statuses,
+            Starter {
+                pid: self.pid,
+                start: self.start,
+                status: self.status,
+            },
+        )
+    }
+}
+
+/// Releases a ready process into its command.
+pub struct Starter {
+    pid: Pid,
+    start: File,
+    status: BufReader<File>,
+}
+
+impl Starter {
+    /// Tells the process to execute its command and waits until it did (its status pipe
+    /// closes on exec) or reports why it could not.
+    pub fn start(mut self) -> Result<(), ContainerError> {
+        self.start.write_all(b"S").map_err(|err| {
+            ContainerError::FailedPrecondition(format!(
+                "the container process {} is gone: {err}",
+                self.pid
+            ))
+        })?;
+        let mut rest = String::new();
+        let _ = self.status.read_to_string(&mut rest);
+        match rest.lines().next().map(serde_json::from_str::<InitReport>) {
+            None => Ok(()),
+            Some(Ok(InitReport::Failed { code, message })) => {
+                Err(InitReportFailure { code, message }.into())
+            }
+            Some(_) => Err(ContainerError::Internal(format!(
+                "unexpected report from container process {}: {rest:?}",
+                self.pid
+            ))),
+        }
+    }
+}
+
+fn pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC)
+}

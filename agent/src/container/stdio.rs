@@ -1,0 +1,301 @@
+//! A container process's stdio: pipes or a pty on the process side, one guest-initiated
+//! connection per stream on the host side, and threads that pump between them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use brig_protocols::agent::StdioPorts;
+use nix::fcntl::OFlag;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, VsockAddr};
+
+use super::ContainerError;
+use crate::vsock_self_test::{Target, HOST_CID};
+
+/// Bytes moved per read.
+const CHUNK: usize = 32 * 1024;
+
+/// The process side of the streams, to become its fds 0, 1 and 2.
+pub struct ChildStdio {
+    /// stdin, stdout, stderr.
+    pub fds: [OwnedFd; 3],
+    /// The pty slave's path (terminal only), for /dev/console.
+    pub console: Option<PathBuf>,
+}
+
+/// The agent side of a process's streams.
+pub struct StdioHandles {
+    /// The stdin connection, to end it on CloseStdin.
+    stdin_socket: Mutex<Option<OwnedFd>>,
+    /// The pty master (terminal only), for ResizeTty.
+    tty_master: Option<Arc<OwnedFd>>,
+    /// Threads copying output to the host; finished = output flushed.
+    output_pumps: Vec<JoinHandle<()>>,
+}
+
+impl StdioHandles {
+    /// The output pump threads, for the exit follower to join.
+    pub fn take_output_pumps(&mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.output_pumps)
+    }
+
+    /// Ends the process's stdin (as if the host had closed it).
+    pub fn close_stdin(&self) {
+        let socket = self
+            .stdin_socket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(socket) = socket {
+            // The pump's read returns 0 and it closes the process's end.
+            let _ = socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read);
+        }
+    }
+
+    /// Sets the terminal size.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ContainerError> {
+        let master = self.tty_master.as_ref().ok_or_else(|| {
+            ContainerError::FailedPrecondition("the process has no terminal".into())
+        })?;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize from the valid pointer; the fd is open.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        if rc < 0 {
+            return Err(ContainerError::Internal(format!(
+                "cannot resize the terminal: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Connects the streams named in `ports` and starts pumping; returns both sides.
+pub fn setup(
+    target: &Target,
+    ports: &StdioPorts,
+    terminal: bool,
+    name: &str,
+) -> Result<(ChildStdio, StdioHandles), ContainerError> {
+    let stdin_socket = connect_port(target, ports.stdin)?;
+    let stdout_socket = connect_port(target, ports.stdout)?;
+    let stderr_socket = if terminal {
+        None
+    } else {
+        connect_port(target, ports.stderr)?
+    };
+    let io_error = |what: &str, err: &dyn std::fmt::Display| {
+        ContainerError::Internal(format!("cannot set up stdio ({what}): {err}"))
+    };
+    let mut handles = StdioHandles {
+        stdin_socket: Mutex::new(None),
+        tty_master: None,
+        output_pumps: Vec::new(),
+    };
+
+    if terminal {
+        let (master, slave, slave_path) = open_pty().map_err(|err| io_error("pty", &err))?;
+        let master = Arc::new(master);
+        if let Some(socket) = stdin_socket {
+            let to = dup_file(&master).map_err(|err| io_error("dup", &err))?;
+            let from = File::from(dup(&socket).map_err(|err| io_error("dup", &err))?);
+            *handles
+                .stdin_socket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(socket);
+            spawn_pump(format!("{name}-stdin"), from, to, PumpEnd::TerminalInput)?;
+        }
+        let out = match stdout_socket {
+            Some(socket) => File::from(socket),
+            None => open_null(true).map_err(|err| io_error("/dev/null", &err))?,
+        };
+        let from = dup_file(&master).map_err(|err| io_error("dup", &err))?;
+        handles.output_pumps.push(spawn_pump(
+            format!("{name}-tty"),
+            from,
+            out,
+            PumpEnd::Socket,
+        )?);
+        handles.tty_master = Some(master);
+        let fds = [
+            dup(&slave).map_err(|err| io_error("dup", &err))?,
+            dup(&slave).map_err(|err| io_error("dup", &err))?,
+            slave,
+        ];
+        return Ok((
+            ChildStdio {
+                fds,
+                console: Some(slave_path),
+            },
+            handles,
+        ));
+    }
+
+    let stdin = match stdin_socket {
+        Some(socket) => {
+            let (read, write) =
+                nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| io_error("pipe", &err))?;
+            let from = File::from(dup(&socket).map_err(|err| io_error("dup", &err))?);
+            *handles
+                .stdin_socket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(socket);
+            spawn_pump(
+                format!("{name}-stdin"),
+                from,
+                File::from(write),
+                PumpEnd::Close,
+            )?;
+            read
+        }
+        None => OwnedFd::from(open_null(false).map_err(|err| io_error("/dev/null", &err))?),
+    };
+    let mut output = |socket: Option<OwnedFd>, stream: &str| -> Result<OwnedFd, ContainerError> {
+        match socket {
+            Some(socket) => {
+                let (read, write) =
+                    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| io_error("pipe", &err))?;
+                handles.output_pumps.push(spawn_pump(
+                    format!("{name}-{stream}"),
+                    File::from(read),
+                    File::from(socket),
+                    PumpEnd::Socket,
+                )?);
+                Ok(write)
+            }
+            None => Ok(OwnedFd::from(
+                open_null(true).map_err(|err| io_error("/dev/null", &err))?,
+            )),
+        }
+    };
+    let stdout = output(stdout_socket, "stdout")?;
+    let stderr = output(stderr_socket, "stderr")?;
+    Ok((
+        ChildStdio {
+            fds: [stdin, stdout, stderr],
+            console: None,
+        },
+        handles,
+    ))
+}
+
+/// What a pump does when its source ends.
+#[derive(Clone, Copy)]
+enum PumpEnd {
+    /// Shut down the write side of the destination socket (output streams).
+    Socket,
+    /// Close the destination (stdin pipe).
+    Close,
+    /// Send EOF (^D) to the terminal, then stop.
+    TerminalInput,
+}
+
+fn spawn_pump(
+    name: String,
+    mut from: File,
+    mut to: File,
+    end: PumpEnd,
+) -> Result<JoinHandle<()>, ContainerError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    // EIO: the pty's slave side is closed everywhere (terminal output ends).
+                    Err(_) => break,
+                }
+            }
+            match end {
+                PumpEnd::Socket => {
+                    let _ = socket::shutdown(to.as_raw_fd(), socket::Shutdown::Write);
+                }
+                PumpEnd::TerminalInput => {
+                    let _ = to.write_all(&[4]);
+                }
+                PumpEnd::Close => {}
+            }
+        })
+        .map_err(|err| ContainerError::Internal(format!("cannot start a stdio thread: {err}")))
+}
+
+/// Opens a guest-initiated connection to the host for one stream; port 0 = none.
+fn connect_port(target: &Target, port: u32) -> Result<Option<OwnedFd>, ContainerError> {
+    if port == 0 {
+        return Ok(None);
+    }
+    let connected = match target {
+        Target::HostVsock => connect_vsock(port).map_err(|err| (format!("vsock port {port}"), err)),
+        Target::UnixPrefix(prefix) => {
+            let path = format!("{prefix}_{port}");
+            UnixStream::connect(&path)
+                .map(OwnedFd::from)
+                .map_err(|err| (path, err))
+        }
+    };
+    connected.map(Some).map_err(|(what, err)| {
+        ContainerError::Unavailable(format!(
+            "cannot connect the stdio stream to the host at {what}: {err} (the host must \
+             listen before the call)"
+        ))
+    })
+}
+
+fn connect_vsock(port: u32) -> io::Result<OwnedFd> {
+    let fd = socket::socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port))?;
+    Ok(fd)
+}
+
+fn open_null(write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")
+}
+
+fn dup(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    fd.try_clone()
+}
+
+fn dup_file(fd: &OwnedFd) -> io::Result<File> {
+    fd.try_clone().map(File::from)
+}
+
+/// Opens a pty pair; returns master, slave and the slave's path.
+fn open_pty() -> io::Result<(OwnedFd, OwnedFd, PathBuf)> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let path = PathBuf::from(ptsname_r(&master)?);
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&path)?;
+    Ok((OwnedFd::from(master), OwnedFd::from(slave), path))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
