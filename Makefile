@@ -21,7 +21,7 @@ DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 # Run a command where guests can boot: directly with hardware KVM, else in the lab.
 IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.sh -- $(1); else $(1); fi
 
-.PHONY: all setup deps rust-targets kernel initramfs binaries stage run test unit-test e2e-test bench-boot clean-stage
+.PHONY: all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot clean-stage
 
 all: stage
 
@@ -51,11 +51,15 @@ binaries: setup
 	@mkdir -p $(BIN)
 	cp target/$(MUSL)/release/brig-vmm target/$(MUSL)/release/brig $(BIN)/
 
-stage: kernel initramfs binaries
+# A small root filesystem (static busybox) for `make run` and manual tries; no registry needed.
+rootfs-fixture: deps
+	@tests/fixtures/busybox-rootfs.sh $(STAGE)/busybox-rootfs
 
-# Boot a microVM and show its agent answering over vsock.
+stage: kernel initramfs binaries rootfs-fixture
+
+# Boot a microVM, show its agent answering over vsock, then run a container in a microVM.
 run: stage
-	@$(call IN_GUEST_HOST,$(BIN)/brig boot)
+	@$(call IN_GUEST_HOST,$(CURDIR)/scripts/demo.sh)
 
 test: unit-test e2e-test
 

@@ -12,14 +12,11 @@ pub struct BootArgs {
     /// Guest memory in MiB (default: from brig.toml, else 256).
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
-    /// State directory (default: from brig.toml, else /run/brig).
-    #[arg(long)]
-    root: Option<std::path::PathBuf>,
 }
 
-pub fn run(args: BootArgs) -> anyhow::Result<u8> {
+pub fn run(args: BootArgs, root: Option<std::path::PathBuf>) -> anyhow::Result<u8> {
     let mut config = RuntimeConfig::load()?;
-    if let Some(root) = args.root {
+    if let Some(root) = root {
         config.root = root;
     }
     let mut spec = SandboxSpec::new(format!("boot-{}", std::process::id()), &config);

@@ -2,6 +2,14 @@
 
 mod boot;
 mod check;
+mod exec;
+mod kill;
+mod logs;
+mod ps;
+mod relay;
+mod rm;
+mod run;
+mod state;
 
 use std::process::ExitCode;
 
@@ -17,6 +25,9 @@ struct Cli {
     /// Log verbosity for Brig's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn", env = "BRIG_LOG")]
     log_level: String,
+    /// State directory (default: from brig.toml, else /run/brig).
+    #[arg(long, global = true, env = "BRIG_ROOT")]
+    root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,15 +40,34 @@ enum Command {
     /// Boot a sandbox microVM, print the agent's version (received over vsock) and the boot
     /// time, then power it off.
     Boot(boot::BootArgs),
+    /// Run a command in a new container, in its own microVM.
+    Run(run::RunArgs),
+    /// List containers.
+    Ps(ps::PsArgs),
+    /// Run another process in a running container.
+    Exec(exec::ExecArgs),
+    /// Show what a detached container wrote.
+    Logs(logs::LogsArgs),
+    /// Send a signal to a container.
+    Kill(kill::KillArgs),
+    /// Remove containers (-f: stop them first).
+    Rm(rm::RmArgs),
 }
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_BRIG_ERROR } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            // One line naming the problem, as runc and docker do; usage is one --help away.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("brig: {first} (see brig --help)");
+            return ExitCode::from(EXIT_BRIG_ERROR);
         }
     };
     tracing_subscriber::fmt()
@@ -46,7 +76,13 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Check(args) => check::run(args),
-        Command::Boot(args) => boot::run(args),
+        Command::Boot(args) => boot::run(args, cli.root),
+        Command::Run(args) => run::run(args, cli.root),
+        Command::Ps(args) => with_layout(cli.root, |l| ps::run(args, l)),
+        Command::Exec(args) => with_layout(cli.root, |l| exec::run(args, l)),
+        Command::Logs(args) => with_layout(cli.root, |l| logs::run(args, l)),
+        Command::Kill(args) => with_layout(cli.root, |l| kill::run(args, l)),
+        Command::Rm(args) => with_layout(cli.root, |l| rm::run(args, l)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -55,4 +91,13 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_BRIG_ERROR)
         }
     }
+}
+
+/// The state layout under `--root`, or the configured root.
+fn with_layout(root: Option<std::path::PathBuf>, f: impl FnOnce(&state::Layout) -> anyhow::Result<u8>) -> anyhow::Result<u8> {
+    let root = match root {
+        Some(r) => r,
+        None => brig_runtime::RuntimeConfig::load().map(|c| c.root).unwrap_or_else(|_| "/run/brig".into()),
+    };
+    f(&state::Layout::new(&root))
 }

@@ -5,9 +5,12 @@
 
 pub mod agent;
 pub mod config;
+pub mod container;
 pub mod host;
 pub mod hybrid_vsock;
 pub mod sandbox;
+pub mod spec;
+pub mod share;
 
 pub use config::RuntimeConfig;
 pub use sandbox::{Sandbox, SandboxSpec};

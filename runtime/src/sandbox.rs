@@ -11,6 +11,10 @@ use tokio::process::{Child, Command};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::RuntimeConfig;
+use crate::share::{self, SHARE_TAG};
+
+/// The guest kernel command line (brig-vmm appends its device declarations).
+pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet";
 
 /// How long the VMM gets to exit after the guest was asked to power off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -28,12 +32,14 @@ pub struct SandboxSpec {
     pub memory_mib: u64,
     /// Kernel command line; `None` = the VMM's default.
     pub cmdline: Option<String>,
+    /// Export a virtio-fs share (for container root filesystems and volumes).
+    pub share: bool,
 }
 
 impl SandboxSpec {
     /// A spec with the configuration's defaults.
     pub fn new(id: impl Into<String>, config: &RuntimeConfig) -> Self {
-        Self { id: id.into(), cpus: config.cpus, memory_mib: config.memory_mib, cmdline: None }
+        Self { id: id.into(), cpus: config.cpus, memory_mib: config.memory_mib, cmdline: None, share: false }
     }
 }
 
@@ -70,6 +76,7 @@ pub struct Sandbox {
     vmm: Child,
     agent: AgentClient,
     boot_time: Duration,
+    share: bool,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -96,7 +103,9 @@ impl Sandbox {
         }
         let result = Self::boot(config, spec, &dir).await;
         if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = share::remove(&dir) {
+                tracing::warn!("cleaning up {}: {e}", dir.display());
+            }
         }
         result
     }
@@ -122,7 +131,17 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(cmdline) = &spec.cmdline {
+        let mut cmdline = spec.cmdline.clone();
+        if spec.share {
+            let shared = dir.join("shared");
+            std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir { dir: shared.clone(), source })?;
+            let mut arg = std::ffi::OsString::from(format!("{SHARE_TAG}="));
+            arg.push(&shared);
+            cmd.arg("--fs").arg(arg);
+            let base = cmdline.take().unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
+            cmdline = Some(format!("{base} brig.share={SHARE_TAG}"));
+        }
+        if let Some(cmdline) = &cmdline {
             cmd.arg("--cmdline").arg(cmdline);
         }
         let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn { vmm: config.vmm.clone(), source })?;
@@ -151,7 +170,14 @@ impl Sandbox {
                         Ok(_) => {
                             let boot_time = started.elapsed();
                             tracing::debug!(id = %spec.id, ?boot_time, "agent answered");
-                            return Ok(Self { id: spec.id.clone(), dir: dir.to_path_buf(), vmm, agent, boot_time });
+                            return Ok(Self {
+                                id: spec.id.clone(),
+                                dir: dir.to_path_buf(),
+                                vmm,
+                                agent,
+                                boot_time,
+                                share: spec.share,
+                            });
                         }
                         Err(e) => last = e.to_string(),
                     },
@@ -190,6 +216,16 @@ impl Sandbox {
     /// Where a host listener must be for guest-initiated connections to host `port`.
     pub fn vsock_listener_path(&self, port: u32) -> PathBuf {
         self.dir.join(format!("vsock.sock_{port}"))
+    }
+
+    /// The host directory exported to the guest over virtio-fs, if the sandbox has one.
+    pub fn share_dir(&self) -> Option<PathBuf> {
+        self.share.then(|| self.dir.join("shared"))
+    }
+
+    /// The sandbox's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The guest console log.
@@ -232,7 +268,11 @@ impl Drop for Sandbox {
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Unmounts every bind under the share first and never crosses into another
+        // filesystem: a user's rootfs or volume is never deleted through a mount.
+        if let Err(e) = share::remove(&self.dir) {
+            tracing::warn!("cleaning up {}: {e}", self.dir.display());
+        }
     }
 }
 

@@ -65,3 +65,32 @@ pub fn scratch(test: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A minimal root filesystem: static busybox with its applets, /etc/passwd and group, and
+/// the usual empty mount points. Built once per test process under `dir`.
+pub fn busybox_rootfs(dir: &std::path::Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    if root.join("bin/busybox").exists() {
+        return root;
+    }
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "data", "home/user"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static at /bin/busybox");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\nextra:x:2000:user\n").unwrap();
+    root
+}
+
+/// `brig` with the test state root.
+pub fn brig(test: &str) -> Command {
+    let mut cmd = Command::new(env_path("BRIG_BIN"));
+    cmd.arg("--root").arg(PathBuf::from("/run/brig-e2e").join(test));
+    cmd
+}

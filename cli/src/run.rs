@@ -1,0 +1,372 @@
+//! `brig run`: one container in its own microVM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use brig_runtime::agent::AgentError;
+use brig_runtime::container::{ContainerConfig, ContainerError, Volume};
+use brig_runtime::spec::{self, Overrides};
+use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
+
+use crate::relay;
+use crate::state::{now, ContainerState, Layout};
+use crate::EXIT_BRIG_ERROR;
+
+/// Guest memory kept free on top of the container's memory limit.
+const GUEST_OVERHEAD_MIB: u64 = 128;
+
+/// Arguments of `brig run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Remove the container's state when it exits (foreground containers are always removed).
+    #[arg(long)]
+    rm: bool,
+    /// Run in the background: print the container ID and return; output goes to `brig logs`.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Keep stdin open and send it to the container.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Mount the container's root filesystem read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Container name (default: a random ID).
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User to run as: UID or UID:GID.
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// CPU limit (fractions allowed); the microVM gets enough vCPUs for it.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory limit: 64M, 1G… (the microVM gets this plus room for its kernel).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Maximum number of processes in the container.
+    #[arg(long, value_name = "N")]
+    pids_limit: Option<i64>,
+    /// Bind a host path into the container: HOST:CONTAINER[:ro].
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CTR[:ro]")]
+    volumes: Vec<String>,
+    /// Security options: seccomp=PROFILE.json (an OCI linux.seccomp object).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
+    /// A root filesystem directory, or an OCI bundle (a directory with config.json).
+    #[arg(value_name = "ROOTFS|BUNDLE")]
+    target: PathBuf,
+    /// Command and arguments (default: the bundle's, or sh).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Parse a size: bytes, or with a k/m/g suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 64M or 1G)"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?} is not a size (try 64M or 1G)")),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < 6 << 20 {
+        return Err(format!("{s:?} is too small: the minimum memory limit is 6M"));
+    }
+    Ok(bytes)
+}
+
+fn parse_volume(v: &str) -> anyhow::Result<Volume> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (host, ctr, ro) = match parts.as_slice() {
+        [h, c] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        [h, c, "rw"] => (*h, *c, false),
+        _ => anyhow::bail!("--volume {v:?}: use HOST:CONTAINER or HOST:CONTAINER:ro"),
+    };
+    let host = PathBuf::from(host);
+    anyhow::ensure!(host.is_absolute(), "--volume {v:?}: the host path must be absolute");
+    anyhow::ensure!(host.exists(), "--volume {v:?}: host path {} does not exist", host.display());
+    anyhow::ensure!(ctr.starts_with('/'), "--volume {v:?}: the container path must be absolute");
+    Ok(Volume { host, container: ctr.into(), read_only: ro })
+}
+
+fn random_id() -> String {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 32);
+    let mut x = seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    format!("{x:016x}")[..12].to_string()
+}
+
+/// What `brig run` ends with: the container's exit status, or Brig's own error status.
+pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
+    // The user's own input first: a wrong path matters more than a missing kernel.
+    let mut target = spec::load_target(&args.target)?;
+    let mut config = RuntimeConfig::load()?;
+    if let Some(root) = root {
+        config.root = root;
+    }
+    let id = args.name.clone().unwrap_or_else(random_id);
+    let mut seccomp = None;
+    for opt in &args.security_opt {
+        match opt.split_once('=') {
+            Some(("seccomp", path)) => seccomp = Some(spec::load_seccomp(std::path::Path::new(path))?),
+            _ => anyhow::bail!("--security-opt {opt:?}: only seccomp=PROFILE.json is supported"),
+        }
+    }
+    let volumes = args.volumes.iter().map(|v| parse_volume(v)).collect::<anyhow::Result<Vec<_>>>()?;
+    let overrides = Overrides {
+        args: if args.command.is_empty() && !target.bundle { vec!["sh".into()] } else { args.command.clone() },
+        env: args.env.clone(),
+        cwd: args.workdir.clone(),
+        user: args.user.clone(),
+        terminal: args.tty,
+        hostname: (!target.bundle).then(|| id.clone()),
+        memory_bytes: args.memory,
+        cpus: args.cpus,
+        pids_limit: args.pids_limit,
+        seccomp,
+        read_only: args.read_only,
+    };
+    spec::apply(&mut target.spec, &overrides)?;
+
+    let layout = Layout::new(&config.root);
+    anyhow::ensure!(
+        !layout.container(&id).exists(),
+        "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
+    );
+    config.root = layout.sandboxes();
+    let mut sandbox_spec = SandboxSpec::new(id.clone(), &config);
+    sandbox_spec.share = true;
+    if let Some(bytes) = args.memory {
+        sandbox_spec.memory_mib = sandbox_spec.memory_mib.max((bytes >> 20) + GUEST_OVERHEAD_MIB);
+    }
+    if let Some(cpus) = args.cpus {
+        sandbox_spec.cpus = sandbox_spec.cpus.max(cpus.ceil().min(32.0) as u8);
+    }
+    let command = target.spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
+    let container = ContainerConfig {
+        id: id.clone(),
+        spec: target.spec,
+        rootfs: target.rootfs,
+        volumes,
+        stdin: args.interactive && !args.detach,
+    };
+    if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
+        return detach(&id);
+    }
+    let output = if args.detach { Output::Logs(layout.container(&id)) } else { Output::User { tty: args.tty } };
+    let run = Run {
+        layout: &layout,
+        config: &config,
+        sandbox_spec: &sandbox_spec,
+        container: &container,
+        command,
+        output,
+        memory: args.memory,
+        remove: args.rm || !args.detach,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
+    let code = rt.block_on(run.execute());
+    // Stdin may still be blocked in a read: leave without waiting for it.
+    rt.shutdown_background();
+    code
+}
+
+/// Set in the environment of the background `brig` that owns a detached container.
+const DETACHED_ENV: &str = "BRIG_DETACHED";
+
+/// `-d`: start this same command again in the background (its own session), wait until it
+/// says the container started, print the ID.
+fn detach(id: &str) -> anyhow::Result<u8> {
+    use std::io::{BufRead, Read};
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding brig's own binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(DETACHED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the background brig")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == format!("started {id}") {
+        println!("{id}");
+        return Ok(0);
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait().context("waiting for the background brig")?;
+    eprint!("{err}");
+    Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).unwrap_or(EXIT_BRIG_ERROR))
+}
+
+/// Where a container's output goes.
+enum Output {
+    /// The user's terminal or pipes (foreground).
+    User { tty: bool },
+    /// `stdout.log` and `stderr.log` in this directory (detached).
+    Logs(PathBuf),
+}
+
+struct Run<'a> {
+    layout: &'a Layout,
+    config: &'a RuntimeConfig,
+    sandbox_spec: &'a SandboxSpec,
+    container: &'a ContainerConfig,
+    command: Vec<String>,
+    output: Output,
+    memory: Option<u64>,
+    remove: bool,
+}
+
+impl Run<'_> {
+    async fn execute(self) -> anyhow::Result<u8> {
+        let id = self.container.id.as_str();
+        let mut state = ContainerState {
+            id: id.to_string(),
+            command: self.command.clone(),
+            monitor_pid: std::process::id(),
+            vmm_pid: 0,
+            status: "creating".into(),
+            exit_code: None,
+            created: now(),
+        };
+        self.layout.save(&state)?;
+        let result = self.run_in(&mut state).await;
+        if self.remove || result.is_err() {
+            let _ = std::fs::remove_dir_all(self.layout.container(id));
+        } else {
+            state.status = "exited".into();
+            let _ = self.layout.save(&state);
+        }
+        result
+    }
+
+    async fn run_in(&self, state: &mut ContainerState) -> anyhow::Result<u8> {
+        let id = self.container.id.as_str();
+        let sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
+        state.vmm_pid = sandbox.vmm_pid().unwrap_or(0);
+        let stdio = match sandbox.create_container(self.container).await {
+            Ok(stdio) => stdio,
+            Err(e) => {
+                let code = create_error_status(&e);
+                eprintln!("brig: {e}");
+                let _ = sandbox.shutdown().await;
+                return Ok(code);
+            }
+        };
+        let tty = matches!(self.output, Output::User { tty: true });
+        let raw = tty.then(relay::RawTerminal::enter);
+        if tty {
+            if let Some((rows, cols)) = relay::terminal_size() {
+                let _ = sandbox.agent().resize_tty(id, "", rows.into(), cols.into()).await;
+            }
+        }
+        sandbox.agent().start_container(id).await?;
+        state.status = "running".into();
+        self.layout.save(state)?;
+        let forwarding = forward_signals(&sandbox, id, tty);
+        match &self.output {
+            Output::User { .. } => relay::relay(stdio).await,
+            Output::Logs(dir) => {
+                // Tell the waiting `brig run -d` we are up, then stop writing to it.
+                println!("started {id}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                relay::detach_stdio();
+                relay::to_logs(stdio, dir).await;
+            }
+        }
+        let status = sandbox.agent().wait_process(id, "").await?;
+        forwarding.abort();
+        drop(raw);
+        if status.oom_killed {
+            let limit = self.memory.map(|b| format!(" ({} MiB)", b >> 20)).unwrap_or_default();
+            eprintln!("brig: container {id} was killed because it reached its memory limit{limit}");
+        }
+        state.exit_code = Some(status.exit_status);
+        let _ = sandbox.agent().remove_container(id).await;
+        let _ = sandbox.shutdown().await;
+        Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
+    }
+}
+
+/// runc's statuses for a command that cannot start: 127 not found, 126 not executable.
+pub fn create_error_status(e: &ContainerError) -> u8 {
+    match e {
+        ContainerError::Agent(a @ AgentError::Call { .. }) => match a.code() {
+            Some(ttrpc::Code::NOT_FOUND) => 127,
+            Some(ttrpc::Code::PERMISSION_DENIED) => 126,
+            _ => EXIT_BRIG_ERROR,
+        },
+        _ => EXIT_BRIG_ERROR,
+    }
+}
+
+/// Forward the signals a user sends to `brig` (Ctrl-C, kill) to the container's init.
+/// With a terminal, Ctrl-C travels as a byte through the terminal instead.
+fn forward_signals(sandbox: &Sandbox, id: &str, tty: bool) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let agent = sandbox.agent().clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let kinds = [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+            (SignalKind::quit(), libc::SIGQUIT),
+            (SignalKind::window_change(), libc::SIGWINCH),
+        ];
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<i32>(16);
+        for (kind, num) in kinds {
+            let Ok(mut s) = signal(kind) else { continue };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    if tx.send(num).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        while let Some(num) = rx.recv().await {
+            if num == libc::SIGWINCH {
+                if let (true, Some((rows, cols))) = (tty, relay::terminal_size()) {
+                    let _ = agent.resize_tty(&id, "", rows.into(), cols.into()).await;
+                }
+                continue;
+            }
+            let _ = agent.signal_process(&id, "", num as u32, false).await;
+        }
+    })
+}

@@ -1,0 +1,293 @@
+//! `brig run`: what a user of `docker run` / `runc run` expects, in a microVM.
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use brig_e2e::{brig, busybox_rootfs, dir_entries, processes_named};
+use sha2::{Digest, Sha256};
+
+fn rootfs() -> &'static std::path::Path {
+    static ROOTFS: OnceLock<std::path::PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("brig-e2e-rootfs-{}", std::process::id()));
+        busybox_rootfs(&dir)
+    })
+}
+
+fn run(test: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    brig(test).arg("run").args(flags).arg(rootfs()).args(cmd).stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exit_statuses_propagate_exactly() {
+    for (script, want) in [
+        ("true", 0),
+        ("exit 3", 3),
+        ("sleep 30 & kill -KILL $!; wait $!", 137),
+        ("sleep 30 & kill -TERM $!; wait $!", 143),
+    ] {
+        let out = run("exit", &[], &["sh", "-c", script]);
+        assert_eq!(out.status.code(), Some(want), "{script}: stderr {}", text(&out.stderr));
+    }
+    for dir in ["containers", "sandboxes"] {
+        let left = dir_entries(&std::path::Path::new("/run/brig-e2e/exit").join(dir));
+        assert_eq!(left, Vec::<String>::new(), "state left in {dir}");
+    }
+}
+
+#[test]
+fn stdout_and_stderr_stay_apart() {
+    let out = run("stdio", &[], &["sh", "-c", "echo out; echo err >&2; echo out2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\nout2\n");
+    assert_eq!(text(&out.stderr), "err\n");
+}
+
+#[test]
+fn stdin_reaches_the_container_and_its_end_ends_cat() {
+    let mut child = brig("stdin")
+        .args(["run", "-i"])
+        .arg(rootfs())
+        .arg("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+}
+
+#[test]
+fn env_cwd_user_and_groups_are_honoured() {
+    let out = run(
+        "identity",
+        &["-e", "FOO=bar baz", "-w", "/tmp", "-u", "1000:1000"],
+        &["sh", "-c", "echo \"$FOO\"; pwd; id -u; id -g"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bar baz\n/tmp\n1000\n1000\n");
+}
+
+#[test]
+fn the_command_is_pid_1_and_sees_only_its_container() {
+    let out = run("pidns", &[], &["sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], "1");
+    let procs: u32 = lines[1].parse().unwrap();
+    assert!(procs <= 3, "the container sees {procs} processes");
+}
+
+#[test]
+fn uname_shows_the_guest_kernel() {
+    let out = run("uname", &[], &["uname", "-r"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let guest = text(&out.stdout);
+    assert!(guest.starts_with("6.1."), "{guest}");
+    assert_ne!(guest.trim(), host.trim());
+}
+
+#[test]
+fn memory_limit_kills_a_hog_with_137_and_says_why() {
+    let out = run("oom", &["--memory", "64M"], &["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"]);
+    assert_eq!(out.status.code(), Some(137), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("memory limit"), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb() {
+    let out = run("pids", &["--pids-limit", "8"], &["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 5 & done; wait; echo survived"]);
+    assert!(text(&out.stderr).to_lowercase().contains("fork"), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn cpus_limit_lands_in_the_cgroup() {
+    let out = run("cpus", &["--cpus", "0.5"], &["sh", "-c", "cat /sys/fs/cgroup/cpu.max"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "50000 100000");
+}
+
+#[test]
+fn volumes_read_only_rejects_writes_and_read_write_lands_on_the_host() {
+    let dir = brig_e2e::scratch("volumes");
+    let ro = dir.join("ro");
+    let rw = dir.join("rw");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("given"), b"from host").unwrap();
+    let out = run(
+        "volumes",
+        &["-v", &format!("{}:/ro:ro", ro.display()), "-v", &format!("{}:/rw", rw.display())],
+        &["sh", "-c", "cat /ro/given; echo written > /rw/new; if echo x > /ro/nope; then echo WROTE; fi"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from host");
+    assert!(text(&out.stderr).contains("Read-only file system"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(rw.join("new")).unwrap(), b"written\n");
+    assert!(!ro.join("nope").exists());
+    // The rootfs and volumes are unmounted from the sandbox afterwards and intact.
+    assert!(std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().all(|l| !l.contains("/run/brig-e2e/volumes")));
+    assert_eq!(std::fs::read(ro.join("given")).unwrap(), b"from host");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn ten_mebibytes_of_output_arrive_intact() {
+    let dir = brig_e2e::scratch("bulk");
+    let data: Vec<u8> = (0..10u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(dir.join("blob"), &data).unwrap();
+    let out = run("bulk", &["-v", &format!("{}:/data:ro", dir.display())], &["cat", "/data/blob"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&data));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn seccomp_profile_denying_mkdir_gives_eperm() {
+    let dir = brig_e2e::scratch("seccomp");
+    let profile = dir.join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    let out = run(
+        "seccomp",
+        &["--security-opt", &format!("seccomp={}", profile.display())],
+        &["sh", "-c", "mkdir /tmp/x; echo rc=$?; touch /tmp/y && echo touched"],
+    );
+    assert_eq!(text(&out.stdout), "rc=1\ntouched\n", "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("Operation not permitted"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_missing_command_fails_at_once_with_127() {
+    let started = Instant::now();
+    let ok = run("missing", &[], &["true"]);
+    let baseline = started.elapsed();
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let started = Instant::now();
+    let out = run("missing", &[], &["no-such-command"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("exec: \"no-such-command\": executable file not found in $PATH"), "{}", text(&out.stderr));
+    assert!(took < baseline + Duration::from_secs(1), "took {took:?}, a successful run takes {baseline:?}");
+    let out = run("missing", &[], &["/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_terminal_is_given_with_t() {
+    let out = run("tty", &["-t"], &["tty"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim_end(), "/dev/pts/0");
+}
+
+#[test]
+fn bad_input_gets_one_line_and_125() {
+    let dir = brig_e2e::scratch("badinput");
+    std::fs::create_dir_all(dir.join("bundle/rootfs")).unwrap();
+    std::fs::write(dir.join("bundle/config.json"), b"{ this is not json").unwrap();
+    let bundle = dir.join("bundle").display().to_string();
+    let rootfs = rootfs().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "/nonexistent/rootfs", "true"], "/nonexistent/rootfs"),
+        (vec!["run", &bundle, "true"], "config.json"),
+        (vec!["run", "--memory", "0", &rootfs, "true"], "--memory"),
+        (vec!["run", "--no-such-flag", &rootfs, "true"], "--no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        let out = brig("badinput").args(&args).output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(stderr.trim().lines().count() <= 3, "{args:?}: not short: {stderr}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    assert!(processes_named("brig-vmm").is_empty());
+}
+
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn no_mounts_under(root: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().all(|l| !l.contains(root))
+}
+
+#[test]
+fn detached_container_keeps_running_and_takes_exec_logs_kill_and_rm() {
+    let t = "detached";
+    let out = brig(t)
+        .args(["run", "-d", "--name", "bg"])
+        .arg(rootfs())
+        .args(["sh", "-c", "echo started; echo oops >&2; exec sleep 300"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bg\n");
+
+    let ps = brig(t).arg("ps").output().unwrap();
+    assert!(text(&ps.stdout).lines().any(|l| l.starts_with("bg ") && l.contains("running")), "{}", text(&ps.stdout));
+
+    let exec = brig(t).args(["exec", "bg", "sh", "-c", "echo $$ $(cat /proc/1/comm); exit 5"]).output().unwrap();
+    assert_eq!(exec.status.code(), Some(5), "{}", text(&exec.stderr));
+    let exec_out = text(&exec.stdout);
+    let fields: Vec<&str> = exec_out.split_whitespace().collect();
+    assert_ne!(fields[0], "1", "exec'd process is not the container's init");
+    assert_eq!(fields[1], "sleep", "the container's PID 1 is its command");
+    let missing = brig(t).args(["exec", "bg", "no-such-command"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(127), "{}", text(&missing.stderr));
+
+    wait_for("logs", || {
+        let logs = brig(t).args(["logs", "bg"]).output().unwrap();
+        text(&logs.stdout) == "started\n" && text(&logs.stderr) == "oops\n"
+    });
+
+    let kill = brig(t).args(["kill", "bg"]).output().unwrap();
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    wait_for("exit after kill", || {
+        let ps = brig(t).args(["ps", "-a"]).output().unwrap();
+        text(&ps.stdout).lines().any(|l| l.starts_with("bg ") && l.contains("exited (137)"))
+    });
+    wait_for("the VMM to go", || processes_named("brig-vmm").is_empty());
+    let rm = brig(t).args(["rm", "bg"]).output().unwrap();
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(no_mounts_under("/run/brig-e2e/detached"));
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/detached/containers")), Vec::<String>::new());
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/detached/sandboxes")), Vec::<String>::new());
+}
+
+#[test]
+fn rm_f_of_a_running_container_leaves_no_vmm_mount_or_socket() {
+    let t = "rmf";
+    let out = brig(t).args(["run", "-d", "--name", "doomed"]).arg(rootfs()).args(["sleep", "300"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rm = brig(t).args(["rm", "doomed"]).output().unwrap();
+    assert_eq!(rm.status.code(), Some(125), "rm without -f refuses a running container");
+    assert!(text(&rm.stderr).contains("rm -f"), "{}", text(&rm.stderr));
+    let rm = brig(t).args(["rm", "-f", "doomed"]).output().unwrap();
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(processes_named("brig-vmm").is_empty(), "brig-vmm left running");
+    assert!(no_mounts_under("/run/brig-e2e/rmf"), "mounts left");
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/rmf/sandboxes")), Vec::<String>::new());
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/rmf/containers")), Vec::<String>::new());
+}
