@@ -105,7 +105,7 @@ pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
     if !o.args.is_empty() {
         process.set_args(Some(o.args.clone()));
     }
-    if process.args().as_ref().map_or(true, |a| a.is_empty()) {
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::Invalid("no command given and the spec has none".into()));
     }
     let mut env = process.env().clone().unwrap_or_default();
