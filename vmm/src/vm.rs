@@ -162,10 +162,11 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
 
     // vCPUs.
     let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(config.vcpus.into());
     for id in 0..config.vcpus {
         let vcpu = vm.create_vcpu(id.into()).map_err(kvm_op("KVM_CREATE_VCPU"))?;
-        cpu::configure(&vcpu, id, config.vcpus, entry.pvh_entry.0, &base_cpuid)?;
+        cpu::configure(&vcpu, id, config.vcpus, entry.pvh_entry.0, &base_cpuid, tsc_deadline)?;
         vcpus.push(vcpu);
     }
 

@@ -93,8 +93,11 @@ fn kvm_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Cpu
     move |source| CpuError::Kvm { cpu, what, source }
 }
 
-/// Configure vCPU `id` of `count` for the PVH entry at `entry`.
-pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuId) -> Result<(), CpuError> {
+/// Configure vCPU `id` of `count` for the PVH entry at `entry`. `tsc_deadline` says whether
+/// KVM emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): KVM does not report
+/// it in its supported CPUID, and without it the guest calibrates its local APIC timer
+/// against the PIT at boot, which costs more than a second under nested virtualization.
+pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuId, tsc_deadline: bool) -> Result<(), CpuError> {
     // CPUID: each vCPU reports its own APIC ID and the topology; we are a hypervisor guest.
     let mut cpuid = base_cpuid.clone();
     for e in cpuid.as_mut_slice().iter_mut() {
@@ -102,6 +105,9 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuI
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= 1 << 31; // hypervisor present
+                if tsc_deadline {
+                    e.ecx |= 1 << 24; // TSC-deadline timer
+                }
                 if count > 1 {
                     e.edx |= 1 << 28; // HTT: more than one logical processor
                 }
