@@ -33,6 +33,12 @@ pub struct Args {
 struct BrigSample {
     boot: Duration,
     rest: Duration,
+    /// Of `rest`: CreateContainer with its stdio streams.
+    create: Duration,
+    /// Of `rest`: start until the exit status arrived.
+    exec: Duration,
+    /// Of `rest`: RemoveContainer and the guest's power-off until the VMM exited.
+    teardown: Duration,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -69,6 +75,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("|---|---:|");
     println!("| brig: boot (VMM start → agent ready) | {boot:.0} ms |");
     println!("| brig: the rest (create, start, exit, remove, power off) | {rest:.0} ms |");
+    println!("| … of which create (CreateContainer + stdio streams) | {:.0} ms |", median(brig.iter().map(|s| ms(s.create)).collect()));
+    println!("| … of which start → exit status | {:.0} ms |", median(brig.iter().map(|s| ms(s.exec)).collect()));
+    println!("| … of which remove + power off | {:.0} ms |", median(brig.iter().map(|s| ms(s.teardown)).collect()));
     println!("| brig: whole run | {total:.0} ms |");
     println!("| runc run (whole) | {runc_ms:.0} ms |");
     println!("| ratio brig rest / runc whole (goal ≤ 1) | {:.2} |", rest / runc_ms);
@@ -93,6 +102,8 @@ async fn brig_run(config: &RuntimeConfig, rootfs: &Path, i: usize, cmd: &[&str])
     let boot = started.elapsed();
     let rest_started = Instant::now();
     let stdio = sandbox.create_container(&container).await?;
+    let create = rest_started.elapsed();
+    let exec_started = Instant::now();
     sandbox.agent().start_container(&id).await?;
     let mut out = String::new();
     if let Some(mut s) = stdio.stdout {
@@ -103,9 +114,12 @@ async fn brig_run(config: &RuntimeConfig, rootfs: &Path, i: usize, cmd: &[&str])
     if status.exit_status != 0 {
         bail!("container exited with {}", status.exit_status);
     }
+    let exec = exec_started.elapsed();
+    let teardown_started = Instant::now();
     sandbox.agent().remove_container(&id).await?;
     sandbox.shutdown().await?;
-    Ok((BrigSample { boot, rest: rest_started.elapsed() }, out, pss))
+    let teardown = teardown_started.elapsed();
+    Ok((BrigSample { boot, rest: rest_started.elapsed(), create, exec, teardown }, out, pss))
 }
 
 fn pss_kib(pid: u32) -> u64 {
