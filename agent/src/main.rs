@@ -36,6 +36,10 @@ fn main() -> ExitCode {
 /// off on a fatal error rather than leaving a VM that hangs.
 fn run_as_pid1() -> ! {
     logging::init(Level::Warn);
+    // First of all: later mounts must land in the new root.
+    let switching = std::time::Instant::now();
+    let left_initramfs = pid1::leave_initramfs();
+    let switch_time = switching.elapsed();
     // Before any thread exists, so every thread inherits the mask (see reaper.rs).
     if let Err(err) = reaper::block_sigchld() {
         error!("cannot block SIGCHLD: {err}");
@@ -55,6 +59,16 @@ fn run_as_pid1() -> ! {
     }
     for problem in &kernel_options.problems {
         warn!("{problem}");
+    }
+    match left_initramfs {
+        Ok(true) => info!(
+            "left the initramfs for a tmpfs root in {} us",
+            switch_time.as_micros()
+        ),
+        Ok(false) => {}
+        Err(err) => error!(
+            "cannot leave the initramfs for a tmpfs root: {err:#}; containers fall back to chroot"
+        ),
     }
     debug!("starting as PID 1, version {}", env!("CARGO_PKG_VERSION"));
     if let Some(hostname) = &kernel_options.hostname {

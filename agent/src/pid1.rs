@@ -86,6 +86,50 @@ const MOUNTS: &[Mount] = &[
     },
 ];
 
+/// Where the tmpfs that replaces the initramfs as the root is assembled.
+const NEW_ROOT: &str = "/newroot";
+/// statfs f_type of ramfs (the initramfs without CONFIG_TMPFS).
+const RAMFS_MAGIC: i128 = 0x8584_58f6;
+
+/// If `/` is the initramfs (rootfs, the root of the mount tree, which `pivot_root` cannot
+/// leave: EINVAL), moves the guest onto a tmpfs root, the way `switch_root` does: a tmpfs at
+/// /newroot, moved onto `/`, then `chroot(".")`. Afterwards `/` is a mount with a parent, so
+/// containers get a real `pivot_root`. Must run first, before anything is mounted.
+///
+/// The agent keeps running from the binary in the initramfs (it stays mapped; re-executing
+/// a copy would cost boot time and, with the original still mapped, memory); container
+/// inits are started from `/proc/self/exe`, which works from any root.
+///
+/// Returns whether it switched.
+pub fn leave_initramfs() -> anyhow::Result<bool> {
+    let root = nix::sys::statfs::statfs("/").context("cannot statfs /")?;
+    let kind = root.filesystem_type();
+    if kind != nix::sys::statfs::TMPFS_MAGIC && i128::from(kind.0) != RAMFS_MAGIC {
+        return Ok(false);
+    }
+    fs::create_dir_all(NEW_ROOT).with_context(|| format!("cannot create {NEW_ROOT}"))?;
+    mount(
+        Some("tmpfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .with_context(|| format!("cannot mount a tmpfs on {NEW_ROOT}"))?;
+    nix::unistd::chdir(NEW_ROOT).with_context(|| format!("cannot chdir to {NEW_ROOT}"))?;
+    mount(
+        Some("."),
+        "/",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .context("cannot move the new root onto /")?;
+    nix::unistd::chroot(".").context("cannot chroot into the new root")?;
+    nix::unistd::chdir("/").context("cannot chdir to the new /")?;
+    Ok(true)
+}
+
 /// Mounts everything; returns an error only if a required filesystem could not be mounted.
 /// Optional failures are logged.
 pub fn mount_filesystems() -> anyhow::Result<()> {

@@ -385,7 +385,8 @@ fn stdin_and_terminal() {
     let mut s = spec(&[
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo is-a-tty; read line; echo got $line",
+        "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty); echo size=$(stty size); \
+         read line; echo got $line",
     ]);
     s["process"]["terminal"] = true.into();
     let req = CreateContainerRequest {
@@ -417,6 +418,9 @@ fn stdin_and_terminal() {
     assert_eq!(agent.wait("tty", "").exit_status, 0);
     let out = String::from_utf8_lossy(&out.join().unwrap()).to_string();
     assert!(out.contains("is-a-tty"), "{out:?}");
+    // The pty comes from the container's own devpts (like runc), sized by ResizeTty.
+    assert!(out.contains("tty=/dev/pts/0"), "{out:?}");
+    assert!(out.contains("size=40 100"), "{out:?}");
     assert!(out.contains("got from host"), "{out:?}");
     input.join().unwrap();
     agent.remove("tty");

@@ -3,7 +3,9 @@
 //!
 //! fds: 0-2 the process's stdio, 3 the config (JSON, read to EOF), 4 the status pipe (one
 //! [`InitReport`] per line; close-on-exec, so EOF after a successful exec), 5 the start pipe
-//! (a byte = go, EOF = the agent gave up).
+//! (a byte = go, EOF = the agent gave up), 6 (terminal only) the console socket: the process
+//! opens a pty in the container's devpts, makes the slave its stdio and controlling terminal
+//! and sends the master to the agent (SCM_RIGHTS), like runc's --console-socket.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -28,6 +30,8 @@ pub const CONFIG_FD: RawFd = 3;
 pub const STATUS_FD: RawFd = 4;
 /// The start pipe.
 pub const START_FD: RawFd = 5;
+/// The console socket (terminal only): the pty master goes back to the agent on it.
+pub const CONSOLE_FD: RawFd = 6;
 
 /// PATH when the process's environment has none (containerd's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -77,8 +81,9 @@ pub fn main() -> ! {
 fn run(status: &mut File) -> Result<Infallible, Failure> {
     // Nothing of the agent's may leak into the container.
     // SAFETY: close_range with plain integer arguments.
-    unsafe { libc::syscall(libc::SYS_close_range, START_FD as u32 + 1, u32::MAX, 0) };
+    unsafe { libc::syscall(libc::SYS_close_range, CONSOLE_FD as u32 + 1, u32::MAX, 0) };
     set_cloexec(STATUS_FD);
+    set_cloexec(CONSOLE_FD);
     let mut config = Vec::new();
     // SAFETY: fd 3 is the config pipe handed to us; we own it.
     let mut config_file = unsafe { File::from_raw_fd(CONFIG_FD) };
@@ -100,12 +105,18 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
         .as_ref()
         .ok_or_else(|| invalid("the spec has no process"))?;
 
+    let terminal = process.terminal() == Some(true);
     match config.mode {
-        InitMode::Init => setup_container(spec, config.console.as_deref())?,
-        InitMode::Exec { init_pid } => join_container(init_pid)?,
+        InitMode::Init => setup_container(spec, terminal, process.user().uid())?,
+        InitMode::Exec { init_pid } => {
+            join_container(init_pid)?;
+            if terminal {
+                open_terminal(false, process.user().uid())?;
+            }
+        }
     }
     nix::unistd::setsid().map_err(|err| internal(format!("setsid: {err}")))?;
-    if process.terminal() == Some(true) {
+    if terminal {
         // SAFETY: TIOCSCTTY on our stdin (the pty slave) with an integer argument.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
             return Err(internal(format!(
@@ -268,7 +279,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Init mode: namespaces to join or create beyond clone's, mounts, rootfs, hostname, sysctl.
-fn setup_container(spec: &Spec, console: Option<&Path>) -> Result<(), Failure> {
+fn setup_container(spec: &Spec, terminal: bool, uid: u32) -> Result<(), Failure> {
     let namespaces = spec
         .linux()
         .as_ref()
@@ -301,8 +312,11 @@ fn setup_container(spec: &Spec, console: Option<&Path>) -> Result<(), Failure> {
         .as_ref()
         .map(|r| r.path().clone())
         .ok_or_else(|| invalid("the spec has no root"))?;
-    mounts::prepare_rootfs(spec, &rootfs, console).map_err(internal)?;
+    mounts::prepare_rootfs(spec, &rootfs).map_err(internal)?;
     mounts::enter_rootfs(&rootfs).map_err(internal)?;
+    if terminal {
+        open_terminal(true, uid)?;
+    }
     if let Some(sysctls) = spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
         for (key, value) in sysctls {
             let path = Path::new("/proc/sys").join(key.replace('.', "/"));
@@ -315,6 +329,98 @@ fn setup_container(spec: &Spec, console: Option<&Path>) -> Result<(), Failure> {
         nix::unistd::sethostname(hostname)
             .map_err(|err| invalid(format!("cannot set hostname {hostname:?}: {err}")))?;
     }
+    Ok(())
+}
+
+/// Opens a pty in the container's devpts (`/dev/ptmx`, in the container's root and mount
+/// namespace, so the slave is `/dev/pts/N` there), makes the slave fds 0, 1 and 2 (the
+/// caller makes it the controlling terminal after setsid), binds it on /dev/console
+/// (`bind_console`, init only) and sends the master to the agent on [`CONSOLE_FD`].
+fn open_terminal(bind_console: bool, uid: u32) -> Result<(), Failure> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use nix::sys::stat::Mode;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let master = open("/dev/ptmx", flags, Mode::empty())
+        .or_else(|_| open("/dev/pts/ptmx", flags, Mode::empty()))
+        .map_err(|err| {
+            internal(format!(
+                "cannot open the container's /dev/ptmx for the terminal: {err} (does the \
+                 spec mount devpts on /dev/pts?)"
+            ))
+        })?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from the valid pointer; the fd is open.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(internal(format!(
+            "cannot unlock the pty: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes an unsigned int to the valid pointer; the fd is open.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) } < 0 {
+        return Err(internal(format!(
+            "cannot get the pty number: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let slave_path = PathBuf::from(format!("/dev/pts/{number}"));
+    // TIOCGPTPEER opens the slave through the master's own devpts instance; by path as a
+    // fallback for kernels before 4.13.
+    // SAFETY: TIOCGPTPEER takes open flags as an integer and returns a new fd.
+    let peer = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    let slave = if peer >= 0 {
+        // SAFETY: the ioctl just returned this new fd; nothing else owns it.
+        unsafe { <OwnedFd as FromRawFd>::from_raw_fd(peer) }
+    } else {
+        open(&slave_path, flags, Mode::empty()).map_err(|err| {
+            internal(format!("cannot open {}: {err}", slave_path.display()))
+        })?
+    };
+    if uid != 0 {
+        // The user's terminal, as runc does; the group (tty) stays.
+        nix::unistd::fchown(&slave, Some(nix::unistd::Uid::from_raw(uid)), None).map_err(
+            |err| internal(format!("cannot chown {}: {err}", slave_path.display())),
+        )?;
+    }
+    for target in 0..=2 {
+        // SAFETY: dup2 between open fds.
+        if unsafe { libc::dup2(slave.as_raw_fd(), target) } < 0 {
+            return Err(internal(format!(
+                "cannot make the terminal fd {target}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    drop(slave);
+    if bind_console {
+        mounts::bind_console(&slave_path).map_err(internal)?;
+    }
+    let fds = [master.as_raw_fd()];
+    let cmsgs = [ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(b"t")];
+    loop {
+        match sendmsg::<()>(CONSOLE_FD, &iov, &cmsgs, MsgFlags::empty(), None) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => {
+                return Err(internal(format!(
+                    "cannot send the terminal to the agent: {err}"
+                )))
+            }
+        }
+    }
+    drop(master);
+    // SAFETY: fd 6 is the console socket handed to us; nothing else uses it.
+    unsafe { libc::close(CONSOLE_FD) };
     Ok(())
 }
 

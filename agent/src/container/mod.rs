@@ -171,7 +171,6 @@ impl Containers {
         let config = InitConfig {
             mode: InitMode::Init,
             spec: spec.clone(),
-            console: child_stdio.console.clone(),
         };
         let spawned = process::spawn(
             &self.reaper,
@@ -180,6 +179,7 @@ impl Containers {
                 join_pid_ns,
             },
             child_stdio.fds,
+            child_stdio.console_socket,
             &config,
             |pid| match &cgroup {
                 Some(cgroup) => cgroup.add(pid.as_raw()),
@@ -194,6 +194,12 @@ impl Containers {
             }
         };
         let (pid, statuses, starter) = spawned.into_parts();
+        let mut handles = handles;
+        if let Err(err) = handles.receive_terminal() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            handles.close_stdin();
+            return Err(cleanup(err));
+        }
         let oom_path = cgroup.as_ref().map(|c| c.path().to_path_buf());
         let init = Process::follow(pid, statuses, handles, move || {
             oom_kills(oom_path.as_deref())
@@ -316,7 +322,6 @@ impl Containers {
                 init_pid: init_pid.as_raw(),
             },
             spec,
-            console: None,
         };
         let spawned = process::spawn(
             &self.reaper,
@@ -325,6 +330,7 @@ impl Containers {
                 join_pid_ns: Some(PathBuf::from(format!("/proc/{init_pid}/ns/pid"))),
             },
             child_stdio.fds,
+            child_stdio.console_socket,
             &config,
             |pid| match &container.cgroup {
                 Some(cgroup) => cgroup.add(pid.as_raw()),
@@ -339,6 +345,12 @@ impl Containers {
             }
         };
         let (pid, statuses, starter) = spawned.into_parts();
+        let mut handles = handles;
+        if let Err(err) = handles.receive_terminal() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            handles.close_stdin();
+            return Err(err);
+        }
         let oom_path = container.cgroup.as_ref().map(|c| c.path().to_path_buf());
         let exec = Process::follow(pid, statuses, handles, move || {
             oom_kills(oom_path.as_deref())

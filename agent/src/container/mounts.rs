@@ -19,7 +19,7 @@ fn errno(what: &str, path: &Path, err: impl std::fmt::Display) -> String {
 }
 
 /// Everything before pivot_root, with `rootfs` the guest path of the container's root.
-pub fn prepare_rootfs(spec: &Spec, rootfs: &Path, console: Option<&Path>) -> Result<()> {
+pub fn prepare_rootfs(spec: &Spec, rootfs: &Path) -> Result<()> {
     let propagation = spec
         .linux()
         .as_ref()
@@ -52,22 +52,6 @@ pub fn prepare_rootfs(spec: &Spec, rootfs: &Path, console: Option<&Path>) -> Res
     }
     if dev_is_ours {
         populate_dev(spec, rootfs)?;
-    }
-    if let Some(console) = console {
-        let target = rootfs.join("dev/console");
-        if rootfs.join("dev").is_dir() {
-            if !target.exists() {
-                fs::write(&target, b"").map_err(|err| errno("cannot create", &target, err))?;
-            }
-            mount(
-                Some(console),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|err| errno("cannot bind the console on", &target, err))?;
-        }
     }
     Ok(())
 }
@@ -295,9 +279,10 @@ fn make_node(
     Ok(())
 }
 
-/// Makes `rootfs` the root. pivot_root cannot leave the initramfs (the guest's root has no
-/// parent mount), so there we fall back to moving the rootfs onto / and chroot, like
-/// `runc --no-pivot`.
+/// Makes `rootfs` the root with pivot_root. The agent leaves the initramfs at boot (see
+/// `pid1::leave_initramfs`), so pivot_root works; if it still fails with EINVAL (the root
+/// is the initramfs after all), the last resort is moving the rootfs onto / and chroot, like
+/// `runc --no-pivot`, which CAP_SYS_CHROOT can escape: logged.
 pub fn enter_rootfs(rootfs: &Path) -> Result<()> {
     use nix::fcntl::{open, OFlag};
     let oldroot = open("/", OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty())
@@ -320,6 +305,11 @@ pub fn enter_rootfs(rootfs: &Path) -> Result<()> {
                 .map_err(|err| format!("cannot unmount the old root: {err}"))?;
         }
         Err(Errno::EINVAL) => {
+            crate::warn!(
+                "pivot_root to {} failed with EINVAL (root is the initramfs?); falling back \
+                 to move-mount + chroot",
+                rootfs.display()
+            );
             mount(
                 Some(rootfs),
                 "/",
@@ -333,6 +323,26 @@ pub fn enter_rootfs(rootfs: &Path) -> Result<()> {
         Err(err) => return Err(errno("pivot_root to", rootfs, err)),
     }
     nix::unistd::chdir("/").map_err(|err| format!("cannot chdir to /: {err}"))
+}
+
+/// Binds the terminal's slave (`/dev/pts/N` of the container's devpts) on `/dev/console`,
+/// as runc does; after entering the rootfs. Skipped when the container has no /dev.
+pub fn bind_console(slave: &Path) -> Result<()> {
+    let target = Path::new("/dev/console");
+    if !Path::new("/dev").is_dir() {
+        return Ok(());
+    }
+    if !target.exists() {
+        fs::write(target, b"").map_err(|err| errno("cannot create", target, err))?;
+    }
+    mount(
+        Some(slave),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|err| errno("cannot bind the console on", target, err))
 }
 
 /// After entering the rootfs: read-only root, masked and read-only paths.

@@ -23,7 +23,7 @@ use crate::reaper::Reaper;
 
 /// Stack of the cloned child; it only calls dup2 and execve.
 const CLONE_STACK_SIZE: usize = 64 * 1024;
-/// Lowest fd number the child's fds are parked at before clone, above the targets 0..=5.
+/// Lowest fd number the child's fds are parked at before clone, above the targets 0..=6.
 const PARKED_FD_MIN: RawFd = 16;
 
 /// How a process ended.
@@ -175,6 +175,7 @@ pub fn spawn(
     reaper: &Arc<Reaper>,
     options: SpawnOptions,
     child_stdio: [OwnedFd; 3],
+    console_socket: Option<OwnedFd>,
     config: &InitConfig,
     before_config: impl FnOnce(Pid) -> Result<(), ContainerError>,
 ) -> Result<Spawned, ContainerError> {
@@ -189,7 +190,9 @@ pub fn spawn(
     // Park every fd the child needs above the target numbers, so the child's dup2 calls
     // cannot clobber one another.
     let [stdin, stdout, stderr] = child_stdio;
-    let sources = [stdin, stdout, stderr, config_read, status_write, start_read];
+    let mut sources = vec![stdin, stdout, stderr, config_read, status_write, start_read];
+    // fd 6 (CONSOLE_FD) when the process opens a terminal.
+    sources.extend(console_socket);
     let mut parked = Vec::with_capacity(sources.len());
     for fd in &sources {
         let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(PARKED_FD_MIN))
@@ -220,7 +223,7 @@ pub fn spawn(
         let clone_child = move || -> isize {
             // Only async-signal-safe calls: this is a copy of a multi-threaded process.
             for (target, source) in parked_raw.iter().enumerate() {
-                // SAFETY: dup2 on fds open in this process (parked above); targets are 0..=5.
+                // SAFETY: dup2 on fds open in this process (parked above); targets are 0..=6.
                 if unsafe { libc::dup2(*source, target as RawFd) } < 0 {
                     // SAFETY: _exit is async-signal-safe and never returns.
                     unsafe { libc::_exit(120) };

@@ -94,8 +94,6 @@ pub struct InitConfig {
     /// The container's spec with `root.path` resolved to the guest path of the rootfs, bind
     /// sources resolved, and `process` set to the process to run.
     pub spec: Spec,
-    /// The pty slave to bind on /dev/console (a terminal init only).
-    pub console: Option<PathBuf>,
 }
 
 /// Whether the process sets up a new container or joins a running one.

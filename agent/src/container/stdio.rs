@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -21,10 +20,22 @@ const CHUNK: usize = 32 * 1024;
 
 /// The process side of the streams, to become its fds 0, 1 and 2.
 pub struct ChildStdio {
-    /// stdin, stdout, stderr.
+    /// stdin, stdout, stderr (/dev/null for a terminal: the process replaces them with the
+    /// pty slave it opens itself).
     pub fds: [OwnedFd; 3],
-    /// The pty slave's path (terminal only), for /dev/console.
-    pub console: Option<PathBuf>,
+    /// Terminal only: the process's end of the console socket. The process opens a pty in
+    /// the container's own devpts and sends the master back over it (SCM_RIGHTS), like
+    /// runc's --console-socket.
+    pub console_socket: Option<OwnedFd>,
+}
+
+/// A terminal whose master the process has not sent yet.
+struct PendingTerminal {
+    /// The agent's end of the console socket.
+    socket: OwnedFd,
+    stdin_socket: Option<OwnedFd>,
+    stdout_socket: Option<OwnedFd>,
+    name: String,
 }
 
 /// The agent side of a process's streams.
@@ -35,9 +46,52 @@ pub struct StdioHandles {
     tty_master: Option<Arc<OwnedFd>>,
     /// Threads copying output to the host; finished = output flushed.
     output_pumps: Vec<JoinHandle<()>>,
+    /// Terminal only, until [`StdioHandles::receive_terminal`].
+    pending_terminal: Option<PendingTerminal>,
 }
 
 impl StdioHandles {
+    /// Terminal only: receives the pty master from the process (sent before it reported
+    /// ready) and starts relaying it: output to the stdout stream, the stdin stream into it.
+    /// Must be called before the process is followed (the output pump is joined on exit).
+    pub fn receive_terminal(&mut self) -> Result<(), ContainerError> {
+        let Some(pending) = self.pending_terminal.take() else {
+            return Ok(());
+        };
+        let io_error = |what: &str, err: &dyn std::fmt::Display| {
+            ContainerError::Internal(format!("cannot set up the terminal ({what}): {err}"))
+        };
+        let master = receive_fd(&pending.socket).map_err(|err| io_error("receive", &err))?;
+        let master = Arc::new(master);
+        if let Some(socket) = pending.stdin_socket {
+            let to = dup_file(&master).map_err(|err| io_error("dup", &err))?;
+            let from = File::from(dup(&socket).map_err(|err| io_error("dup", &err))?);
+            *self
+                .stdin_socket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(socket);
+            spawn_pump(
+                format!("{}-stdin", pending.name),
+                from,
+                to,
+                PumpEnd::TerminalInput,
+            )?;
+        }
+        let out = match pending.stdout_socket {
+            Some(socket) => File::from(socket),
+            None => open_null(true).map_err(|err| io_error("/dev/null", &err))?,
+        };
+        let from = dup_file(&master).map_err(|err| io_error("dup", &err))?;
+        self.output_pumps.push(spawn_pump(
+            format!("{}-tty", pending.name),
+            from,
+            out,
+            PumpEnd::Socket,
+        )?);
+        self.tty_master = Some(master);
+        Ok(())
+    }
+
     /// The output pump threads, for the exit follower to join.
     pub fn take_output_pumps(&mut self) -> Vec<JoinHandle<()>> {
         std::mem::take(&mut self.output_pumps)
@@ -100,41 +154,32 @@ pub fn setup(
         stdin_socket: Mutex::new(None),
         tty_master: None,
         output_pumps: Vec::new(),
+        pending_terminal: None,
     };
 
     if terminal {
-        let (master, slave, slave_path) = open_pty().map_err(|err| io_error("pty", &err))?;
-        let master = Arc::new(master);
-        if let Some(socket) = stdin_socket {
-            let to = dup_file(&master).map_err(|err| io_error("dup", &err))?;
-            let from = File::from(dup(&socket).map_err(|err| io_error("dup", &err))?);
-            *handles
-                .stdin_socket
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(socket);
-            spawn_pump(format!("{name}-stdin"), from, to, PumpEnd::TerminalInput)?;
-        }
-        let out = match stdout_socket {
-            Some(socket) => File::from(socket),
-            None => open_null(true).map_err(|err| io_error("/dev/null", &err))?,
+        let (agent_end, process_end) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|err| io_error("socketpair", &err))?;
+        handles.pending_terminal = Some(PendingTerminal {
+            socket: agent_end,
+            stdin_socket,
+            stdout_socket,
+            name: name.to_string(),
+        });
+        let null = |write| {
+            open_null(write)
+                .map(OwnedFd::from)
+                .map_err(|err| io_error("/dev/null", &err))
         };
-        let from = dup_file(&master).map_err(|err| io_error("dup", &err))?;
-        handles.output_pumps.push(spawn_pump(
-            format!("{name}-tty"),
-            from,
-            out,
-            PumpEnd::Socket,
-        )?);
-        handles.tty_master = Some(master);
-        let fds = [
-            dup(&slave).map_err(|err| io_error("dup", &err))?,
-            dup(&slave).map_err(|err| io_error("dup", &err))?,
-            slave,
-        ];
         return Ok((
             ChildStdio {
-                fds,
-                console: Some(slave_path),
+                fds: [null(false)?, null(true)?, null(true)?],
+                console_socket: Some(process_end),
             },
             handles,
         ));
@@ -182,7 +227,7 @@ pub fn setup(
     Ok((
         ChildStdio {
             fds: [stdin, stdout, stderr],
-            console: None,
+            console_socket: None,
         },
         handles,
     ))
@@ -283,19 +328,40 @@ fn dup_file(fd: &OwnedFd) -> io::Result<File> {
     fd.try_clone().map(File::from)
 }
 
-/// Opens a pty pair; returns master, slave and the slave's path.
-fn open_pty() -> io::Result<(OwnedFd, OwnedFd, PathBuf)> {
-    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let path = PathBuf::from(ptsname_r(&master)?);
-    let slave = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&path)?;
-    Ok((OwnedFd::from(master), OwnedFd::from(slave), path))
+/// Receives one fd sent with SCM_RIGHTS on `socket` (close-on-exec).
+fn receive_fd(socket: &OwnedFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = loop {
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut received = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel just installed this fd in our table; nothing else owns it.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                if received.is_none() {
+                    received = Some(fd);
+                }
+            }
+        }
+    }
+    received.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the process closed the console socket without sending the pty master",
+        )
+    })
 }
-
-use std::os::unix::fs::OpenOptionsExt;
