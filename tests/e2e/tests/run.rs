@@ -175,25 +175,66 @@ fn seccomp_profile_denying_mkdir_gives_eperm() {
 
 #[test]
 fn a_missing_command_fails_at_once_with_127() {
-    let started = Instant::now();
-    let ok = run("missing", &[], &["true"]);
-    let baseline = started.elapsed();
-    assert!(ok.status.success(), "{}", text(&ok.stderr));
-    let started = Instant::now();
-    let out = run("missing", &[], &["no-such-command"]);
-    let took = started.elapsed();
+    // Compare with a successful run in the same conditions (best of two each: the lab is
+    // noisy): failing must not cost more than a second on top of a normal run.
+    let timed = |cmd: &str| {
+        let started = Instant::now();
+        let out = run("missing", &[], &[cmd]);
+        (started.elapsed(), out)
+    };
+    let (ok1, out) = timed("true");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (ok2, _) = timed("true");
+    let (bad1, out) = timed("no-such-command");
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("exec: \"no-such-command\": executable file not found in $PATH"), "{}", text(&out.stderr));
+    let (bad2, _) = timed("no-such-command");
+    let (baseline, took) = (ok1.min(ok2), bad1.min(bad2));
     assert!(took < baseline + Duration::from_secs(1), "took {took:?}, a successful run takes {baseline:?}");
     let out = run("missing", &[], &["/etc/passwd"]);
     assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
 }
 
 #[test]
-fn a_terminal_is_given_with_t() {
-    let out = run("tty", &["-t"], &["tty"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim_end(), "/dev/pts/0");
+fn a_terminal_is_given_with_t_and_resizes_reach_it() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    // Run brig on a pseudo-terminal of 33 rows and 101 columns, as a user's terminal.
+    let size = nix::pty::Winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = brig("tty")
+        .args(["run", "-t"])
+        .arg(rootfs())
+        .args(["sh", "-c", "tty; stty size"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    let _ = master.as_raw_fd();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once every slave is closed ends the read.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    let out = text(&reader.join().unwrap());
+    let lines: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.is_empty()).collect();
+    assert!(lines.contains(&"/dev/pts/0"), "{out:?}");
+    assert!(lines.contains(&"33 101"), "window size did not reach the container: {out:?}");
 }
 
 #[test]
