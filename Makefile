@@ -68,10 +68,10 @@ unit-test: setup
 
 # End-to-end tests: the real binaries booting real guests, all in one lab boot.
 e2e-test: stage
-	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run --message-format=json 2>/dev/null \
-		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' | head -1); \
-	test -n "$$exe" || { echo "e2e test binary did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
-	$(call IN_GUEST_HOST,$$exe --test-threads=1)
+	@exes=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	test -n "$$exes" || { echo "e2e test binaries did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
+	$(call IN_GUEST_HOST,$(CURDIR)/tests/e2e/run-all.sh $$exes)
 
 # Boot time and VMM memory against QEMU microvm, in one lab boot; the report is committed.
 bench-boot: stage

@@ -332,3 +332,27 @@ fn rm_f_of_a_running_container_leaves_no_vmm_mount_or_socket() {
     assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/rmf/sandboxes")), Vec::<String>::new());
     assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/rmf/containers")), Vec::<String>::new());
 }
+
+#[test]
+fn ctrl_c_reaches_the_container() {
+    let t = "sigint";
+    let child = brig(t)
+        .args(["run", "--name", "interrupted"])
+        .arg(rootfs())
+        .args(["sh", "-c", "trap 'echo got INT; exit 7' INT; echo ready; while :; do sleep 1; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    wait_for("the container to run", || {
+        let ps = brig(t).arg("ps").output().unwrap();
+        text(&ps.stdout).lines().any(|l| l.starts_with("interrupted ") && l.contains("running"))
+    });
+    std::thread::sleep(Duration::from_millis(500)); // let the shell set its trap
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ready\ngot INT\n");
+}
