@@ -78,7 +78,7 @@ bench-boot: stage
 	cargo build --release --locked --target $(MUSL) -p brig-bench
 	cp target/$(MUSL)/release/brig-bench $(BIN)/
 	@mkdir -p bench/reports
-	@set -o pipefail; $(call IN_GUEST_HOST,$(BIN)/brig-bench boot --runs 10) | tee bench/reports/boot.md.new
+	@set -o pipefail; $(call IN_GUEST_HOST,$(BIN)/brig-bench boot --runs 10) | grep -v '^bench: ' | tee bench/reports/boot.md.new
 	@mv bench/reports/boot.md.new bench/reports/boot.md
 
 # A container run against runc, and sandbox memory, in one lab boot; the report is committed.

@@ -41,9 +41,15 @@ pub fn run(args: Args) -> Result<()> {
     config.root = PathBuf::from("/run/brig-bench");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (mut brig, mut qemu) = (Vec::new(), Vec::new());
+    // No single boot may hang the report: each gets a deadline, and progress goes to stderr.
+    let deadline = Duration::from_secs(180);
     for i in 0..args.runs {
-        brig.push(rt.block_on(boot_brig(&config, args.memory, i)).context("brig-vmm boot")?);
-        qemu.push(rt.block_on(boot_qemu(&config, &args, i)).context("qemu boot")?);
+        let b = rt.block_on(async { tokio::time::timeout(deadline, boot_brig(&config, args.memory, i)).await });
+        brig.push(b.map_err(|_| anyhow::anyhow!("brig-vmm boot {i} took over {deadline:?}"))?.context("brig-vmm boot")?);
+        eprintln!("bench: brig-vmm boot {i}: {:?}", brig[i].boot);
+        let q = rt.block_on(async { tokio::time::timeout(deadline, boot_qemu(&config, &args, i)).await });
+        qemu.push(q.map_err(|_| anyhow::anyhow!("qemu boot {i} took over {deadline:?}"))?.context("qemu boot")?);
+        eprintln!("bench: qemu boot {i}: {:?}", qemu[i].boot);
     }
     report(&args, &config, &brig, &qemu);
     Ok(())
