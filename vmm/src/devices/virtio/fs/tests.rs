@@ -454,3 +454,29 @@ fn new_rejects_bad_tags_and_missing_directories() {
         Err(FsError::NotADirectory(_))
     ));
 }
+
+#[test]
+fn symlinks_in_the_share_are_not_followed_on_the_host() {
+    let outside = TempDir::new();
+    std::fs::write(outside.path().join("host-secret"), b"no").unwrap();
+    let shared = outside.path().join("share");
+    std::fs::create_dir(&shared).unwrap();
+    // Links a guest (or a container image) could plant, pointing out of the share.
+    std::os::unix::fs::symlink(outside.path(), shared.join("abs")).unwrap();
+    std::os::unix::fs::symlink("..", shared.join("rel")).unwrap();
+    std::os::unix::fs::symlink("../host-secret", shared.join("file")).unwrap();
+    let mut guest = Guest::new(&shared);
+    guest.init();
+
+    for name in ["abs", "rel", "file"] {
+        let entry = guest.lookup(ROOT_ID, name).unwrap();
+        // The server hands out the link itself (the guest kernel resolves it inside the
+        // guest), never what it points to on the host.
+        assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{name} is seen as a symlink");
+        assert_eq!(entry.attr.size, std::fs::symlink_metadata(shared.join(name)).unwrap().len());
+        assert!(
+            guest.lookup(entry.nodeid, "host-secret").is_err(),
+            "looking up through the link {name} must not reach the host directory"
+        );
+    }
+}
