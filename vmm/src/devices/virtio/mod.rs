@@ -12,7 +12,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -113,4 +113,22 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device (wrote 0 to `Status`). Return to the pre-activation
     /// state, dropping guest-visible state (for vsock: every connection is reset).
     fn reset(&mut self);
+}
+
+/// The next descriptor chain the driver made available on `queue`, or `None` when there is
+/// none. When the queue looks empty, notifications are re-enabled and the queue is looked at
+/// once more: a chain the driver added in between would otherwise wait for a kick that, with
+/// notifications suppressed (EVENT_IDX), never comes. An error means the queue is unusable.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
+    loop {
+        if let Some(chain) = queue.pop_descriptor_chain(mem) {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
 }

@@ -42,7 +42,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    next_chain, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 /// Virtio device ID of virtio-fs.
@@ -230,14 +231,12 @@ impl Fs {
                 more = true;
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                match q.enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!("virtio-fs: queue {idx} is unusable: {e}");
-                        break;
-                    }
+            let chain = match next_chain(q, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("virtio-fs: queue {idx} is unusable: {e}");
+                    break;
                 }
             };
             handled += 1;

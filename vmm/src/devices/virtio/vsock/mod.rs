@@ -43,7 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+    next_chain, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use backend::UnixBackend;
@@ -217,14 +217,12 @@ impl Vsock {
                 }
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                match q.enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!("vsock: TX queue is unusable: {e}");
-                        break;
-                    }
+            let chain = match next_chain(q, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("vsock: TX queue is unusable: {e}");
+                    break;
                 }
             };
             handled += 1;
@@ -254,14 +252,12 @@ impl Vsock {
         };
         let mut used = false;
         while self.backend.has_rx() {
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                match q.enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!("vsock: RX queue is unusable: {e}");
-                        break;
-                    }
+            let chain = match next_chain(q, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("vsock: RX queue is unusable: {e}");
+                    break;
                 }
             };
             let head = chain.head_index();
