@@ -197,6 +197,7 @@ impl Sandbox {
         // The agent connects the streams before CreateContainer returns: accept meanwhile.
         let accepting = tokio::spawn(pending_accept(pending));
         let created = create.await;
+        tracing::debug!(id = %config.id, ok = created.is_ok(), "agent answered CreateContainer");
         match created {
             Ok(_) => accepting
                 .await

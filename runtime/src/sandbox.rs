@@ -237,6 +237,7 @@ impl Sandbox {
     /// Returns the VMM's exit status. The state directory is removed either way.
     pub async fn shutdown(mut self) -> Result<ExitStatus, SandboxError> {
         let asked = self.agent.shutdown().await;
+        tracing::debug!(id = %self.id, ok = asked.is_ok(), "agent answered Shutdown");
         let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
             Ok(Ok(status)) => Some(status),
             _ => None,
@@ -248,6 +249,7 @@ impl Sandbox {
                 self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })?
             }
         };
+        tracing::debug!(id = %self.id, %status, "VMM exited");
         asked?;
         Ok(status)
     }
