@@ -3,8 +3,7 @@
 //! the used ring, as the guest kernel would.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, InitOut, OutHeader};
 use virtio_queue::mock::MockSplitQueue;
@@ -21,30 +20,6 @@ const BUF_BASE: u64 = 0x10_0000;
 const FUSE_INIT: u32 = 26;
 const FUSE_LOOKUP: u32 = 1;
 const ROOT_ID: u64 = 1;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "brig-fs-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One descriptor as the test driver lays it out: guest address, length, device-writable.
 #[derive(Clone, Copy)]
@@ -240,7 +215,7 @@ impl Guest {
 
 #[test]
 fn init_negotiates_the_fuse_version() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut guest = Guest::new(dir.path());
     let init = guest.init();
     assert_eq!(init.major, 7);
@@ -253,7 +228,7 @@ fn init_negotiates_the_fuse_version() {
 
 #[test]
 fn lookup_of_a_shared_file_returns_its_attributes() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello.txt"), b"hello, guest\n").unwrap();
     let mut guest = Guest::new(dir.path());
     guest.init();
@@ -270,7 +245,7 @@ fn lookup_of_a_shared_file_returns_its_attributes() {
 
 #[test]
 fn dotdot_of_the_root_does_not_escape_the_shared_directory() {
-    let outside = TempDir::new();
+    let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("host-secret"), b"no").unwrap();
     let shared = outside.path().join("share");
     std::fs::create_dir(&shared).unwrap();
@@ -305,7 +280,7 @@ fn dotdot_of_the_root_does_not_escape_the_shared_directory() {
 
 #[test]
 fn malformed_chains_are_returned_empty_and_the_device_keeps_serving() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut guest = Guest::new(dir.path());
 
     // A request shorter than a FUSE header, with a reply buffer.
@@ -399,7 +374,7 @@ fn malformed_chains_are_returned_empty_and_the_device_keeps_serving() {
 
 #[test]
 fn config_space_holds_the_tag_and_one_request_queue() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let fs = Fs::new("rootfs", dir.path().to_path_buf()).unwrap();
     assert_eq!(fs.device_type(), 26);
     assert_eq!(fs.queue_max_sizes(), &[1024, 1024]);
@@ -424,7 +399,7 @@ fn config_space_holds_the_tag_and_one_request_queue() {
 
 #[test]
 fn new_rejects_bad_tags_and_missing_directories() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     std::fs::write(&file, b"x").unwrap();
     let ok_dir = dir.path().to_path_buf();
@@ -457,7 +432,7 @@ fn new_rejects_bad_tags_and_missing_directories() {
 
 #[test]
 fn symlinks_in_the_share_are_not_followed_on_the_host() {
-    let outside = TempDir::new();
+    let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("host-secret"), b"no").unwrap();
     let shared = outside.path().join("share");
     std::fs::create_dir(&shared).unwrap();

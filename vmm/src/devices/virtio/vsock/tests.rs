@@ -7,7 +7,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,27 +29,6 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 /// Guest buffers are allocated from here up.
 const BUF_BASE: u64 = 0x10_0000;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "brig-vsock-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
@@ -123,7 +101,7 @@ impl Driver {
 }
 
 struct Harness {
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
     uds: PathBuf,
     mem: GuestMemoryMmap,
     dev: Arc<Mutex<Vsock>>,
@@ -138,8 +116,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let dir = TempDir::new();
-        let uds = dir.0.join("vsock.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
         let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, uds.clone()).unwrap()));
         let mem = guest_memory();
         let (rxq, q0) = Driver::new(&mem, 0);
@@ -1159,8 +1137,8 @@ fn reset_closes_every_connection_but_keeps_listening() {
 
 #[test]
 fn activate_checks_the_queues() {
-    let dir = TempDir::new();
-    let mut dev = Vsock::new(GUEST_CID, dir.0.join("v.sock")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(GUEST_CID, dir.path().join("v.sock")).unwrap();
     let mem = guest_memory();
     let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let (_, q0) = Driver::new(&mem, 0);
@@ -1179,8 +1157,8 @@ fn activate_checks_the_queues() {
 
 #[test]
 fn identity_features_and_config_space() {
-    let dir = TempDir::new();
-    let mut dev = Vsock::new(0x1_2345_6789 & 0xffff_fff0, dir.0.join("v.sock")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = Vsock::new(0x1_2345_6789 & 0xffff_fff0, dir.path().join("v.sock")).unwrap();
     assert_eq!(dev.device_type(), 19);
     assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
     assert_eq!(dev.queue_events().len(), 3);
@@ -1208,12 +1186,12 @@ fn identity_features_and_config_space() {
 
 #[test]
 fn new_refuses_bad_cids_and_paths_in_use() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
-        let e = Vsock::new(cid, dir.0.join("a.sock")).unwrap_err();
+        let e = Vsock::new(cid, dir.path().join("a.sock")).unwrap_err();
         assert!(matches!(e, VsockError::InvalidCid(c) if c == cid));
     }
-    let path = dir.0.join("b.sock");
+    let path = dir.path().join("b.sock");
     std::fs::write(&path, b"stale").unwrap();
     let e = Vsock::new(3, path.clone()).unwrap_err();
     assert_eq!(
@@ -1223,14 +1201,14 @@ fn new_refuses_bad_cids_and_paths_in_use() {
             path.display()
         )
     );
-    let e = Vsock::new(3, dir.0.join("no/such/dir/c.sock")).unwrap_err();
+    let e = Vsock::new(3, dir.path().join("no/such/dir/c.sock")).unwrap_err();
     assert!(matches!(e, VsockError::Bind { .. }), "{e}");
 }
 
 #[test]
 fn drop_removes_only_our_socket() {
-    let dir = TempDir::new();
-    let path = dir.0.join("v.sock");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
     let dev = Vsock::new(3, path.clone()).unwrap();
     assert!(path.exists());
     drop(dev);
