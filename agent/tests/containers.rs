@@ -428,3 +428,176 @@ fn stdin_and_terminal() {
     input.join().unwrap();
     agent.remove("tty");
 }
+
+/// `linux.namespaces` with `user` and a mapping of container 0..65536 to 100000..165536.
+fn userns_spec(args: &[&str]) -> serde_json::Value {
+    let mut s = spec(args);
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "user"}));
+    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    s["linux"]["uidMappings"] = map.clone();
+    s["linux"]["gidMappings"] = map;
+    s
+}
+
+fn uid_map_line(container: u32, host: u32, size: u32) -> String {
+    // The kernel's format: "%10u %10u %10u\n".
+    format!("{container:>10} {host:>10} {size:>10}\n")
+}
+
+#[test]
+fn user_namespace_maps_root_to_an_unprivileged_range() {
+    if !usable() {
+        return;
+    }
+    let mut agent = Agent::start("userns");
+    let map = uid_map_line(0, 100000, 65536);
+
+    // Root inside, nobody's files outside, no power over the real root's directories.
+    let (status, out, err) = agent.run(
+        "userns",
+        userns_spec(&[
+            "sh",
+            "-c",
+            "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; stat -c %u /bin/busybox; \
+             hostname; touch /root/x && echo WROTE; exit 7",
+        ]),
+    );
+    assert_eq!(status, 7, "{err}");
+    assert_eq!(out, format!("0\n0\n{map}{map}65534\nbox\n"));
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!agent.dir.join("rootfs/root/x").exists());
+
+    // Everything else still works inside: sysfs without a network namespace (the guest's is
+    // bound), mqueue, shm, cgroup, devpts with gid=5, device nodes (bound), a read-only
+    // volume, a read-only root, rlimits (set from the agent; the hard limit is the agent's,
+    // as this host's root may lack CAP_SYS_RESOURCE to raise it), seccomp.
+    let volume = agent.dir.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("given"), "from host\n").unwrap();
+    let mut s = userns_spec(&[
+        "sh",
+        "-c",
+        "cat /work/given; echo x > /dev/null && echo null; head -c 3 /dev/zero | wc -c; \
+         ulimit -n; ulimit -Hn; test -d /sys/kernel && echo sys; test -d /dev/mqueue && echo mq; \
+         touch /work/no 2>/dev/null || echo ro-volume; touch /x 2>/dev/null || echo ro-root; \
+         mkdir /dev/shm/d; echo mkdir=$?",
+    ]);
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts[2]["options"]
+        .as_array_mut()
+        .unwrap()
+        .push("gid=5".into());
+    mounts.extend([
+        serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        serde_json::json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"]}),
+        serde_json::json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        serde_json::json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+        serde_json::json!({"destination": "/work", "type": "bind", "source": volume,
+            "options": ["rbind", "ro"]}),
+    ]);
+    s["root"]["readonly"] = true.into();
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    s["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 100, "hard": hard}]);
+    s["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let (status, out, err) = agent.run("userns-mounts", s);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("from host\nnull\n3\n100\n{hard}\nsys\nmq\nro-volume\nro-root\nmkdir=1\n"),
+        "{err}"
+    );
+
+    // A mapped non-root user, with a terminal and capabilities dropped.
+    let mut s = userns_spec(&["sh", "-c", "tty; id -u; id -g; exec sleep 1000"]);
+    s["process"]["terminal"] = true.into();
+    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    s["process"]["capabilities"] =
+        serde_json::json!({"bounding": [], "effective": [], "permitted": []});
+    let (created, out, _err) = agent.create("userns-tty", s);
+    created.unwrap();
+    agent.start_container("userns-tty");
+
+    // Exec joins the container's user namespace.
+    let (out_port, exec_out) = agent.output_port();
+    let req = ExecProcessRequest {
+        container_id: "userns-tty".into(),
+        exec_id: "e1".into(),
+        process_json: serde_json::json!({
+            "args": ["sh", "-c", "id -u; cat /proc/self/uid_map; exit 4"],
+            "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+        })
+        .to_string(),
+        stdio: Some(StdioPorts {
+            stdout: out_port,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    agent.client.exec_process(ctx(), &req).unwrap();
+    assert_eq!(agent.wait("userns-tty", "e1").exit_status, 4);
+    assert_eq!(
+        String::from_utf8(exec_out.join().unwrap()).unwrap(),
+        format!("0\n{map}")
+    );
+    // An exec as a user outside the mappings is refused before it starts.
+    let mut unmapped = req.clone();
+    unmapped.exec_id = "e2".into();
+    unmapped.process_json = serde_json::json!({
+        "args": ["true"], "cwd": "/", "user": {"uid": 70000, "gid": 0}
+    })
+    .to_string();
+    unmapped.stdio = Some(StdioPorts::default()).into();
+    match agent.client.exec_process(ctx(), &unmapped).unwrap_err() {
+        ttrpc::Error::RpcStatus(status) => {
+            assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+            assert!(
+                status.message().contains("uid 70000 is not mapped"),
+                "{status:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    agent
+        .client
+        .signal_process(
+            ctx(),
+            &SignalProcessRequest {
+                container_id: "userns-tty".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(agent.wait("userns-tty", "").exit_status, 137);
+    let tty_out = String::from_utf8_lossy(&out.join().unwrap()).replace('\r', "");
+    assert_eq!(tty_out, "/dev/pts/0\n1000\n1000\n");
+    agent.remove("userns-tty");
+
+    // A user namespace without mappings is refused with the field to fix.
+    let mut s = userns_spec(&["true"]);
+    s["linux"]["uidMappings"] = serde_json::json!([]);
+    let (created, _out, _err) = agent.create("nomap", s);
+    match created.unwrap_err() {
+        ttrpc::Error::RpcStatus(status) => {
+            assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+            assert!(
+                status.message().contains("linux.uidMappings is empty"),
+                "{status:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

@@ -4,14 +4,15 @@ use std::collections::HashSet;
 use std::str::FromStr;
 
 use caps::{CapSet, Capability as Cap, CapsHashSet};
-use nix::sys::resource::{setrlimit, Resource};
-use nix::unistd::{Gid, Uid};
+use nix::sys::resource::Resource;
+use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{Capabilities, PosixRlimitType, Process};
 
 type Result<T> = std::result::Result<T, String>;
 
-/// Applies `process.rlimits`.
-pub fn apply_rlimits(process: &Process) -> Result<()> {
+/// Applies `process.rlimits` to the process `pid`, from the agent (prlimit): the process
+/// may be in a user namespace already, where it could not raise a hard limit itself.
+pub fn apply_rlimits(pid: Pid, process: &Process) -> Result<()> {
     for rlimit in process.rlimits().iter().flatten() {
         let resource = match rlimit.typ() {
             PosixRlimitType::RlimitCpu => Resource::RLIMIT_CPU,
@@ -31,10 +32,39 @@ pub fn apply_rlimits(process: &Process) -> Result<()> {
             PosixRlimitType::RlimitRtprio => Resource::RLIMIT_RTPRIO,
             PosixRlimitType::RlimitRttime => Resource::RLIMIT_RTTIME,
         };
-        setrlimit(resource, rlimit.soft(), rlimit.hard())
-            .map_err(|err| format!("cannot set rlimit {:?}: {err}", rlimit.typ()))?;
+        let limit = Rlimit64 {
+            soft: rlimit.soft(),
+            hard: rlimit.hard(),
+        };
+        // SAFETY: prlimit64 reads one valid struct rlimit64 (two u64s) and, with a null
+        // old_limit, writes nothing.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                pid.as_raw(),
+                resource as libc::c_int,
+                &limit as *const Rlimit64,
+                std::ptr::null_mut::<Rlimit64>(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "cannot set rlimit {:?} to soft {} hard {}: {}",
+                rlimit.typ(),
+                rlimit.soft(),
+                rlimit.hard(),
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     Ok(())
+}
+
+/// The kernel's `struct rlimit64`.
+#[repr(C)]
+struct Rlimit64 {
+    soft: u64,
+    hard: u64,
 }
 
 fn to_caps(set: &Option<Capabilities>) -> Option<CapsHashSet> {

@@ -20,7 +20,7 @@ use nix::sched::CloneFlags;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::spec::{FailureCode, InitConfig, InitMode, InitReport};
-use super::{credentials, mounts, seccomp};
+use super::{credentials, mounts, seccomp, userns};
 
 /// argv[1] that selects this mode.
 pub const INIT_ARG: &str = "__container-init";
@@ -125,7 +125,7 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
             )));
         }
     }
-    credentials::apply_rlimits(process).map_err(invalid)?;
+    // Rlimits were set by the agent (see `process::spawn`).
 
     let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
         Some(profile) => seccomp::compile(profile)
@@ -312,7 +312,7 @@ fn setup_container(spec: &Spec, terminal: bool, uid: u32) -> Result<(), Failure>
         .as_ref()
         .map(|r| r.path().clone())
         .ok_or_else(|| invalid("the spec has no root"))?;
-    mounts::prepare_rootfs(spec, &rootfs).map_err(internal)?;
+    mounts::prepare_rootfs(spec, &rootfs, userns::asks_for_new(spec)).map_err(internal)?;
     mounts::enter_rootfs(&rootfs).map_err(internal)?;
     if terminal {
         open_terminal(true, uid)?;
@@ -381,15 +381,13 @@ fn open_terminal(bind_console: bool, uid: u32) -> Result<(), Failure> {
         // SAFETY: the ioctl just returned this new fd; nothing else owns it.
         unsafe { <OwnedFd as FromRawFd>::from_raw_fd(peer) }
     } else {
-        open(&slave_path, flags, Mode::empty()).map_err(|err| {
-            internal(format!("cannot open {}: {err}", slave_path.display()))
-        })?
+        open(&slave_path, flags, Mode::empty())
+            .map_err(|err| internal(format!("cannot open {}: {err}", slave_path.display())))?
     };
     if uid != 0 {
         // The user's terminal, as runc does; the group (tty) stays.
-        nix::unistd::fchown(&slave, Some(nix::unistd::Uid::from_raw(uid)), None).map_err(
-            |err| internal(format!("cannot chown {}: {err}", slave_path.display())),
-        )?;
+        nix::unistd::fchown(&slave, Some(nix::unistd::Uid::from_raw(uid)), None)
+            .map_err(|err| internal(format!("cannot chown {}: {err}", slave_path.display())))?;
     }
     for target in 0..=2 {
         // SAFETY: dup2 between open fds.
@@ -425,7 +423,10 @@ fn open_terminal(bind_console: bool, uid: u32) -> Result<(), Failure> {
 }
 
 /// Exec mode: enter the namespaces and root of the container's init (the agent already put
-/// us in its pid namespace and cgroup).
+/// us in its pid namespace and cgroup). Its user namespace comes first, when it has its own:
+/// the others belong to it, and joining them needs its capabilities. Namespaces the container
+/// shares with the agent are not joined again (a guest-owned one could not be joined from
+/// inside the container's user namespace).
 fn join_container(init_pid: i32) -> Result<(), Failure> {
     let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
     let open = |name: &str| {
@@ -440,17 +441,30 @@ fn join_container(init_pid: i32) -> Result<(), Failure> {
     let root = open("root")?;
     let mut namespaces = Vec::new();
     for (name, flag) in [
+        ("ns/user", CloneFlags::CLONE_NEWUSER),
         ("ns/cgroup", CloneFlags::CLONE_NEWCGROUP),
         ("ns/ipc", CloneFlags::CLONE_NEWIPC),
         ("ns/uts", CloneFlags::CLONE_NEWUTS),
         ("ns/net", CloneFlags::CLONE_NEWNET),
         ("ns/mnt", CloneFlags::CLONE_NEWNS),
     ] {
-        namespaces.push((name, open(name)?, flag));
+        let file = open(name)?;
+        // Decided before joining any: /proc/self changes meaning with the mount namespace.
+        if !same_namespace(&file, name)? {
+            namespaces.push((name, file, flag));
+        }
     }
     for (name, file, flag) in &namespaces {
         nix::sched::setns(file, *flag)
             .map_err(|err| internal(format!("cannot join the container's {name}: {err}")))?;
+        if *flag == CloneFlags::CLONE_NEWUSER {
+            become_root().map_err(|err| {
+                internal(format!(
+                    "cannot become root (container ID 0) in the container's user namespace: \
+                     {err}"
+                ))
+            })?;
+        }
     }
     // The mount namespace's root may lie under the container's root (no pivot_root
     // possible from the initramfs): take the init's root itself.
@@ -458,6 +472,29 @@ fn join_container(init_pid: i32) -> Result<(), Failure> {
     nix::unistd::chroot(".").map_err(|err| internal(format!("cannot chroot: {err}")))?;
     nix::unistd::chdir("/").map_err(|err| internal(format!("cannot chdir: {err}")))?;
     Ok(())
+}
+
+/// Whether the namespace `file` (`/proc/PID/ns/NAME`) is the one this process is in.
+fn same_namespace(file: &File, name: &str) -> Result<bool, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = file
+        .metadata()
+        .map_err(|err| internal(format!("cannot stat the container's {name}: {err}")))?;
+    let own = Path::new("/proc/self").join(name);
+    let ours = std::fs::metadata(&own)
+        .map_err(|err| internal(format!("cannot stat {}: {err}", own.display())))?;
+    Ok(theirs.dev() == ours.dev() && theirs.ino() == ours.ino())
+}
+
+/// Right after joining a user namespace the process keeps the guest's root IDs, which the
+/// namespace shows as nobody: become its root (mapped, checked by the agent), with no
+/// supplementary groups, as runc does. The capabilities of the namespace stay.
+fn become_root() -> nix::Result<()> {
+    use nix::unistd::{Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(0), Gid::from_raw(0));
+    nix::unistd::setresgid(gid, gid, gid)?;
+    nix::unistd::setresuid(uid, uid, uid)?;
+    nix::unistd::setgroups(&[])
 }
 
 /// The clone/setns flag of a namespace type.

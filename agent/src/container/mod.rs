@@ -2,7 +2,9 @@
 //!
 //! Each container's init is the agent binary re-executed (`__container-init`, see
 //! [`init`]) in new namespaces; it sets up the container, reports on a status pipe, waits for
-//! StartContainer and executes the command, which is PID 1 of the container.
+//! StartContainer and executes the command, which is PID 1 of the container. When the spec
+//! asks for a user namespace, the init is created in a new one whose ID maps the agent
+//! writes (see [`userns`]).
 
 mod cgroup;
 mod credentials;
@@ -12,6 +14,7 @@ mod process;
 mod seccomp;
 mod spec;
 mod stdio;
+mod userns;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -141,6 +144,7 @@ impl Containers {
         }
 
         let (clone_flags, join_pid_ns) = namespaces(&spec)?;
+        let id_mappings = userns::from_spec(&spec)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => {
                 let cgroup = Cgroup::create(root, id)?;
@@ -177,6 +181,7 @@ impl Containers {
             SpawnOptions {
                 clone_flags,
                 join_pid_ns,
+                id_mappings,
             },
             child_stdio.fds,
             child_stdio.console_socket,
@@ -282,6 +287,10 @@ impl Containers {
         let container = self.get(id)?;
         spec::validate_id("exec", exec_id)?;
         let process = spec::parse_process(process_json)?;
+        if let Some(mappings) = userns::from_spec(&container.spec)? {
+            // It joins the container's user namespace (see `init::join_container`).
+            mappings.check_user(process.user())?;
+        }
         if container.init.exit().is_some() {
             return Err(ContainerError::FailedPrecondition(format!(
                 "container {id:?} is not running"
@@ -328,6 +337,7 @@ impl Containers {
             SpawnOptions {
                 clone_flags: CloneFlags::empty(),
                 join_pid_ns: Some(PathBuf::from(format!("/proc/{init_pid}/ns/pid"))),
+                id_mappings: None,
             },
             child_stdio.fds,
             child_stdio.console_socket,
@@ -558,6 +568,9 @@ fn namespaces(spec: &Spec) -> Result<(CloneFlags, Option<PathBuf>), ContainerErr
     {
         match (ns.typ(), ns.path()) {
             (LinuxNamespaceType::Network, None) => flags |= CloneFlags::CLONE_NEWNET,
+            // Created with the others, so that they belong to it; its maps are written by
+            // the agent (see `process::spawn`). A path was refused by `userns::from_spec`.
+            (LinuxNamespaceType::User, None) => flags |= CloneFlags::CLONE_NEWUSER,
             (LinuxNamespaceType::Pid, Some(path)) if path.exists() => {
                 flags.remove(CloneFlags::CLONE_NEWPID);
                 join_pid = Some(path.clone());

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::statvfs::FsFlags;
 use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
 
 use super::spec::join_under;
@@ -19,7 +20,10 @@ fn errno(what: &str, path: &Path, err: impl std::fmt::Display) -> String {
 }
 
 /// Everything before pivot_root, with `rootfs` the guest path of the container's root.
-pub fn prepare_rootfs(spec: &Spec, rootfs: &Path) -> Result<()> {
+/// `userns`: we are in the container's new user namespace, where device nodes cannot be
+/// made (they are bound from the guest's /dev instead) and sysfs can be mounted only with a
+/// network namespace of its own (else the guest's /sys is bound), as runc does.
+pub fn prepare_rootfs(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
     let propagation = spec
         .linux()
         .as_ref()
@@ -45,18 +49,18 @@ pub fn prepare_rootfs(spec: &Spec, rootfs: &Path) -> Result<()> {
 
     let mut dev_is_ours = false;
     for m in spec.mounts().iter().flatten() {
-        mount_one(rootfs, m)?;
+        mount_one(rootfs, m, userns)?;
         if m.destination() == Path::new("/dev") {
             dev_is_ours = true;
         }
     }
     if dev_is_ours {
-        populate_dev(spec, rootfs)?;
+        populate_dev(spec, rootfs, userns)?;
     }
     Ok(())
 }
 
-fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
+fn mount_one(rootfs: &Path, m: &Mount, userns: bool) -> Result<()> {
     let dest = join_under(rootfs, m.destination()).map_err(|err| err.to_string())?;
     let options = m.options().clone().unwrap_or_default();
     let (flags, data) = parse_options(&options);
@@ -84,14 +88,8 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
         })?;
         let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | propagation_flags());
         if !extra.is_empty() {
-            mount(
-                None::<&str>,
-                &dest,
-                None::<&str>,
-                extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
-                None::<&str>,
-            )
-            .map_err(|err| errno("cannot remount", m.destination(), err))?;
+            remount_bind(&dest, extra)
+                .map_err(|err| errno("cannot remount", m.destination(), err))?;
         }
     } else {
         fs::create_dir_all(&dest).map_err(|err| errno("cannot create", &dest, err))?;
@@ -120,6 +118,23 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
             // behaves the same in rootless setups); anything else is.
             Err(err) if matches!(fstype, "cgroup2" | "mqueue") && err == Errno::EPERM => {
                 crate::warn!("skipping {fstype} on {}: {err}", m.destination().display());
+            }
+            // A user namespace may mount sysfs only together with a network namespace of
+            // its own; without one, bind the guest's /sys (runc does the same).
+            Err(Errno::EPERM) if fstype == "sysfs" && userns => {
+                mount(
+                    Some("/sys"),
+                    &dest,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|err| errno("cannot bind the guest's /sys on", m.destination(), err))?;
+                let extra = mount_flags & !MsFlags::MS_REMOUNT;
+                if !extra.is_empty() {
+                    remount_bind(&dest, extra)
+                        .map_err(|err| errno("cannot remount", m.destination(), err))?;
+                }
             }
             Err(err) => {
                 return Err(format!(
@@ -190,8 +205,53 @@ pub fn parse_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// Default device nodes, spec devices and the usual /dev symlinks in a fresh /dev.
-fn populate_dev(spec: &Spec, rootfs: &Path) -> Result<()> {
+/// `MS_BIND | MS_REMOUNT` of `path` with `flags`. In a user namespace the kernel refuses to
+/// clear the flags of a mount that were locked when the mount namespace was copied
+/// (nosuid, nodev, noexec, atime, read-only): on EPERM, again with the flags the mount has.
+fn remount_bind(path: &Path, flags: MsFlags) -> nix::Result<()> {
+    let remount = |flags: MsFlags| {
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+    };
+    match remount(flags) {
+        Err(Errno::EPERM) => {
+            let current = nix::sys::statvfs::statvfs(path)?.flags();
+            remount(flags | locked_flags(current))
+        }
+        other => other,
+    }
+}
+
+/// The mount flags of `current` that a user namespace cannot clear.
+fn locked_flags(current: FsFlags) -> MsFlags {
+    // ST_RELATIME (Linux's statfs flag 0x1000), which nix names on glibc only.
+    const ST_RELATIME: libc::c_ulong = 0x1000;
+    let mut flags = MsFlags::empty();
+    for (st, ms) in [
+        (FsFlags::ST_RDONLY.bits(), MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID.bits(), MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV.bits(), MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC.bits(), MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME.bits(), MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME.bits(), MsFlags::MS_NODIRATIME),
+        (ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.bits() & st != 0 {
+            flags |= ms;
+        }
+    }
+    flags
+}
+
+/// Default device nodes, spec devices and the usual /dev symlinks in a fresh /dev. In a
+/// user namespace, where mknod is refused, each node is bound from the guest's /dev path of
+/// the same name instead, as runc does.
+fn populate_dev(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
     let dev = rootfs.join("dev");
     let defaults: [(&str, u64, u64); 6] = [
         ("null", 1, 3),
@@ -202,7 +262,11 @@ fn populate_dev(spec: &Spec, rootfs: &Path) -> Result<()> {
         ("tty", 5, 0),
     ];
     for (name, major, minor) in defaults {
-        make_node(&dev.join(name), SFlag::S_IFCHR, major, minor, 0o666, None)?;
+        if userns {
+            bind_device(&Path::new("/dev").join(name), &dev.join(name))?;
+        } else {
+            make_node(&dev.join(name), SFlag::S_IFCHR, major, minor, 0o666, None)?;
+        }
     }
     for device in spec
         .linux()
@@ -211,6 +275,10 @@ fn populate_dev(spec: &Spec, rootfs: &Path) -> Result<()> {
         .unwrap_or_default()
     {
         let path = join_under(rootfs, device.path()).map_err(|err| err.to_string())?;
+        if userns {
+            bind_device(device.path(), &path)?;
+            continue;
+        }
         let kind = match device.typ() {
             LinuxDeviceType::B => SFlag::S_IFBLK,
             LinuxDeviceType::P => SFlag::S_IFIFO,
@@ -249,6 +317,31 @@ fn populate_dev(spec: &Spec, rootfs: &Path) -> Result<()> {
         let _ = symlink("/proc/kcore", dev.join("core"));
     }
     Ok(())
+}
+
+/// Binds the guest's device node `source` on `dest` (an empty file made for it).
+fn bind_device(source: &Path, dest: &Path) -> Result<()> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|err| errno("cannot create", parent, err))?;
+    }
+    if !dest.exists() {
+        fs::write(dest, b"").map_err(|err| errno("cannot create", dest, err))?;
+    }
+    mount(
+        Some(source),
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|err| {
+        format!(
+            "cannot bind the guest's {} on {} (device nodes cannot be created in a user \
+             namespace, so they are bound from the guest): {err}",
+            source.display(),
+            dest.display()
+        )
+    })
 }
 
 fn make_node(
@@ -363,14 +456,8 @@ pub fn finish(spec: &Spec) -> Result<()> {
         make_readonly(Path::new(path))?;
     }
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(|err| format!("cannot make the root read-only: {err}"))?;
+        remount_bind(Path::new("/"), MsFlags::MS_RDONLY)
+            .map_err(|err| format!("cannot make the root read-only: {err}"))?;
     }
     Ok(())
 }
@@ -411,14 +498,8 @@ fn make_readonly(path: &Path) -> Result<()> {
         Err(Errno::ENOENT) => return Ok(()),
         Err(err) => return Err(errno("cannot bind", path, err)),
     }
-    mount(
-        Some(path),
-        path,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|err| errno("cannot make read-only", path, err))
+    remount_bind(path, MsFlags::MS_RDONLY | MsFlags::MS_REC)
+        .map_err(|err| errno("cannot make read-only", path, err))
 }
 
 #[cfg(test)]

@@ -15,16 +15,23 @@ use nix::sched::CloneFlags;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
+use super::credentials;
 use super::init::INIT_ARG;
 use super::spec::{InitConfig, InitReport, InitReportFailure};
 use super::stdio::StdioHandles;
+use super::userns::IdMappings;
 use super::ContainerError;
 use crate::reaper::Reaper;
 
-/// Stack of the cloned child; it only calls dup2 and execve.
+/// Stack of the cloned child; it only calls read, set*id, dup2 and execve.
 const CLONE_STACK_SIZE: usize = 64 * 1024;
 /// Lowest fd number the child's fds are parked at before clone, above the targets 0..=6.
 const PARKED_FD_MIN: RawFd = 16;
+/// Exit statuses of the cloned child when it fails before executing the init.
+const EXIT_DUP: i32 = 120;
+const EXIT_EXEC: i32 = 121;
+const EXIT_NO_MAPPINGS: i32 = 122;
+const EXIT_NOT_ROOT: i32 = 123;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,10 +174,20 @@ pub struct SpawnOptions {
     pub clone_flags: CloneFlags,
     /// Pid namespace to join before cloning (`/proc/PID/ns/pid`): the child is born in it.
     pub join_pid_ns: Option<PathBuf>,
+    /// With CLONE_NEWUSER: the mappings to write before the child executes the init.
+    pub id_mappings: Option<IdMappings>,
 }
 
 /// Clones the re-executed agent with `options`, lets `before_config` act on its pid (join
-/// the cgroup), sends it `config` and waits until it reports that it is ready to start.
+/// the cgroup), sets its rlimits, sends it `config` and waits until it reports that it is
+/// ready to start.
+///
+/// In a new user namespace the cloned child waits on a pipe before it executes the init:
+/// until its uid and gid maps are written it is nobody there, and an exec would drop its
+/// capabilities. The agent writes the maps, then one byte; the child becomes root of the
+/// namespace (container ID 0, which [`IdMappings`] requires to be mapped) and executes the
+/// init with every capability in it. Rlimits are set from here, as runc does: inside a user
+/// namespace a process can no longer raise its hard limits.
 pub fn spawn(
     reaper: &Arc<Reaper>,
     options: SpawnOptions,
@@ -202,6 +219,20 @@ pub fn spawn(
     }
     drop(sources);
     let parked_raw: Vec<RawFd> = parked.iter().map(|fd| fd.as_raw_fd()).collect();
+    // The user namespace's go-ahead: read by the child before exec, parked out of the way of
+    // the dup2 targets, close-on-exec.
+    let (userns_wait, userns_go) = match &options.id_mappings {
+        Some(_) => {
+            let (read, write) = pipe().map_err(|err| internal("pipe", &err))?;
+            let raw = fcntl(&read, FcntlArg::F_DUPFD_CLOEXEC(PARKED_FD_MIN))
+                .map_err(|err| internal("dup", &err))?;
+            // SAFETY: fcntl just returned this new fd; nothing else owns it.
+            let parked_read = unsafe { OwnedFd::from_raw_fd(raw) };
+            (Some(parked_read), Some(File::from(write)))
+        }
+        None => (None, None),
+    };
+    let userns_wait_raw = userns_wait.as_ref().map(|fd| fd.as_raw_fd());
 
     // Everything the child touches is allocated here, before clone.
     let exe = CString::new("/proc/self/exe").map_err(|err| internal("exe", &err))?;
@@ -222,22 +253,33 @@ pub fn spawn(
         let exe_ptr = exe.as_ptr();
         let clone_child = move || -> isize {
             // Only async-signal-safe calls: this is a copy of a multi-threaded process.
+            if let Some(fd) = userns_wait_raw {
+                if !wait_for_id_maps(fd) {
+                    // SAFETY: _exit is async-signal-safe and never returns.
+                    unsafe { libc::_exit(EXIT_NO_MAPPINGS) };
+                }
+                if !become_userns_root() {
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(EXIT_NOT_ROOT) };
+                }
+            }
             for (target, source) in parked_raw.iter().enumerate() {
                 // SAFETY: dup2 on fds open in this process (parked above); targets are 0..=6.
                 if unsafe { libc::dup2(*source, target as RawFd) } < 0 {
                     // SAFETY: _exit is async-signal-safe and never returns.
-                    unsafe { libc::_exit(120) };
+                    unsafe { libc::_exit(EXIT_DUP) };
                 }
             }
             // SAFETY: exe, argv and envp are NUL-terminated C strings/arrays that outlive
             // the call (the CStrings are owned by the enclosing closure).
             unsafe { libc::execve(exe_ptr, argv.as_ptr(), envp.as_ptr()) };
             // SAFETY: as above.
-            unsafe { libc::_exit(121) }
+            unsafe { libc::_exit(EXIT_EXEC) }
         };
-        // SAFETY: the child runs only `clone_child` (dup2, execve, _exit), which is
-        // async-signal-safe and uses memory prepared before the clone; the stack is ours and
-        // lives until clone returns in the parent (the child has its own copy of it).
+        // SAFETY: the child runs only `clone_child` (read, raw set*id syscalls, dup2, execve,
+        // _exit), which is async-signal-safe and uses memory prepared before the clone; the
+        // stack is ours and lives until clone returns in the parent (the child has its own
+        // copy of it).
         unsafe {
             nix::sched::clone(
                 Box::new(clone_child),
@@ -262,12 +304,26 @@ pub fn spawn(
             .unwrap_or_else(|_| Err(internal("clone", &"the clone thread panicked")))
     })?;
     drop(parked);
+    drop(userns_wait);
 
     let abort = |err: ContainerError| {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         err
     };
+    if let (Some(mappings), Some(mut go)) = (&options.id_mappings, userns_go) {
+        mappings.write(pid).map_err(abort)?;
+        go.write_all(b"U").map_err(|err| {
+            abort(internal(
+                "releasing the process into its user namespace",
+                &err,
+            ))
+        })?;
+    }
     before_config(pid).map_err(abort)?;
+    if let Some(process) = config.spec.process() {
+        credentials::apply_rlimits(pid, process)
+            .map_err(|err| abort(ContainerError::InvalidArgument(err)))?;
+    }
     let mut config_write = File::from(config_write);
     config_write
         .write_all(&config_json)
@@ -303,6 +359,19 @@ impl Spawned {
 
     fn exit_note(&self) -> String {
         match self.statuses.recv_timeout(Duration::from_secs(2)) {
+            Ok(status @ WaitStatus::Exited(_, code)) => {
+                let why = match code {
+                    EXIT_DUP => ": it could not set up its fds",
+                    EXIT_EXEC => ": it could not execute /proc/self/exe",
+                    EXIT_NO_MAPPINGS => ": it was not given its user namespace's mappings",
+                    EXIT_NOT_ROOT => {
+                        ": it could not become root of its user namespace (setresgid, \
+                         setresuid or setgroups to container ID 0 failed)"
+                    }
+                    _ => "",
+                };
+                format!(" ({status:?}{why})")
+            }
             Ok(status) => format!(" ({status:?})"),
             Err(_) => String::new(),
         }
@@ -351,6 +420,37 @@ impl Starter {
                 self.pid
             ))),
         }
+    }
+}
+
+/// In the cloned child: blocks until the agent wrote the user namespace's maps and sent a
+/// byte on `fd`. False if the agent gave up (EOF) or the read failed.
+fn wait_for_id_maps(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: read into a one-byte buffer on the stack from an fd open in this process.
+        let n = unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) };
+        if n == 1 {
+            return true;
+        }
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return false;
+    }
+}
+
+/// In the cloned child, once the maps are written: gid, uid and supplementary groups
+/// become container ID 0 (the child keeps its kernel IDs of the guest's root otherwise,
+/// which the namespace shows as nobody and which would not give it capabilities across exec).
+/// Raw syscalls: libc's wrappers would try to change every thread of the agent it was copied
+/// from (musl's __synccall), which do not exist in the child.
+fn become_userns_root() -> bool {
+    // SAFETY: setresgid/setresuid with integer arguments, setgroups with an empty list.
+    unsafe {
+        libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0
+            && libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
+            && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use super::ContainerError;
@@ -36,17 +36,8 @@ pub fn parse_spec(json: &str) -> Result<Spec, ContainerError> {
         ContainerError::InvalidArgument("invalid OCI spec: it has no `process`".into())
     })?;
     check_process(process)?;
-    if let Some(namespaces) = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()) {
-        if namespaces
-            .iter()
-            .any(|ns| ns.typ() == LinuxNamespaceType::User)
-        {
-            return Err(ContainerError::InvalidArgument(
-                "user namespaces are not supported by brig-agent yet; remove the `user` \
-                 namespace from linux.namespaces"
-                    .into(),
-            ));
-        }
+    if let Some(mappings) = super::userns::from_spec(&spec)? {
+        mappings.check_user(process.user())?;
     }
     Ok(spec)
 }
@@ -179,6 +170,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("args is empty"), "{err}");
+    }
+
+    #[test]
+    fn user_namespaces_are_checked_with_the_spec() {
+        let spec = |linux: &str, user: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"cwd":"/","args":["sh"],"user":{user}}},
+                    "linux":{linux}}}"#
+            )
+        };
+        let mapped = r#"{"namespaces":[{"type":"user"}],
+            "uidMappings":[{"containerID":0,"hostID":100000,"size":65536}],
+            "gidMappings":[{"containerID":0,"hostID":100000,"size":65536}]}"#;
+        assert!(parse_spec(&spec(mapped, r#"{"uid":1000,"gid":1000}"#)).is_ok());
+        let err = parse_spec(&spec(mapped, r#"{"uid":70000,"gid":0}"#)).unwrap_err();
+        assert!(matches!(err, ContainerError::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("uid 70000 is not mapped"), "{err}");
+        let err = parse_spec(&spec(
+            r#"{"namespaces":[{"type":"user"}]}"#,
+            r#"{"uid":0,"gid":0}"#,
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ContainerError::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("uidMappings is empty"), "{err}");
     }
 
     #[test]
