@@ -54,9 +54,18 @@ pub fn load_target(path: &Path) -> Result<Target, SpecError> {
         }
         return Ok(Target { spec, rootfs, bundle: true });
     }
-    // A plain root filesystem runs as `docker run` would: writable root, unless --read-only.
+    // A plain root filesystem runs as `docker run` would: writable root, unless --read-only,
+    // and no device beyond the standard ones in its /dev (the agent always allows those).
     let mut spec = Spec::default();
     spec.set_root(Some(oci_spec::runtime::RootBuilder::default().path(path).readonly(false).build().map_err(|e| SpecError::Invalid(e.to_string()))?));
+    let deny_all = oci_spec::runtime::LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .map_err(|e| SpecError::Invalid(e.to_string()))?;
+    if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
+        resources.set_devices(Some(vec![deny_all]));
+    }
     Ok(Target { spec, rootfs: path.to_path_buf(), bundle: false })
 }
 
@@ -235,5 +244,15 @@ mod tests {
         let msg = load_target(&dir).unwrap_err().to_string();
         assert!(msg.contains("config.json"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_plain_rootfs_gets_no_devices_beyond_the_standard_ones() {
+        let target = load_target(Path::new("/")).unwrap();
+        assert!(!target.bundle);
+        let r = target.spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
+        let rules = r.devices().as_ref().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert!(!rules[0].allow() && rules[0].access().as_deref() == Some("rwm") && rules[0].typ().is_none());
     }
 }

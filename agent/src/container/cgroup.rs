@@ -69,7 +69,7 @@ impl Cgroup {
         &self.path
     }
 
-    /// Applies `linux.resources` (memory, cpu, pids).
+    /// Applies `linux.resources` (memory, cpu, pids, and device access as a BPF filter).
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), ContainerError> {
         if let Some(memory) = resources.memory() {
             if let Some(limit) = memory.limit() {
@@ -100,6 +100,10 @@ impl Cgroup {
         }
         if let Some(pids) = resources.pids() {
             self.write("pids.max", &limit_value(pids.limit()))?;
+        }
+        if let Some(devices) = resources.devices().as_ref().filter(|d| !d.is_empty()) {
+            let rules = super::devices::rules(devices).map_err(ContainerError::InvalidArgument)?;
+            super::devices::apply(&self.path, &rules).map_err(ContainerError::Internal)?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 
 mod cgroup;
 mod credentials;
+mod devices;
 pub mod init;
 mod mounts;
 mod process;
