@@ -52,7 +52,7 @@ pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
         if let (true, Some((rows, cols))) = (args.tty, relay::terminal_size()) {
             let _ = agent.resize_tty(&args.id, &exec_id, rows.into(), cols.into()).await;
         }
-        relay::relay(stdio).await;
+        relay::relay(stdio, None).await;
         let status = agent.wait_process(&args.id, &exec_id).await?;
         drop(raw);
         anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))

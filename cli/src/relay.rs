@@ -48,7 +48,8 @@ pub fn terminal_size() -> Option<(u16, u16)> {
 
 /// Copy the user's stdin to the process (then end its stdin) and its output to the user's
 /// stdout/stderr, until both outputs end. Stdin keeps being copied in the background.
-pub async fn relay(stdio: Stdio) {
+/// With `logs`, the output is also kept in `stdout.log`/`stderr.log` there (`brig logs`).
+pub async fn relay(stdio: Stdio, logs: Option<&std::path::Path>) {
     let Stdio { stdin, stdout, stderr } = stdio;
     if let Some(mut to_process) = stdin {
         tokio::spawn(async move {
@@ -67,20 +68,55 @@ pub async fn relay(stdio: Stdio) {
             let _ = to_process.shutdown().await;
         });
     }
-    let out = tokio::spawn(async move {
-        if let Some(mut s) = stdout {
-            let _ = tokio::io::copy(&mut s, &mut tokio::io::stdout()).await;
-        }
-        let _ = tokio::io::stdout().flush().await;
-    });
-    let err = tokio::spawn(async move {
-        if let Some(mut s) = stderr {
-            let _ = tokio::io::copy(&mut s, &mut tokio::io::stderr()).await;
-        }
-        let _ = tokio::io::stderr().flush().await;
-    });
+    let (out_log, err_log) = match logs {
+        Some(dir) => (open_log(&dir.join("stdout.log")).await, open_log(&dir.join("stderr.log")).await),
+        None => (None, None),
+    };
+    let out = tokio::spawn(copy_out(stdout, tokio::io::stdout(), out_log));
+    let err = tokio::spawn(copy_out(stderr, tokio::io::stderr(), err_log));
     let _ = out.await;
     let _ = err.await;
+}
+
+async fn open_log(path: &std::path::Path) -> Option<tokio::fs::File> {
+    match tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("cannot keep the container's output in {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Copy one output stream to the user, and to its log if there is one. The user comes
+/// first: a log that fails to write stops being written, the user's copy goes on.
+async fn copy_out<R, W>(stream: Option<R>, mut user: W, mut log: Option<tokio::fs::File>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Some(mut stream) = stream else { return };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut user_ok = true;
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Keep draining after the user's side closed, so the process never blocks on output.
+        if user_ok && (user.write_all(&buf[..n]).await.is_err() || user.flush().await.is_err()) {
+            user_ok = false;
+        }
+        if let Some(f) = &mut log {
+            if f.write_all(&buf[..n]).await.is_err() {
+                log = None;
+            }
+        }
+    }
+    let _ = user.flush().await;
+    if let Some(f) = &mut log {
+        let _ = f.flush().await;
+    }
 }
 
 /// Point this process's stdin/stdout/stderr at /dev/null (a detached `brig` must not die
@@ -97,20 +133,10 @@ pub fn detach_stdio() {
 
 /// Copy a detached container's output into `dir/stdout.log` and `dir/stderr.log`.
 pub async fn to_logs(stdio: Stdio, dir: &std::path::Path) {
-    let mut options = tokio::fs::OpenOptions::new();
-    options.create(true).append(true);
-    let (out_file, err_file) = (options.open(dir.join("stdout.log")).await, options.open(dir.join("stderr.log")).await);
     let Stdio { stdout, stderr, .. } = stdio;
-    let out = tokio::spawn(async move {
-        if let (Some(mut s), Ok(mut f)) = (stdout, out_file) {
-            let _ = tokio::io::copy(&mut s, &mut f).await;
-        }
-    });
-    let err = tokio::spawn(async move {
-        if let (Some(mut s), Ok(mut f)) = (stderr, err_file) {
-            let _ = tokio::io::copy(&mut s, &mut f).await;
-        }
-    });
+    let (out_log, err_log) = (open_log(&dir.join("stdout.log")).await, open_log(&dir.join("stderr.log")).await);
+    let out = tokio::spawn(copy_out(stdout, tokio::io::sink(), out_log));
+    let err = tokio::spawn(copy_out(stderr, tokio::io::sink(), err_log));
     let _ = out.await;
     let _ = err.await;
 }

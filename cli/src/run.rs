@@ -18,7 +18,7 @@ const GUEST_OVERHEAD_MIB: u64 = 128;
 /// Arguments of `brig run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Remove the container's state when it exits (foreground containers are always removed).
+    /// Remove the container when it exits (otherwise `brig ps -a`, `brig logs` and `brig rm` see it).
     #[arg(long)]
     rm: bool,
     /// Run in the background: print the container ID and return; output goes to `brig logs`.
@@ -173,7 +173,11 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(&id);
     }
-    let output = if args.detach { Output::Logs(layout.container(&id)) } else { Output::User { tty: args.tty } };
+    let output = if args.detach {
+        Output::Logs(layout.container(&id))
+    } else {
+        Output::User { tty: args.tty, logs: (!args.rm).then(|| layout.container(&id)) }
+    };
     let run = Run {
         layout: &layout,
         config: &config,
@@ -182,7 +186,7 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         command,
         output,
         memory: args.memory,
-        remove: args.rm || !args.detach,
+        remove: args.rm,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
     let code = rt.block_on(run.execute());
@@ -233,8 +237,9 @@ fn detach(id: &str) -> anyhow::Result<u8> {
 
 /// Where a container's output goes.
 enum Output {
-    /// The user's terminal or pipes (foreground).
-    User { tty: bool },
+    /// The user's terminal or pipes (foreground), and a copy in `stdout.log`/`stderr.log`
+    /// in `logs` for a container that is kept after it exits.
+    User { tty: bool, logs: Option<PathBuf> },
     /// `stdout.log` and `stderr.log` in this directory (detached).
     Logs(PathBuf),
 }
@@ -282,11 +287,12 @@ impl Run<'_> {
             Err(e) => {
                 let code = create_error_status(&e);
                 eprintln!("brig: {e}");
+                state.exit_code = Some(code.into());
                 let _ = sandbox.shutdown().await;
                 return Ok(code);
             }
         };
-        let tty = matches!(self.output, Output::User { tty: true });
+        let tty = matches!(self.output, Output::User { tty: true, .. });
         let raw = tty.then(relay::RawTerminal::enter);
         if tty {
             if let Some((rows, cols)) = relay::terminal_size() {
@@ -298,7 +304,7 @@ impl Run<'_> {
         self.layout.save(state)?;
         let forwarding = forward_signals(&sandbox, id, tty);
         match &self.output {
-            Output::User { .. } => relay::relay(stdio).await,
+            Output::User { logs, .. } => relay::relay(stdio, logs.as_deref()).await,
             Output::Logs(dir) => {
                 // Tell the waiting `brig run -d` we are up, then stop writing to it.
                 println!("started {id}");
@@ -315,7 +321,8 @@ impl Run<'_> {
             eprintln!("brig: container {id} was killed because it reached its memory limit{limit}");
         }
         state.exit_code = Some(status.exit_status);
-        let _ = sandbox.agent().remove_container(id).await;
+        // One container per microVM: powering the guest off removes the container with it
+        // (the agent syncs first), so no RemoveContainer round trip on the user's wait.
         let _ = sandbox.shutdown().await;
         Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     }

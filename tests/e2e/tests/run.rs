@@ -16,8 +16,9 @@ fn rootfs() -> &'static std::path::Path {
     })
 }
 
+/// `brig run --rm FLAGS ROOTFS CMD`.
 fn run(test: &str, flags: &[&str], cmd: &[&str]) -> Output {
-    brig(test).arg("run").args(flags).arg(rootfs()).args(cmd).stdin(Stdio::null()).output().unwrap()
+    brig(test).args(["run", "--rm"]).args(flags).arg(rootfs()).args(cmd).stdin(Stdio::null()).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -370,4 +371,36 @@ fn ctrl_c_reaches_the_container() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "ready\ngot INT\n");
+}
+
+#[test]
+fn a_foreground_container_without_rm_is_kept_until_brig_rm() {
+    let t = "kept";
+    let out = brig(t)
+        .args(["run", "--name", "kept"])
+        .arg(rootfs())
+        .args(["sh", "-c", "echo out; echo err >&2; exit 3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("out\n", "err\n"));
+    assert!(processes_named("brig-vmm").is_empty(), "the microVM outlived its container");
+    assert!(no_mounts_under("/run/brig-e2e/kept"), "mounts left");
+
+    let ps = text(&brig(t).args(["ps", "-a"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with("kept ") && l.contains("exited (3)")), "{ps}");
+    let ps = text(&brig(t).arg("ps").output().unwrap().stdout);
+    assert!(!ps.contains("kept"), "an exited container is listed as running: {ps}");
+    let logs = brig(t).args(["logs", "kept"]).output().unwrap();
+    assert_eq!((text(&logs.stdout).as_str(), text(&logs.stderr).as_str()), ("out\n", "err\n"));
+
+    let again = brig(t).args(["run", "--name", "kept"]).arg(rootfs()).arg("true").output().unwrap();
+    assert_eq!(again.status.code(), Some(125));
+    assert!(text(&again.stderr).contains("brig rm kept"), "{}", text(&again.stderr));
+
+    let rm = brig(t).args(["rm", "kept"]).output().unwrap();
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/kept/containers")), Vec::<String>::new());
+    assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/kept/sandboxes")), Vec::<String>::new());
 }
