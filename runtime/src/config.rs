@@ -9,9 +9,11 @@
 //! cpus = 1
 //! memory_mib = 256
 //! boot_timeout_secs = 60
+//! fs_cache = "auto"   # what guests cache of the shared root filesystems: auto, metadata,
+//!                     # never, always (brig-vmm --fs-cache; metadata = direct I/O for data)
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
-//! `BRIG_ROOT`.
+//! `BRIG_ROOT`, `BRIG_FS_CACHE`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,7 +35,13 @@ pub enum ConfigError {
     /// A file the runtime needs cannot be found.
     #[error("{what} not found (looked in: {looked}); {fix}")]
     Missing { what: &'static str, looked: String, fix: &'static str },
+    /// A value that is not one of the allowed ones.
+    #[error("fs_cache (or BRIG_FS_CACHE) is {0:?}: use one of {FS_CACHE_MODES:?}")]
+    FsCache(String),
 }
+
+/// The virtio-fs cache modes brig-vmm knows (`--fs-cache`).
+pub const FS_CACHE_MODES: [&str; 4] = ["auto", "metadata", "never", "always"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +53,7 @@ struct ConfigFile {
     cpus: Option<u8>,
     memory_mib: Option<u64>,
     boot_timeout_secs: Option<u64>,
+    fs_cache: Option<String>,
 }
 
 /// Resolved runtime configuration.
@@ -64,6 +73,8 @@ pub struct RuntimeConfig {
     pub memory_mib: u64,
     /// How long a sandbox may take to answer from its agent.
     pub boot_timeout: Duration,
+    /// What guests may cache of the share (one of [`FS_CACHE_MODES`]).
+    pub fs_cache: String,
 }
 
 impl RuntimeConfig {
@@ -104,6 +115,13 @@ impl RuntimeConfig {
             looked: looked(bin_dirs, "brig-vmm"),
             fix: "install it next to brig, or set `vmm` in brig.toml or BRIG_VMM",
         })?;
+        let fs_cache = env("BRIG_FS_CACHE")
+            .map(|v| v.to_string_lossy().into_owned())
+            .or(file.fs_cache)
+            .unwrap_or_else(|| "auto".into());
+        if !FS_CACHE_MODES.contains(&fs_cache.as_str()) {
+            return Err(ConfigError::FsCache(fs_cache));
+        }
         Ok(Self {
             kernel,
             initrd,
@@ -112,6 +130,7 @@ impl RuntimeConfig {
             cpus: file.cpus.unwrap_or(1),
             memory_mib: file.memory_mib.unwrap_or(256),
             boot_timeout: Duration::from_secs(file.boot_timeout_secs.unwrap_or(60)),
+            fs_cache,
         })
     }
 }
@@ -168,6 +187,15 @@ mod tests {
         let env = |k: &str| (k == "BRIG_KERNEL").then(|| PathBuf::from("/env/k"));
         let cfg = RuntimeConfig::resolve(file, env, &[], &[]).unwrap();
         assert_eq!(cfg.kernel, PathBuf::from("/env/k"));
+    }
+
+    #[test]
+    fn the_fs_cache_mode_is_checked() {
+        let file = || toml::from_str::<ConfigFile>("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\nfs_cache = \"metadata\"").unwrap();
+        assert_eq!(RuntimeConfig::resolve(file(), |_| None, &[], &[]).unwrap().fs_cache, "metadata");
+        let env = |k: &str| (k == "BRIG_FS_CACHE").then(|| PathBuf::from("sometimes"));
+        let msg = RuntimeConfig::resolve(file(), env, &[], &[]).unwrap_err().to_string();
+        assert!(msg.contains("\"sometimes\"") && msg.contains("metadata"), "{msg}");
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Sandbox {
             std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir { dir: shared.clone(), source })?;
             let mut arg = std::ffi::OsString::from(format!("{SHARE_TAG}="));
             arg.push(&shared);
-            cmd.arg("--fs").arg(arg);
+            cmd.arg("--fs").arg(arg).arg("--fs-cache").arg(&config.fs_cache);
             let base = cmdline.take().unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
             cmdline = Some(format!("{base} brig.share={SHARE_TAG}"));
         }

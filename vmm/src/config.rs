@@ -36,6 +36,24 @@ pub struct FsConfig {
     pub tag: String,
     /// The host directory; nothing outside it is reachable from the guest.
     pub shared_dir: PathBuf,
+    /// What the guest may cache.
+    pub cache: FsCache,
+}
+
+/// What the guest may cache of a virtio-fs share (virtiofsd's `--cache` modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsCache {
+    /// File data in the guest's page cache, checked again at each open (mmap works fully).
+    #[default]
+    Auto,
+    /// Only metadata and directories cached; file data goes to the host on every read and
+    /// write (direct I/O: fastest for large sequential I/O, but a guest kernel before 6.6
+    /// refuses `MAP_SHARED` mappings of such files).
+    Metadata,
+    /// Nothing cached: every access asks the host.
+    Never,
+    /// Everything cached for long (the host must not change the files behind the guest).
+    Always,
 }
 
 /// A microVM.
@@ -126,7 +144,7 @@ impl VmConfig {
 pub fn parse_fs(s: &str) -> Result<FsConfig, String> {
     match s.split_once('=') {
         Some((tag, dir)) if !tag.is_empty() && tag.len() <= 36 && !dir.is_empty() => {
-            Ok(FsConfig { tag: tag.to_string(), shared_dir: dir.into() })
+            Ok(FsConfig { tag: tag.to_string(), shared_dir: dir.into(), cache: FsCache::Auto })
         }
         _ => Err(format!("'{s}' is not TAG=DIR (a tag of 1 to 36 bytes, then the host directory)")),
     }
@@ -194,7 +212,7 @@ mod tests {
         c.vsock = Some(VsockConfig { guest_cid: 3, uds: exe.clone() });
         assert_eq!(c.validate(), Err(ConfigError::VsockPathInUse(exe.clone())));
         c = config(exe.clone());
-        c.fs = Some(FsConfig { tag: "brig".into(), shared_dir: exe.clone() });
+        c.fs = Some(FsConfig { tag: "brig".into(), shared_dir: exe.clone(), cache: FsCache::Auto });
         assert_eq!(c.validate(), Err(ConfigError::FsDir(exe)));
     }
 
@@ -202,7 +220,7 @@ mod tests {
     fn fs_flags_parse() {
         assert_eq!(
             parse_fs("brig=/run/x"),
-            Ok(FsConfig { tag: "brig".into(), shared_dir: "/run/x".into() })
+            Ok(FsConfig { tag: "brig".into(), shared_dir: "/run/x".into(), cache: FsCache::Auto })
         );
         assert!(parse_fs("nodir").is_err());
         assert!(parse_fs("=/x").is_err());

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 use brig_vmm::vm::{self, VmError, VmExit};
 use clap::Parser;
 
@@ -52,6 +52,9 @@ struct Args {
     /// the VMM; the guest cannot reach outside DIR).
     #[arg(long, value_name = "TAG=DIR", value_parser = parse_fs)]
     fs: Option<FsConfig>,
+    /// What the guest may cache of the --fs share.
+    #[arg(long, value_enum, default_value_t = FsCache::Auto, requires = "fs")]
+    fs_cache: FsCache,
 }
 
 fn main() -> ExitCode {
@@ -75,7 +78,7 @@ fn main() -> ExitCode {
         mem_mib: args.memory,
         console,
         vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
-        fs: args.fs,
+        fs: args.fs.map(|fs| FsConfig { cache: args.fs_cache, ..fs }),
     };
     let result = vm::run(&config);
     // The vsock device owns its socket, but vCPU threads may still hold the device when we

@@ -138,7 +138,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         mmio.push(transport);
     }
     if let Some(fs_cfg) = &config.fs {
-        let fs = Arc::new(Mutex::new(Fs::new(&fs_cfg.tag, fs_cfg.shared_dir.clone())?));
+        let fs = Arc::new(Mutex::new(Fs::with_cache(&fs_cfg.tag, fs_cfg.shared_dir.clone(), fs_cfg.cache)?));
         let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
         event_manager.add_subscriber(fs);
         mmio.push(transport);

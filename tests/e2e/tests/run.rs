@@ -404,3 +404,29 @@ fn a_foreground_container_without_rm_is_kept_until_brig_rm() {
     assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/kept/containers")), Vec::<String>::new());
     assert_eq!(dir_entries(std::path::Path::new("/run/brig-e2e/kept/sandboxes")), Vec::<String>::new());
 }
+
+#[test]
+fn the_share_cache_mode_is_configurable_and_data_survives_it() {
+    let t = "fscache";
+    let dir = brig_e2e::scratch(t);
+    let script = "dd if=/dev/urandom of=/data/blob bs=64k count=40 2>/dev/null; \
+                  cp /data/blob /tmp/copy; sha256sum /data/blob /tmp/copy | cut -d' ' -f1";
+    let volume = format!("{}:/data", dir.display());
+    for mode in ["metadata", "never", "always", "auto"] {
+        let out = brig(t)
+            .env("BRIG_FS_CACHE", mode)
+            .args(["run", "--rm", "-v", &volume])
+            .arg(rootfs())
+            .args(["sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {}", text(&out.stderr));
+        let digest = Sha256::digest(std::fs::read(dir.join("blob")).unwrap());
+        let on_host: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(text(&out.stdout), format!("{on_host}\n{on_host}\n"), "{mode}: the guest and the host see the same bytes");
+    }
+    let out = brig(t).env("BRIG_FS_CACHE", "sometimes").args(["run", "--rm"]).arg(rootfs()).arg("true").output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("\"sometimes\""), "{}", text(&out.stderr));
+}

@@ -33,10 +33,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitIn, InitOut, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use tracing::{debug, warn};
+
+use crate::config::FsCache;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -99,6 +102,7 @@ pub struct Fs {
     /// Canonical path of the shared directory (what the file server is rooted at).
     shared_dir: PathBuf,
     server: FileServer,
+    cache: FsCache,
     queue_evts: Vec<EventFd>,
     wake_evt: EventFd,
     active: Option<Active>,
@@ -115,7 +119,7 @@ impl std::fmt::Debug for Fs {
 }
 
 /// A passthrough file server rooted at `root` (a canonical directory path).
-fn new_server(root: &str) -> io::Result<FileServer> {
+fn new_server(root: &str, cache: FsCache) -> io::Result<FileServer> {
     let cfg = PassthroughConfig {
         root_dir: root.to_owned(),
         do_import: true,
@@ -123,7 +127,12 @@ fn new_server(root: &str) -> io::Result<FileServer> {
         inode_file_handles: false,
         dax_file_size: None,
         writeback: false,
-        cache_policy: CachePolicy::Auto,
+        cache_policy: match cache {
+            FsCache::Auto => CachePolicy::Auto,
+            FsCache::Metadata => CachePolicy::Metadata,
+            FsCache::Never => CachePolicy::Never,
+            FsCache::Always => CachePolicy::Always,
+        },
         ..PassthroughConfig::default()
     };
     let fs = PassthroughFs::<()>::new(cfg)?;
@@ -138,6 +147,11 @@ impl Fs {
     /// Fails if the tag is empty, longer than 36 bytes or contains NUL, or if `shared_dir`
     /// does not exist, is not a directory or is not a UTF-8 path.
     pub fn new(tag: &str, shared_dir: PathBuf) -> Result<Fs, FsError> {
+        Self::with_cache(tag, shared_dir, FsCache::Auto)
+    }
+
+    /// [`Fs::new`] with `cache` deciding what the guest may cache.
+    pub fn with_cache(tag: &str, shared_dir: PathBuf, cache: FsCache) -> Result<Fs, FsError> {
         if tag.is_empty() {
             return Err(FsError::EmptyTag);
         }
@@ -162,7 +176,7 @@ impl Fs {
         let root = canonical
             .to_str()
             .ok_or_else(|| FsError::NonUtf8Path(shared_dir.clone()))?;
-        let server = new_server(root).map_err(|source| FsError::Server {
+        let server = new_server(root, cache).map_err(|source| FsError::Server {
             path: shared_dir.clone(),
             source,
         })?;
@@ -176,6 +190,7 @@ impl Fs {
             config,
             shared_dir: canonical,
             server,
+            cache,
             queue_evts: vec![make()?, make()?],
             wake_evt: make()?,
             active: None,
@@ -269,6 +284,92 @@ fn serve_request<'m>(
     mem: &'m GuestMemory,
     chain: virtio_queue::DescriptorChain<&'m GuestMemory>,
 ) -> u32 {
+    let init_offered = init_flags_offered(mem, &chain);
+    let reply_chain = init_offered.map(|_| chain.clone());
+    let len = handle_request(server, mem, chain);
+    if let (Some(offered), Some(reply_chain)) = (init_offered, reply_chain) {
+        if let Err(e) = widen_init_reply(mem, &reply_chain, offered, len as usize) {
+            warn!("virtio-fs: cannot widen the FUSE_INIT reply, keeping the server's: {e}");
+        }
+    }
+    len
+}
+
+/// FUSE_INIT's opcode.
+const FUSE_INIT: u32 = 26;
+/// Pages per request we offer (the server's own limit: 1 MiB, `MAX_BUFFER_SIZE`).
+const MAX_REQUEST_PAGES: u16 = fuse_backend_rs::api::server::MAX_REQ_PAGES;
+
+/// The flags the guest's FUSE_INIT offers, if `chain` holds a FUSE_INIT.
+fn init_flags_offered<'m>(mem: &'m GuestMemory, chain: &virtio_queue::DescriptorChain<&'m GuestMemory>) -> Option<u32> {
+    let mut r = Reader::from_descriptor_chain(mem, chain.clone()).ok()?;
+    let header: InHeader = r.read_obj().ok()?;
+    if header.opcode != FUSE_INIT {
+        return None;
+    }
+    let init: InitIn = r.read_obj().ok()?;
+    Some(init.flags)
+}
+
+/// The passthrough server does not ask for large requests in its FUSE_INIT answer, so the
+/// guest would write one 4 KiB page per request (no `BIG_WRITES`) and read in 128 KiB
+/// (default `max_pages`): each request is a round trip through the VMM. Where the guest
+/// offered them, turn on `BIG_WRITES` and `MAX_PAGES` with 1 MiB requests, which the server
+/// accepts (its buffers are 1 MiB), by rewriting the reply in the chain's writable buffers.
+fn widen_init_reply<'m>(
+    mem: &'m GuestMemory,
+    chain: &virtio_queue::DescriptorChain<&'m GuestMemory>,
+    offered: u32,
+    written: usize,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::{ByteValued, Bytes};
+    const HEADER: usize = std::mem::size_of::<OutHeader>();
+    let want = HEADER + std::mem::size_of::<InitOut>();
+    if written < want {
+        return Ok(()); // an error reply, or the short answer of an old protocol version
+    }
+    let buffers: Vec<_> = chain.clone().writable().map(|d| (d.addr(), d.len() as usize)).collect();
+    let mut reply = vec![0u8; want];
+    copy_chain(&buffers, &mut reply, |addr, part| mem.read_slice(part, addr))?;
+    let mut init = InitOut::default();
+    init.as_mut_slice().copy_from_slice(&reply[HEADER..]);
+    let wanted = (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() as u32;
+    init.flags |= offered & wanted;
+    if init.flags & FsOptions::MAX_PAGES.bits() as u32 != 0 {
+        init.max_pages = MAX_REQUEST_PAGES;
+    }
+    if init.flags & FsOptions::BIG_WRITES.bits() as u32 != 0 {
+        init.max_write = u32::from(MAX_REQUEST_PAGES) * 4096;
+    }
+    reply[HEADER..].copy_from_slice(init.as_slice());
+    copy_chain(&buffers, &mut reply, |addr, part| mem.write_slice(part, addr))
+}
+
+/// Walk `buffers` (guest address, length) over the first `bytes.len()` bytes, calling `io`
+/// on each piece with the matching part of `bytes`.
+fn copy_chain<E>(
+    buffers: &[(vm_memory::GuestAddress, usize)],
+    bytes: &mut [u8],
+    mut io: impl FnMut(vm_memory::GuestAddress, &mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut done = 0;
+    for &(addr, len) in buffers {
+        if done == bytes.len() {
+            break;
+        }
+        let n = len.min(bytes.len() - done);
+        io(addr, &mut bytes[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Hand one request to the file server.
+fn handle_request<'m>(
+    server: &FileServer,
+    mem: &'m GuestMemory,
+    chain: virtio_queue::DescriptorChain<&'m GuestMemory>,
+) -> u32 {
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
@@ -353,7 +454,7 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.active = None;
         // Forget every inode and open file the guest had: a fresh server for the next driver.
-        match self.shared_dir.to_str().map(new_server) {
+        match self.shared_dir.to_str().map(|root| new_server(root, self.cache)) {
             Some(Ok(server)) => self.server = server,
             Some(Err(e)) => warn!(
                 "virtio-fs: cannot restart the file server for {}, keeping the old one: {e}",

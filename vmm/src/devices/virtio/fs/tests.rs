@@ -181,11 +181,16 @@ impl Guest {
     }
 
     fn init(&mut self) -> InitOut {
+        self.init_offering(0)
+    }
+
+    /// FUSE_INIT where the guest offers `flags`.
+    fn init_offering(&mut self, flags: u32) -> InitOut {
         let init = InitIn {
             major: 7,
             minor: 31,
             max_readahead: 1 << 17,
-            flags: 0,
+            flags,
         };
         let (out, body) = self.request(
             FUSE_INIT,
@@ -224,6 +229,38 @@ fn init_negotiates_the_fuse_version() {
         "minor version {} is too old for virtio-fs",
         init.minor
     );
+}
+
+#[test]
+fn init_turns_on_one_mebibyte_requests_when_the_guest_offers_them() {
+    let big_writes = FsOptions::BIG_WRITES.bits() as u32;
+    let max_pages = FsOptions::MAX_PAGES.bits() as u32;
+    let dir = tempfile::tempdir().unwrap();
+    let init = Guest::new(dir.path()).init_offering(big_writes | max_pages);
+    assert_eq!(init.flags & (big_writes | max_pages), big_writes | max_pages);
+    assert_eq!((init.max_pages, init.max_write), (256, 1 << 20));
+
+    // Nothing the guest did not offer.
+    let init = Guest::new(dir.path()).init();
+    assert_eq!(init.flags & (big_writes | max_pages), 0);
+    assert!(init.max_write < 1 << 20, "max_write {}", init.max_write);
+}
+
+#[test]
+fn a_reply_is_copied_across_split_buffers() {
+    // Two "guest buffers" of 3 and 10 bytes in a fake memory; 5 bytes go 3 + 2.
+    let mut memory = [0u8; 32];
+    let buffers = [(GuestAddress(4), 3), (GuestAddress(20), 10)];
+    let mut reply = *b"hello";
+    copy_chain(&buffers, &mut reply, |addr, part| {
+        let at = addr.0 as usize;
+        memory[at..at + part.len()].copy_from_slice(part);
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    assert_eq!(&memory[4..7], b"hel");
+    assert_eq!(&memory[20..22], b"lo");
+    assert_eq!(memory.iter().filter(|b| **b != 0).count(), 5);
 }
 
 #[test]
