@@ -138,6 +138,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         mmio.push(transport);
     }
     if let Some(fs_cfg) = &config.fs {
+        raise_open_file_limit();
         let fs = Arc::new(Mutex::new(Fs::with_cache(&fs_cfg.tag, fs_cfg.shared_dir.clone(), fs_cfg.cache)?));
         let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
         event_manager.add_subscriber(fs);
@@ -275,6 +276,23 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
     let trigger = Arc::new(IrqTrigger::new(irq_evt));
     cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     Ok((base, Mutex::new(MmioTransport::new(device, mem.clone(), trigger))))
+}
+
+/// The virtio-fs server keeps one open descriptor per file the guest has looked up, so with
+/// the usual soft limit of 1 024 a container that touches more files than that gets EMFILE.
+/// Raise the limit as virtiofsd does: to 1 048 576 (or the system's `fs.nr_open`) when
+/// allowed (CAP_SYS_RESOURCE), else the soft limit to the hard one. Best effort: the old
+/// limit still works for small containers.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok());
+    let wanted = nr_open.unwrap_or(1 << 20).min(1 << 20).max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+        }
+    }
 }
 
 fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {

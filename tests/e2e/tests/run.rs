@@ -430,3 +430,17 @@ fn the_share_cache_mode_is_configurable_and_data_survives_it() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("\"sometimes\""), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_container_can_look_at_more_files_than_the_usual_open_file_limit() {
+    // The VMM's file server holds a descriptor per file the guest looked up: 3 000 files is
+    // past the usual soft limit of 1 024 (brig-vmm raises it).
+    let dir = brig_e2e::scratch("manyfiles");
+    for i in 0..3000 {
+        std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    let out = run("manyfiles", &["-v", &format!("{}:/data:ro", dir.display())], &["sh", "-c", "ls -l /data | grep -c ' f'; cat /data/* | wc -c"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "3000\n3000\n");
+    std::fs::remove_dir_all(dir).unwrap();
+}
