@@ -5,8 +5,11 @@
 //!   and the VMM's own memory.
 //! - `run`: `brig run --rm ROOTFS true` split into boot and the rest, next to `runc run`;
 //!   idle guest memory and the sandbox's host memory.
+//! - `fs`: brig-vmm's in-process virtio-fs against QEMU + virtiofsd (each cache mode) and the
+//!   host itself: sequential read and write, list + stat, create and unlink.
 
 mod boot;
+mod fs;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -24,12 +27,15 @@ enum Command {
     Boot(boot::Args),
     /// Container run time against runc, and sandbox memory.
     Run(run::Args),
+    /// virtio-fs against QEMU + virtiofsd and the host itself.
+    Fs(fs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Boot(args) => boot::run(args),
         Command::Run(args) => run::run(args),
+        Command::Fs(args) => fs::run(args),
     }
 }
 

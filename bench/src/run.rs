@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
     println!("| ratio brig rest / runc whole (goal ≤ 1) | {:.2} |", rest / runc_ms);
     println!("| idle guest memory used (MemTotal − MemAvailable, inside) | {guest_used_mib:.1} MiB |");
     println!("| host memory of the whole sandbox (brig-vmm PSS, guest RAM it touched included) | {:.1} MiB |", sandbox_pss_kib as f64 / 1024.0);
-    println!("\nvirtio-fs against virtiofsd: not measured yet (virtiofsd is not installed by the suite).");
+    println!("\nvirtio-fs against virtiofsd: see fs.md (`brig-bench fs`).");
     Ok(())
 }
 
@@ -165,7 +165,7 @@ fn runc_run(runc: &Path, bundle: &Path, i: usize) -> Result<Duration> {
     Ok(took)
 }
 
-fn host_note() -> &'static str {
+pub(crate) fn host_note() -> &'static str {
     if Path::new("/sys/module/kvm_amd").exists() {
         "kvm_amd (in the lab: nested KVM under TCG, so absolute times are inflated; compare within this report only)"
     } else {

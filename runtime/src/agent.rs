@@ -74,6 +74,12 @@ impl AgentClient {
         Ok(Self { raw: RawClient::new(client) })
     }
 
+    /// Wrap a ttrpc client that already reaches the agent some other way (e.g.
+    /// `vsock://CID:1024` over AF_VSOCK, to a guest of another VMM).
+    pub fn from_ttrpc(client: ttrpc::asynchronous::Client) -> Self {
+        Self { raw: RawClient::new(client) }
+    }
+
     /// The agent's identity and basic guest facts.
     pub async fn version(&self) -> Result<VersionResponse, AgentError> {
         self.raw.version(ctx(), &VersionRequest::new()).await.map_err(call_err("Version"))

@@ -167,33 +167,11 @@ impl Sandbox {
     /// stdio streams, and have the agent set it up (its command does not run yet).
     pub async fn create_container(&self, config: &ContainerConfig) -> Result<Stdio, ContainerError> {
         let share = self.share_dir().ok_or_else(|| ContainerError::Spec("the sandbox has no share".into()))?;
-        let host_dir = share.join(&config.id);
-        share::bind(&config.rootfs, &host_dir.join("rootfs"), false)?;
-        let mut spec = config.spec.clone();
-        let mut mounts = spec.mounts().clone().unwrap_or_default();
-        for (i, v) in config.volumes.iter().enumerate() {
-            share::bind(&v.host, &host_dir.join(format!("volumes/{i}")), v.read_only)?;
-            let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
-            if v.read_only {
-                options.push("ro".to_string());
-            }
-            let mount = MountBuilder::default()
-                .destination(&v.container)
-                .typ("bind")
-                .source(guest_dir(&config.id).join(format!("volumes/{i}")))
-                .options(options)
-                .build()
-                .map_err(|e| ContainerError::Spec(e.to_string()))?;
-            mounts.push(mount);
-        }
-        spec.set_mounts(Some(mounts));
-        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
-        let spec_json = serde_json::to_string(&spec).map_err(|e| ContainerError::Spec(e.to_string()))?;
-
+        let SharedContainer { spec_json, rootfs } = share_container(&share, config)?;
+        let terminal = config.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let pending = PendingStdio::bind(&self.vsock_uds(), config.stdin, !terminal)?;
         let ports = pending.ports.clone();
-        let rootfs = guest_dir(&config.id).join("rootfs");
-        let create = self.agent().create_container(&config.id, spec_json, rootfs.display().to_string(), ports);
+        let create = self.agent().create_container(&config.id, spec_json, rootfs, ports);
         // The agent connects the streams before CreateContainer returns: accept meanwhile.
         let accepting = tokio::spawn(pending_accept(pending));
         let created = create.await;
@@ -209,6 +187,44 @@ impl Sandbox {
         }
     }
 
+}
+
+/// A container's files in a share, and the CreateContainer fields that name them.
+#[derive(Debug, Clone)]
+pub struct SharedContainer {
+    /// The OCI spec as JSON, its bind mounts pointing at the volumes in the share.
+    pub spec_json: String,
+    /// Guest path of the root filesystem (under /run/brig/shared).
+    pub rootfs: String,
+}
+
+/// Bind `config`'s root filesystem and volumes into the host directory `share` (what the
+/// guest's agent mounts at /run/brig/shared, whichever file server exports it) and return
+/// what CreateContainer needs to find them.
+pub fn share_container(share: &Path, config: &ContainerConfig) -> Result<SharedContainer, ContainerError> {
+    let host_dir = share.join(&config.id);
+    share::bind(&config.rootfs, &host_dir.join("rootfs"), false)?;
+    let mut spec = config.spec.clone();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (i, v) in config.volumes.iter().enumerate() {
+        share::bind(&v.host, &host_dir.join(format!("volumes/{i}")), v.read_only)?;
+        let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+        if v.read_only {
+            options.push("ro".to_string());
+        }
+        let mount = MountBuilder::default()
+            .destination(&v.container)
+            .typ("bind")
+            .source(guest_dir(&config.id).join(format!("volumes/{i}")))
+            .options(options)
+            .build()
+            .map_err(|e| ContainerError::Spec(e.to_string()))?;
+        mounts.push(mount);
+    }
+    spec.set_mounts(Some(mounts));
+    let spec_json = serde_json::to_string(&spec).map_err(|e| ContainerError::Spec(e.to_string()))?;
+    let rootfs = guest_dir(&config.id).join("rootfs").display().to_string();
+    Ok(SharedContainer { spec_json, rootfs })
 }
 
 /// Run a process in a running container (`exec`) through `agent`, with stdio streams
