@@ -46,7 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     next_chain, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Virtio device ID of virtio-fs.
@@ -403,7 +403,9 @@ impl VirtioDevice for Fs {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        // EVENT_IDX: the guest interrupts us, and we it, only when the other side waits
+        // (FORGETs and small requests otherwise cost an interrupt each).
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn queue_events(&self) -> &[EventFd] {

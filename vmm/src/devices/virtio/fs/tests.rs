@@ -415,7 +415,7 @@ fn config_space_holds_the_tag_and_one_request_queue() {
     let fs = Fs::new("rootfs", dir.path().to_path_buf()).unwrap();
     assert_eq!(fs.device_type(), 26);
     assert_eq!(fs.queue_max_sizes(), &[1024, 1024]);
-    assert_eq!(fs.avail_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(fs.avail_features(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
 
     let mut config = [0xffu8; 44];
     fs.read_config(0, &mut config);
