@@ -26,8 +26,11 @@ pub fn run(args: RmArgs, layout: &Layout) -> anyhow::Result<u8> {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
                 }
             }
+            // Until both are gone from the process table, not only dead: killed together, the
+            // VMM outlives its owner as a zombie until init reaps it.
+            let gone = |pid: u32| pid == 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while (alive(state.vmm_pid) || alive(state.monitor_pid)) && std::time::Instant::now() < deadline {
+            while !(gone(state.vmm_pid) && gone(state.monitor_pid)) && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
