@@ -341,10 +341,13 @@ boot_once() {
   # So stdin is a FIFO that this shell holds open read-write: no data, no EOF, and no terminal
   # for QEMU to put into raw mode. timeout(1) is only a safety net for when this script itself
   # is SIGKILLed (no trap runs then); the watchdog below does the real timing.
+  # idle=poll: L1 never halts its vCPU. With HLT, L1 sometimes stopped for good under TCG
+  # (vCPU idle, timers never firing again; a device interrupt could still wake it), seen in
+  # long virtio-fs benchmarks and once in the e2e suite.
   timeout -k 10 $((LAB_TIMEOUT + 60)) qemu-system-x86_64 -M q35,accel=tcg -cpu max -smp 1 -m "$LAB_MEM" \
     -nodefaults -no-user-config -display none -monitor none -no-reboot \
     -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off" \
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off idle=poll" \
     -serial "file:$TMP/console.log" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$io,mount_tag=brigio,security_model=none" \
