@@ -31,6 +31,8 @@
 #   BRIG_LAB_TIMEOUT=3000       seconds for the whole run; then exit 124
 #   BRIG_LAB_BOOT_TIMEOUT=300   seconds for L1 to reach CMD; a boot that fails is retried
 #   BRIG_LAB_BOOT_RETRIES=1     ... this many times (CMD has not started, so a retry is safe)
+#   BRIG_LAB_FREEZE_TIMEOUT=180 seconds without L1's heartbeat (written every 10 s while CMD runs)
+#                               after which L1 counts as frozen: its registers are shown, exit 125
 #   BRIG_LAB_CONSOLE_LOG=FILE   copy L1's console log there at exit (default: tail on failure)
 #   BRIG_CACHE=~/.cache/brig    cache root; the lab lives in $BRIG_CACHE/lab-<hash>/, keyed by the
 #                               Debian kernel package + version and this script's content;
@@ -51,6 +53,7 @@ LAB_MEM=${BRIG_LAB_MEM:-4096}
 LAB_TIMEOUT=${BRIG_LAB_TIMEOUT:-3000}
 BOOT_TIMEOUT=${BRIG_LAB_BOOT_TIMEOUT:-300}
 BOOT_RETRIES=${BRIG_LAB_BOOT_RETRIES:-1}
+FREEZE_TIMEOUT=${BRIG_LAB_FREEZE_TIMEOUT:-180}
 BUSYBOX=/bin/busybox   # must be static: it runs in L1's initramfs and as L1's PID 1
 
 # Modules L1 loads at boot, in dependency order (modprobe --show-depends adds anything missing).
@@ -258,11 +261,17 @@ done
 if [ -z "$port" ] || [ ! -c "$port" ]; then log "FATAL: no virtio port brig.out"; $B poweroff -f; fi
 log "command starts at uptime $($B cut -d' ' -f1 /proc/uptime)"
 $B cut -d' ' -f1 /proc/uptime > $IO/started
+# Heartbeat for the host's watchdog: a frozen L1 stops writing it (see FREEZE_TIMEOUT).
+( while $B sleep 10; do $B cut -d' ' -f1 /proc/uptime > $IO/alive; done ) < /dev/null > /dev/null 2>&1 &
+hb=$!
+# Kernel text symbols for l1_state (once per lab cache; L1 boots with nokaslr so they hold).
+[ -e $IO/want-kallsyms ] && $B grep -E ' [tT] ' /proc/kallsyms > $IO/kallsyms.tmp && $B mv $IO/kallsyms.tmp $IO/kallsyms
 # env -i: the command sees only what the host-written script exports. The script runs under
 # the host's /bin/sh: busybox sh (and env) would run their own applets instead of PATH's
 # binaries for names like ls or sh.
 $B env -i /bin/sh $IO/cmd < /dev/null > "$port" 2>&1
 rc=$?
+kill $hb 2>/dev/null
 echo "$rc" > $IO/rc.tmp && $B mv $IO/rc.tmp $IO/rc
 log "command exited $rc at uptime $($B cut -d' ' -f1 /proc/uptime)"
 $B poweroff -f
@@ -327,10 +336,51 @@ alive() {
   [ "${st%% *}" != Z ]
 }
 
+# What a frozen L1 is doing: its vCPU registers twice, a second apart, through QEMU's QMP
+# socket, with the kernel symbol nearest each RIP (from L1's kallsyms, kept in the cache).
+l1_state() {
+  python3 - "$TMP/qmp.sock" "$DIR/kallsyms" "$TMP/io/kallsyms" <<'PY'
+import bisect, json, re, socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+f = sock.makefile("rw")
+f.readline()
+def call(cmd, **args):
+    f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+    f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r:
+            return r.get("return", r.get("error"))
+call("qmp_capabilities")
+syms = []
+for path in sys.argv[2:]:
+    try:
+        for line in open(path):
+            a, _, name = line.split()[:3]
+            syms.append((int(a, 16), name))
+        break
+    except (IndexError, OSError, ValueError):
+        syms = []
+syms.sort()
+def sym(addr):
+    i = bisect.bisect_right(syms, (addr, "\xff")) - 1
+    return f"{syms[i][1]}+{addr - syms[i][0]:#x}" if i >= 0 and addr - syms[i][0] < 1 << 20 else "?"
+for n in range(2):
+    regs = call("human-monitor-command", **{"command-line": "info registers"})
+    m = re.search(r"RIP=([0-9a-f]+)", regs)
+    print(f"--- info registers ({n}): RIP in {sym(int(m.group(1), 16)) if m else '?'}")
+    print("\n".join(l for l in regs.splitlines() if l and not l.startswith(("YMM", "FPR", "FCW", "DR"))))
+    time.sleep(1)
+PY
+}
+
 # One L1 boot. Sets BOOT_RESULT: rc (CMD finished), timeout, noboot, stdout, died.
 boot_once() {
   local dir=$1 io=$TMP/io t0=$SECONDS rpid
-  rm -f "$io/started" "$io/rc" "$io/rc.tmp" "$TMP/why" "$TMP/console.log"
+  if [ -s "$dir/kallsyms" ]; then rm -f "$io/want-kallsyms"; else : > "$io/want-kallsyms"; fi
+  rm -f "$io/started" "$io/alive" "$io/rc" "$io/rc.tmp" "$TMP/why" "$TMP/frozen.txt" "$TMP/console.log"
   # QEMU's stdout goes through a FIFO and cat to ours, so that a reader that goes away (e.g.
   # `| head`) is noticed: QEMU itself would keep the data, and the guest's port driver would
   # busy-wait at 100% CPU until the timeout.
@@ -343,11 +393,12 @@ boot_once() {
   # is SIGKILLed (no trap runs then); the watchdog below does the real timing.
   # idle=poll: L1 never halts its vCPU. With HLT, L1 sometimes stopped for good under TCG
   # (vCPU idle, timers never firing again; a device interrupt could still wake it), seen in
-  # long virtio-fs benchmarks and once in the e2e suite.
+  # long virtio-fs benchmarks and once in the e2e suite. The QMP socket is for l1_state.
   timeout -k 10 $((LAB_TIMEOUT + 60)) qemu-system-x86_64 -M q35,accel=tcg -cpu max -smp 1 -m "$LAB_MEM" \
     -nodefaults -no-user-config -display none -monitor none -no-reboot \
+    -qmp "unix:$TMP/qmp.sock,server=on,wait=off" \
     -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off idle=poll" \
+    -append "console=ttyS0 panic=-1 loglevel=4 mitigations=off idle=poll nokaslr" \
     -serial "file:$TMP/console.log" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$io,mount_tag=brigio,security_model=none" \
@@ -363,6 +414,12 @@ boot_once() {
       if [ ! -e "$io/started" ] && [ "$e" -ge "$BOOT_TIMEOUT" ]; then echo noboot > "$TMP/why"; break; fi
       if [ "$e" -ge "$LAB_TIMEOUT" ]; then echo timeout > "$TMP/why"; break; fi
       if ! alive "$rpid"; then echo stdout > "$TMP/why"; break; fi
+      if [ -e "$io/started" ] && [ ! -e "$io/rc" ] && [ "$FREEZE_TIMEOUT" -gt 0 ]; then
+        beat=$(stat -c %Y "$io/alive" 2>/dev/null || stat -c %Y "$io/started")
+        if [ $(($(date +%s) - beat)) -ge "$FREEZE_TIMEOUT" ]; then
+          echo frozen > "$TMP/why"; l1_state > "$TMP/frozen.txt" 2>&1; break
+        fi
+      fi
       sleep 1
     done
     # SIGTERM first: QEMU exits cleanly on it (and bash does not report a killed job).
@@ -371,6 +428,7 @@ boot_once() {
   WPID=$!
   local qrc=0
   wait "$QPID" || qrc=$?
+  if [ ! -s "$dir/kallsyms" ] && [ -s "$io/kallsyms" ]; then cp "$io/kallsyms" "$dir/kallsyms.$$" && mv "$dir/kallsyms.$$" "$dir/kallsyms"; fi
   QPID=
   # All of CMD's output is out before anything else is said or done.
   wait "$rpid" 2>/dev/null || true
@@ -394,7 +452,7 @@ case "${1:-}" in
   -h|--help|*) usage ;;
 esac
 [ $# -ge 1 ] || usage
-[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
+[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ && $FREEZE_TIMEOUT =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
 
 prepare_cache
 trap cleanup EXIT
@@ -424,6 +482,11 @@ while :; do
     stdout)
       say "stdout closed; L1 stopped"
       exit 141 ;;
+    frozen)
+      show_console
+      [ -s "$TMP/frozen.txt" ] && sed 's/^/  | /' "$TMP/frozen.txt" >&2
+      say "FROZEN: L1 stopped running (no heartbeat for ${FREEZE_TIMEOUT}s, ${LAB_SECONDS}s in); L1 killed"
+      exit 125 ;;
     timeout)
       show_console
       say "TIMEOUT: command did not finish within ${LAB_TIMEOUT}s (BRIG_LAB_TIMEOUT); L1 killed"
