@@ -75,6 +75,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The virtio-fs share, if any.
     pub fs: Option<FsConfig>,
+    /// Per-thread system call filters.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// A configuration that cannot boot.
@@ -178,6 +180,7 @@ mod tests {
             console: ConsoleTarget::Off,
             vsock: None,
             fs: None,
+            seccomp: crate::seccomp::SeccompMode::Enforce,
         }
     }
 

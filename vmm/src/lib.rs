@@ -7,4 +7,5 @@
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod seccomp;
 pub mod vm;

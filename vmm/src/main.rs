@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use brig_vmm::seccomp::SeccompMode;
 use brig_vmm::vm::{self, VmError, VmExit};
 use clap::Parser;
 
@@ -55,6 +56,11 @@ struct Args {
     /// What the guest may cache of the --fs share.
     #[arg(long, value_enum, default_value_t = FsCache::Auto, requires = "fs")]
     fs_cache: FsCache,
+    /// System call filters per thread: `enforce` stops the VMM (status 159, the call named on
+    /// stderr) when a thread makes a call its job does not need; `log` only has the kernel
+    /// log it (audit type 1326); `off` installs none.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Enforce, value_name = "MODE")]
+    seccomp: SeccompMode,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
         console,
         vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
         fs: args.fs.map(|fs| FsConfig { cache: args.fs_cache, ..fs }),
+        seccomp: args.seccomp,
     };
     let result = vm::run(&config);
     // The vsock device owns its socket, but vCPU threads may still hold the device when we
@@ -98,6 +105,10 @@ fn main() -> ExitCode {
             EXIT_GUEST_CRASH
         }
         Ok(VmExit::Signal(sig)) => 128u8.saturating_add(sig as u8),
+        Ok(VmExit::VmmFailure(reason)) => {
+            eprintln!("brig-vmm: {reason}");
+            EXIT_GUEST_CRASH
+        }
         Err(e) => {
             eprintln!("brig-vmm: {e}");
             EXIT_BAD_CONFIG

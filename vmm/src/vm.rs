@@ -26,6 +26,8 @@ use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqTrigger, VirtioDevice};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
+use seccompiler::BpfProgram;
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum VmExit {
     GuestCrash(String),
     /// The VMM received a termination signal.
     Signal(i32),
+    /// The VMM itself failed while the VM ran (e.g. a thread could not filter its calls).
+    VmmFailure(String),
 }
 
 /// Errors building or running a VM.
@@ -70,6 +74,9 @@ pub enum VmError {
     /// The virtio-fs device could not be created.
     #[error(transparent)]
     Fs(#[from] crate::devices::virtio::fs::FsError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Some other OS resource (eventfd, thread, signal mask) failed.
     #[error("{what}: {source}")]
     Os { what: &'static str, source: std::io::Error },
@@ -171,41 +178,65 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         vcpus.push(vcpu);
     }
 
+    // Each thread filters its own system calls from its start; the programs are built (and
+    // can fail) before any thread runs.
+    let filters = ThreadFilters::build(config.seccomp)?;
+
     // From here on the VM runs. Termination signals are taken by one thread only.
     let signals = termination_signals();
     signals.thread_block().map_err(|e| VmError::Os { what: "blocking signals", source: e.into() })?;
     {
         let tx = exit_tx.clone();
+        let filter = filters.signals.clone();
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                if let Err(e) = filter.install() {
+                    let _ = tx.send(VmExit::VmmFailure(e.to_string()));
+                    return;
+                }
                 if let Ok(sig) = signals.wait() {
                     let _ = tx.send(VmExit::Signal(sig as i32));
                 }
             })
             .map_err(os("spawning the signal thread"))?;
     }
-    thread::Builder::new()
-        .name("event-loop".into())
-        .spawn(move || loop {
-            if let Err(e) = event_manager.run() {
-                tracing::error!("device event loop: {e}");
-                return;
-            }
-        })
-        .map_err(os("spawning the device event loop"))?;
+    {
+        let tx = exit_tx.clone();
+        let filter = filters.devices.clone();
+        thread::Builder::new()
+            .name("event-loop".into())
+            .spawn(move || {
+                if let Err(e) = filter.install() {
+                    let _ = tx.send(VmExit::VmmFailure(e.to_string()));
+                    return;
+                }
+                loop {
+                    if let Err(e) = event_manager.run() {
+                        tracing::error!("device event loop: {e}");
+                        return;
+                    }
+                }
+            })
+            .map_err(os("spawning the device event loop"))?;
+    }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let tx = exit_tx.clone();
+        let filter = filters.vcpu.clone();
         thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                let exit = run_vcpu(id, vcpu, &bus);
+                let exit = match filter.install() {
+                    Ok(()) => run_vcpu(id, vcpu, &bus),
+                    Err(e) => VmExit::VmmFailure(e.to_string()),
+                };
                 let _ = tx.send(exit);
             })
             .map_err(os("spawning a vCPU thread"))?;
     }
     drop(exit_tx);
+    filters.main.install()?;
 
     let exit = exit_rx.recv().unwrap_or_else(|_| VmExit::GuestCrash("every vCPU thread ended".into()));
     if let Ok(mut serial) = bus.serial.lock() {
@@ -216,6 +247,50 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         (VmExit::GuestReset, Some(line)) => VmExit::GuestPanic(line),
         (exit, _) => exit,
     })
+}
+
+/// One thread's seccomp program (None when filters are off), shared by threads of a kind.
+#[derive(Clone)]
+struct ThreadFilter {
+    kind: ThreadKind,
+    program: Option<Arc<BpfProgram>>,
+}
+
+impl ThreadFilter {
+    fn install(&self) -> Result<(), SeccompError> {
+        match &self.program {
+            Some(program) => seccomp::install(self.kind, program),
+            None => Ok(()),
+        }
+    }
+}
+
+struct ThreadFilters {
+    vcpu: ThreadFilter,
+    devices: ThreadFilter,
+    signals: ThreadFilter,
+    main: ThreadFilter,
+}
+
+impl ThreadFilters {
+    fn build(mode: SeccompMode) -> Result<Self, SeccompError> {
+        if mode == SeccompMode::Enforce {
+            seccomp::install_sigsys_handler()?;
+        }
+        let one = |kind| -> Result<ThreadFilter, SeccompError> {
+            let program = match mode {
+                SeccompMode::Off => None,
+                mode => Some(Arc::new(seccomp::program(kind, mode)?)),
+            };
+            Ok(ThreadFilter { kind, program })
+        };
+        Ok(Self {
+            vcpu: one(ThreadKind::Vcpu)?,
+            devices: one(ThreadKind::Devices)?,
+            signals: one(ThreadKind::Signals)?,
+            main: one(ThreadKind::Main)?,
+        })
+    }
 }
 
 fn termination_signals() -> nix::sys::signal::SigSet {
