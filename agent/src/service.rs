@@ -229,6 +229,9 @@ impl agent_ttrpc::Agent for AgentService {
     fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         let is_pid1 = self.is_pid1;
         crate::info!("Shutdown requested");
+        // Sync before answering: once the host has the answer, nothing written in the guest
+        // can be lost, so it may stop the VMM without waiting for the reset.
+        nix::unistd::sync();
         std::thread::Builder::new()
             .name("shutdown".into())
             .spawn(move || {

@@ -280,7 +280,7 @@ impl Run<'_> {
 
     async fn run_in(&self, state: &mut ContainerState) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
-        let sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
+        let mut sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
         state.vmm_pid = sandbox.vmm_pid().unwrap_or(0);
         let stdio = match sandbox.create_container(self.container).await {
             Ok(stdio) => stdio,
@@ -288,7 +288,7 @@ impl Run<'_> {
                 let code = create_error_status(&e);
                 eprintln!("brig: {e}");
                 state.exit_code = Some(code.into());
-                let _ = sandbox.shutdown().await;
+                let _ = sandbox.stop().await;
                 return Ok(code);
             }
         };
@@ -299,7 +299,9 @@ impl Run<'_> {
                 let _ = sandbox.agent().resize_tty(id, "", rows.into(), cols.into()).await;
             }
         }
-        sandbox.agent().start_container(id).await?;
+        if let Err(e) = sandbox.agent().start_container(id).await {
+            return Err(vm_gone(&mut sandbox, e.into()).await);
+        }
         state.status = "running".into();
         self.layout.save(state)?;
         let forwarding = forward_signals(&sandbox, id, tty);
@@ -313,7 +315,10 @@ impl Run<'_> {
                 relay::to_logs(stdio, dir).await;
             }
         }
-        let status = sandbox.agent().wait_process(id, "").await?;
+        let status = match sandbox.agent().wait_process(id, "").await {
+            Ok(status) => status,
+            Err(e) => return Err(vm_gone(&mut sandbox, e.into()).await),
+        };
         forwarding.abort();
         drop(raw);
         if status.oom_killed {
@@ -321,11 +326,24 @@ impl Run<'_> {
             eprintln!("brig: container {id} was killed because it reached its memory limit{limit}");
         }
         state.exit_code = Some(status.exit_status);
-        // One container per microVM: powering the guest off removes the container with it
+        // One container per microVM: stopping the microVM removes the container with it
         // (the agent syncs first), so no RemoveContainer round trip on the user's wait.
-        let _ = sandbox.shutdown().await;
+        let _ = sandbox.stop().await;
         Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     }
+}
+
+/// An agent call failed: if it was because the microVM stopped, say that (the VMM's own last
+/// words included) rather than only what the call saw.
+async fn vm_gone(sandbox: &mut Sandbox, err: anyhow::Error) -> anyhow::Error {
+    // The VMM's exit can trail the closed connection by a moment.
+    for _ in 0..20 {
+        if let Some(why) = sandbox.vmm_exit() {
+            return err.context(why);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    err
 }
 
 /// runc's statuses for a command that cannot start: 127 not found, 126 not executable.

@@ -1,7 +1,7 @@
 //! A sandbox: one microVM (a `brig-vmm` process) with the agent answering inside.
 //!
 //! Everything a sandbox owns lives in `<root>/<id>/` (the VMM's vsock socket, the console
-//! log) and is removed when the sandbox ends, however it ends.
+//! log, the VMM's own log) and is removed when the sandbox ends, however it ends.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -113,6 +113,10 @@ impl Sandbox {
     async fn boot(config: &RuntimeConfig, spec: &SandboxSpec, dir: &Path) -> Result<Self, SandboxError> {
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
+        // The VMM's own messages go to a file, never to a pipe: nobody reads a pipe once the
+        // VM runs, and a full one would stall the VMM's threads in write().
+        let vmm_log = dir.join("vmm.log");
+        let log_file = std::fs::File::create(&vmm_log).map_err(|source| SandboxError::StateDir { dir: vmm_log.clone(), source })?;
         let started = Instant::now();
         let mut cmd = Command::new(&config.vmm);
         cmd.arg("--kernel")
@@ -129,7 +133,7 @@ impl Sandbox {
             .arg(&uds)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log_file)
             .kill_on_drop(true);
         let mut cmdline = spec.cmdline.clone();
         if spec.share {
@@ -149,7 +153,7 @@ impl Sandbox {
         let mut last = String::from("none yet");
         loop {
             if let Ok(Some(status)) = vmm.try_wait() {
-                let stderr = read_stderr(&mut vmm).await;
+                let stderr = std::fs::read_to_string(&vmm_log).unwrap_or_default();
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
                     stderr: if stderr.is_empty() { String::new() } else { format!(": {}", stderr.trim()) },
@@ -228,6 +232,15 @@ impl Sandbox {
         &self.dir
     }
 
+    /// If the VMM has exited: its status and the last line of its own log, for the errors of
+    /// calls that failed because the microVM went away (`None` while it runs).
+    pub fn vmm_exit(&mut self) -> Option<String> {
+        let status = self.vmm.try_wait().ok()??;
+        let log = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
+        let why = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(": {}", l.trim())).unwrap_or_default();
+        Some(format!("the microVM stopped unexpectedly ({status}){why}"))
+    }
+
     /// The guest console log.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
@@ -258,6 +271,35 @@ impl Sandbox {
         Ok(status)
     }
 
+    /// End a sandbox whose work is done, quickly: the agent syncs the guest's filesystems and
+    /// answers Shutdown, then the VMM is stopped with SIGTERM instead of waiting for the
+    /// guest kernel's own reset (nothing is lost: what the guest wrote is synced, and the
+    /// guest is thrown away). Without the agent's answer this waits for the power-off as
+    /// [`Sandbox::shutdown`] does. The state directory is removed either way.
+    pub async fn stop(mut self) -> Result<(), SandboxError> {
+        let asked = self.agent.shutdown().await;
+        tracing::debug!(id = %self.id, ok = asked.is_ok(), "agent answered Shutdown");
+        if asked.is_ok() {
+            if let Some(pid) = self.vmm.id() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+        let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => {
+                let _ = self.vmm.kill().await;
+                self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })?
+            }
+        };
+        tracing::debug!(id = %self.id, %status, "VMM exited");
+        // After a good answer, either end is fine: our SIGTERM (status 143) or the guest's
+        // reset winning the race (0). Without one, only a clean power-off is.
+        if !status.success() {
+            asked?;
+        }
+        Ok(())
+    }
+
     /// Stop the VMM at once (SIGKILL) and clean up.
     pub async fn kill(mut self) -> Result<ExitStatus, SandboxError> {
         let _ = self.vmm.start_kill();
@@ -280,15 +322,6 @@ impl Drop for Sandbox {
             tracing::warn!("cleaning up {}: {e}", self.dir.display());
         }
     }
-}
-
-async fn read_stderr(child: &mut Child) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut out)).await;
-    }
-    out
 }
 
 fn console_tail(path: &Path) -> String {

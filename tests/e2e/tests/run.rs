@@ -444,3 +444,32 @@ fn a_container_can_look_at_more_files_than_the_usual_open_file_limit() {
     assert_eq!(text(&out.stdout), "3000\n3000\n");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_microvm_that_dies_under_a_container_is_reported_and_cleaned_up() {
+    let t = "vmm-died";
+    let child = brig(t)
+        .args(["run", "--rm", "--name", "doomed"])
+        .arg(rootfs())
+        .args(["sh", "-c", "echo ready; exec sleep 300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the container to run", || {
+        let ps = brig(t).arg("ps").output().unwrap();
+        text(&ps.stdout).lines().any(|l| l.starts_with("doomed ") && l.contains("running"))
+    });
+    let vmms = processes_named("brig-vmm");
+    assert_eq!(vmms.len(), 1, "brig-vmm processes: {vmms:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmms[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("microVM stopped unexpectedly") && stderr.contains("SIGKILL"), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "stderr: {stderr}");
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    assert!(no_mounts_under("/run/brig-e2e/vmm-died"), "mounts left");
+    assert!(dir_entries(std::path::Path::new("/run/brig-e2e/vmm-died/sandboxes")).is_empty(), "sandbox state left");
+}
