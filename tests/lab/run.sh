@@ -33,6 +33,10 @@
 #   BRIG_LAB_BOOT_RETRIES=1     ... this many times (CMD has not started, so a retry is safe)
 #   BRIG_LAB_FREEZE_TIMEOUT=180 seconds without L1's heartbeat (written every 10 s while CMD runs)
 #                               after which L1 counts as frozen: its registers are shown, exit 125
+#                               (after 30 s without one, L1 gets a byte on its serial port: see
+#                               the watchdog in boot_once)
+#   BRIG_LAB_FREEZE_RETRIES=0   run CMD again in a fresh L1 this many times when L1 froze (only
+#                               for commands that can simply be repeated, like a test suite)
 #   BRIG_LAB_CONSOLE_LOG=FILE   copy L1's console log there at exit (default: tail on failure)
 #   BRIG_CACHE=~/.cache/brig    cache root; the lab lives in $BRIG_CACHE/lab-<hash>/, keyed by the
 #                               Debian kernel package + version and this script's content;
@@ -54,6 +58,7 @@ LAB_TIMEOUT=${BRIG_LAB_TIMEOUT:-3000}
 BOOT_TIMEOUT=${BRIG_LAB_BOOT_TIMEOUT:-300}
 BOOT_RETRIES=${BRIG_LAB_BOOT_RETRIES:-1}
 FREEZE_TIMEOUT=${BRIG_LAB_FREEZE_TIMEOUT:-180}
+FREEZE_RETRIES=${BRIG_LAB_FREEZE_RETRIES:-0}
 BUSYBOX=/bin/busybox   # must be static: it runs in L1's initramfs and as L1's PID 1
 
 # Modules L1 loads at boot, in dependency order (modprobe --show-depends adds anything missing).
@@ -373,6 +378,8 @@ for n in range(2):
     print(f"--- info registers ({n}): RIP in {sym(int(m.group(1), 16)) if m else '?'}")
     print("\n".join(l for l in regs.splitlines() if l and not l.startswith(("YMM", "FPR", "FCW", "DR"))))
     time.sleep(1)
+print("--- info lapic")
+print(call("human-monitor-command", **{"command-line": "info lapic"}).rstrip())
 PY
 }
 
@@ -380,7 +387,7 @@ PY
 boot_once() {
   local dir=$1 io=$TMP/io t0=$SECONDS rpid
   if [ -s "$dir/kallsyms" ]; then rm -f "$io/want-kallsyms"; else : > "$io/want-kallsyms"; fi
-  rm -f "$io/started" "$io/alive" "$io/rc" "$io/rc.tmp" "$TMP/why" "$TMP/frozen.txt" "$TMP/console.log"
+  rm -f "$TMP/nudges" "$io/started" "$io/alive" "$io/rc" "$io/rc.tmp" "$TMP/why" "$TMP/frozen.txt" "$TMP/console.log"
   # QEMU's stdout goes through a FIFO and cat to ours, so that a reader that goes away (e.g.
   # `| head`) is noticed: QEMU itself would keep the data, and the guest's port driver would
   # busy-wait at 100% CPU until the timeout.
@@ -409,6 +416,7 @@ boot_once() {
   QPID=$!
   # Watchdog in a subshell, so the main shell can simply `wait` for QEMU.
   (
+    nudged=0 stall=0
     while kill -0 "$QPID" 2>/dev/null; do
       e=$((SECONDS - t0))
       if [ ! -e "$io/started" ] && [ "$e" -ge "$BOOT_TIMEOUT" ]; then echo noboot > "$TMP/why"; break; fi
@@ -416,8 +424,20 @@ boot_once() {
       if ! alive "$rpid"; then echo stdout > "$TMP/why"; break; fi
       if [ -e "$io/started" ] && [ ! -e "$io/rc" ] && [ "$FREEZE_TIMEOUT" -gt 0 ]; then
         beat=$(stat -c %Y "$io/alive" 2>/dev/null || stat -c %Y "$io/started")
-        if [ $(($(date +%s) - beat)) -ge "$FREEZE_TIMEOUT" ]; then
+        now=$(date +%s)
+        if [ $((now - beat)) -ge "$FREEZE_TIMEOUT" ]; then
           echo frozen > "$TMP/why"; l1_state > "$TMP/frozen.txt" 2>&1; break
+        fi
+        # L1's timer interrupts sometimes stop under TCG (its vCPU then idles for good, RIP
+        # in the idle loop); a device interrupt restarts them. So a missing heartbeat gets a
+        # byte on L1's serial port (its console driver takes and drops it), every 30 s.
+        if [ $((now - beat)) -ge 30 ] && [ $((now - nudged)) -ge 30 ]; then
+          printf '\n' >&8
+          nudged=$now
+          stall=$beat
+        elif [ "$stall" -gt 0 ] && [ "$beat" -gt "$stall" ]; then
+          echo "$((beat - stall))" >> "$TMP/nudges"
+          stall=0
         fi
       fi
       sleep 1
@@ -436,6 +456,9 @@ boot_once() {
   wait "$WPID" 2>/dev/null || true
   WPID=
   LAB_SECONDS=$((SECONDS - t0))
+  if [ -s "$TMP/nudges" ]; then
+    say "L1 stalled $(wc -l < "$TMP/nudges") time(s), for $(tr '\n' ' ' < "$TMP/nudges")s; a device interrupt woke it (the TCG timer stall, not the command's doing)"
+  fi
   if [ -s "$io/rc" ]; then BOOT_RESULT=rc
   elif [ -e "$TMP/why" ]; then BOOT_RESULT=$(cat "$TMP/why")
   elif [ ! -e "$io/started" ]; then BOOT_RESULT=noboot
@@ -452,7 +475,7 @@ case "${1:-}" in
   -h|--help|*) usage ;;
 esac
 [ $# -ge 1 ] || usage
-[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ && $FREEZE_TIMEOUT =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
+[[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ && $FREEZE_TIMEOUT =~ ^[0-9]+$ && $FREEZE_RETRIES =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
 
 prepare_cache
 trap cleanup EXIT
@@ -465,6 +488,7 @@ exec 8<> "$TMP/stdin"
 write_cmd_script "$TMP/io/cmd" "$@"
 
 attempt=0
+frozen=0
 while :; do
   boot_once "$DIR"
   case $BOOT_RESULT in
@@ -486,6 +510,11 @@ while :; do
       show_console
       [ -s "$TMP/frozen.txt" ] && sed 's/^/  | /' "$TMP/frozen.txt" >&2
       say "FROZEN: L1 stopped running (no heartbeat for ${FREEZE_TIMEOUT}s, ${LAB_SECONDS}s in); L1 killed"
+      if [ "$frozen" -lt "$FREEZE_RETRIES" ]; then
+        frozen=$((frozen + 1))
+        say "L1 froze, not the command: running it again in a fresh L1 ($frozen/$FREEZE_RETRIES)"
+        continue
+      fi
       exit 125 ;;
     timeout)
       show_console
