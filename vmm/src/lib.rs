@@ -7,5 +7,6 @@
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod privileges;
 pub mod seccomp;
 pub mod vm;

@@ -77,6 +77,9 @@ pub enum VmError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Capabilities could not be dropped.
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
     /// Some other OS resource (eventfd, thread, signal mask) failed.
     #[error("{what}: {source}")]
     Os { what: &'static str, source: std::io::Error },
@@ -181,6 +184,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // Each thread filters its own system calls from its start; the programs are built (and
     // can fail) before any thread runs.
     let filters = ThreadFilters::build(config.seccomp)?;
+    // Nor do they need root's capabilities: only the virtio-fs server's few stay.
+    crate::privileges::drop_unneeded(config.fs.is_some())?;
 
     // From here on the VM runs. Termination signals are taken by one thread only.
     let signals = termination_signals();

@@ -199,3 +199,36 @@ fn brig_check_reports_kvm_and_agrees_with_the_host() {
     assert!(hardware && !pvm, "the e2e tests run where hardware KVM is available");
     assert_eq!(out.status.code(), Some(0), "{stdout}");
 }
+
+/// A field of /proc/PID/task/TID/status.
+fn status_field(status: &str, name: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn the_vmm_runs_filtered_and_without_root_capabilities() {
+    let cfg = config("confined");
+    rt().block_on(async {
+        for (share, want_eff) in [(false, 0u64), (true, 0x8800_00db)] {
+            let mut spec = SandboxSpec::new("confined", &cfg);
+            spec.share = share;
+            let sandbox = Sandbox::start(&cfg, &spec).await.expect("boot");
+            let pid = sandbox.vmm_pid().unwrap();
+            let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            // chown, dac_override, fowner, fsetid, setgid, setuid, mknod, setfcap with a share.
+            let eff = u64::from_str_radix(&status_field(&main, "CapEff:"), 16).unwrap();
+            assert_eq!(eff, want_eff, "share {share}: CapEff {eff:#x}");
+            let bnd = u64::from_str_radix(&status_field(&main, "CapBnd:"), 16).unwrap();
+            assert_eq!(bnd & (1 << 21), 0, "CAP_SYS_ADMIN still in the bounding set: {bnd:#x}");
+            let mut threads = 0;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+                let name = status_field(&status, "Name:");
+                assert_eq!(status_field(&status, "Seccomp:"), "2", "thread {name} is not filtered");
+                threads += 1;
+            }
+            assert!(threads >= 4, "{threads} threads");
+            assert!(sandbox.shutdown().await.unwrap().success());
+        }
+    });
+}
