@@ -6,8 +6,8 @@
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// What the virtio-fs passthrough server needs: file ownership and modes on the guest's
-/// behalf, device nodes, switching to the guest's credentials per request, and file
-/// capabilities as extended attributes.
+/// behalf, device nodes, and switching to the guest's credentials per request. (Extended
+/// attributes are off in our server, so file capabilities cannot be set: no CAP_SETFCAP.)
 const FS_SERVER: &[Capability] = &[
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
@@ -16,7 +16,6 @@ const FS_SERVER: &[Capability] = &[
     Capability::CAP_MKNOD,
     Capability::CAP_SETGID,
     Capability::CAP_SETUID,
-    Capability::CAP_SETFCAP,
 ];
 
 /// Errors lowering the capability sets.

@@ -16,8 +16,10 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 pub enum ThreadKind {
     /// Runs one vCPU: KVM_RUN, port and MMIO exits, the serial console.
     Vcpu,
-    /// The virtio devices' queues and backends: vsock sockets and the virtio-fs server.
-    Devices,
+    /// The vsock device's queues and its Unix-socket backend.
+    Vsock,
+    /// The virtio-fs device's queues and its passthrough file server.
+    Fs,
     /// Waits for SIGTERM/SIGINT/SIGHUP.
     Signals,
     /// The thread that started the others: waits for the end, cleans up, exits.
@@ -90,15 +92,14 @@ const VCPU: &[libc::c_long] = &[
     libc::SYS_umask,
 ];
 
-/// Device event loop: epoll, the hybrid vsock sockets, and the virtio-fs passthrough server,
-/// which acts on files of the shared directory on the guest's behalf (with the guest's
-/// credentials per request).
-const DEVICES: &[libc::c_long] = &[
+/// A device's event loop.
+const EVENT_LOOP: &[libc::c_long] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl];
+
+/// The vsock device: accept host connections, connect guest connections to <uds>_<port>,
+/// time out silent peers. No file system calls.
+const VSOCK: &[libc::c_long] = &[
+    // FIONBIO: accepted and connected sockets are made non-blocking.
     libc::SYS_ioctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    // vsock: accept host connections, connect guest connections to <uds>_<port>.
     libc::SYS_accept4,
     libc::SYS_socket,
     libc::SYS_connect,
@@ -113,7 +114,13 @@ const DEVICES: &[libc::c_long] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
-    // virtio-fs: everything a FUSE request can turn into.
+];
+
+/// The virtio-fs passthrough server: everything a FUSE request can turn into, done on files
+/// of the shared directory on the guest's behalf (with the guest's credentials per request).
+/// No sockets.
+const FS: &[libc::c_long] = &[
+    libc::SYS_ioctl,
     libc::SYS_openat,
     libc::SYS_open,
     libc::SYS_newfstatat,
@@ -145,18 +152,6 @@ const DEVICES: &[libc::c_long] = &[
     libc::SYS_copy_file_range,
     libc::SYS_statfs,
     libc::SYS_fstatfs,
-    libc::SYS_fgetxattr,
-    libc::SYS_fsetxattr,
-    libc::SYS_flistxattr,
-    libc::SYS_fremovexattr,
-    libc::SYS_getxattr,
-    libc::SYS_setxattr,
-    libc::SYS_listxattr,
-    libc::SYS_removexattr,
-    libc::SYS_lgetxattr,
-    libc::SYS_lsetxattr,
-    libc::SYS_llistxattr,
-    libc::SYS_lremovexattr,
     libc::SYS_flock,
     libc::SYS_dup,
     libc::SYS_dup3,
@@ -175,13 +170,15 @@ const SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait];
 const MAIN: &[libc::c_long] = &[libc::SYS_unlink, libc::SYS_unlinkat];
 
 fn allowed(kind: ThreadKind) -> impl Iterator<Item = libc::c_long> {
-    let own = match kind {
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::Devices => DEVICES,
-        ThreadKind::Signals => SIGNALS,
-        ThreadKind::Main => MAIN,
+    let (own, event_loop): (&[libc::c_long], bool) = match kind {
+        ThreadKind::Vcpu => (VCPU, false),
+        ThreadKind::Vsock => (VSOCK, true),
+        ThreadKind::Fs => (FS, true),
+        ThreadKind::Signals => (SIGNALS, false),
+        ThreadKind::Main => (MAIN, false),
     };
-    COMMON.iter().chain(own).copied()
+    let event_loop: &[libc::c_long] = if event_loop { EVENT_LOOP } else { &[] };
+    COMMON.iter().chain(own).chain(event_loop).copied()
 }
 
 /// The BPF program for a thread of `kind` (Enforce or Log mode).
@@ -246,7 +243,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     put(b"brig-vmm: seccomp: the ");
     put(match kind {
         Some(ThreadKind::Vcpu) => b"vCPU",
-        Some(ThreadKind::Devices) => b"device",
+        Some(ThreadKind::Vsock) => b"vsock",
+        Some(ThreadKind::Fs) => b"virtio-fs",
         Some(ThreadKind::Signals) => b"signal",
         Some(ThreadKind::Main) => b"main",
         None => b"unknown",
@@ -278,7 +276,7 @@ mod tests {
 
     #[test]
     fn every_thread_kind_gets_a_program() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Signals, ThreadKind::Main] {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Vsock, ThreadKind::Fs, ThreadKind::Signals, ThreadKind::Main] {
             let prog = program(kind, SeccompMode::Enforce).unwrap();
             assert!(prog.len() > allowed(kind).count(), "{kind:?}: {} instructions", prog.len());
         }

@@ -1,8 +1,8 @@
 //! Assemble a microVM from a [`VmConfig`] and run it until the guest resets, crashes, or the
 //! VMM is told to stop.
 //!
-//! Threads: one per vCPU (port and MMIO exits are served right there), one event loop for
-//! the virtio devices' queues and backends, one that waits for SIGTERM/SIGINT. The thread
+//! Threads: one per vCPU (port and MMIO exits are served right there), one event loop per
+//! virtio device (its queues and backend), one that waits for SIGTERM/SIGINT. The thread
 //! that called [`run`] waits for the first of them to report how the VM ended.
 
 use std::fs::OpenOptions;
@@ -138,20 +138,26 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // Devices. Each virtio-mmio device gets a window, an IRQ, an irqfd and ioeventfds.
     let (exit_tx, exit_rx) = mpsc::channel::<VmExit>();
     let mut cmdline = config.cmdline.trim().to_string();
-    let mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| VmError::Os { what: "creating the event loop", source: std::io::Error::other(e.to_string()) })?;
+    // Each device has its own event loop thread: a slow file operation of the virtio-fs
+    // server never holds up the agent's vsock traffic, and each thread's seccomp filter
+    // allows only its own device's system calls.
+    let mut loops: Vec<(ThreadKind, EventLoop)> = Vec::new();
     let mut mmio = Vec::new();
     if let Some(vsock_cfg) = &config.vsock {
         let vsock = Arc::new(Mutex::new(Vsock::new(vsock_cfg.guest_cid, vsock_cfg.uds.clone())?));
         let transport = attach_mmio_device(&vm, &mem, vsock.clone(), mmio.len(), &mut cmdline)?;
-        event_manager.add_subscriber(vsock);
+        let mut events = new_event_loop()?;
+        events.add_subscriber(vsock);
+        loops.push((ThreadKind::Vsock, events));
         mmio.push(transport);
     }
     if let Some(fs_cfg) = &config.fs {
         raise_open_file_limit();
         let fs = Arc::new(Mutex::new(Fs::with_cache(&fs_cfg.tag, fs_cfg.shared_dir.clone(), fs_cfg.cache)?));
         let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
-        event_manager.add_subscriber(fs);
+        let mut events = new_event_loop()?;
+        events.add_subscriber(fs);
+        loops.push((ThreadKind::Fs, events));
         mmio.push(transport);
     }
 
@@ -206,24 +212,24 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
             })
             .map_err(os("spawning the signal thread"))?;
     }
-    {
+    for (kind, mut events) in loops {
         let tx = exit_tx.clone();
-        let filter = filters.devices.clone();
+        let filter = filters.get(kind);
         thread::Builder::new()
-            .name("event-loop".into())
+            .name(if kind == ThreadKind::Fs { "virtio-fs" } else { "vsock" }.into())
             .spawn(move || {
                 if let Err(e) = filter.install() {
                     let _ = tx.send(VmExit::VmmFailure(e.to_string()));
                     return;
                 }
                 loop {
-                    if let Err(e) = event_manager.run() {
-                        tracing::error!("device event loop: {e}");
+                    if let Err(e) = events.run() {
+                        tracing::error!("{kind:?} event loop: {e}");
                         return;
                     }
                 }
             })
-            .map_err(os("spawning the device event loop"))?;
+            .map_err(os("spawning a device event loop"))?;
     }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
@@ -272,7 +278,8 @@ impl ThreadFilter {
 
 struct ThreadFilters {
     vcpu: ThreadFilter,
-    devices: ThreadFilter,
+    vsock: ThreadFilter,
+    fs: ThreadFilter,
     signals: ThreadFilter,
     main: ThreadFilter,
 }
@@ -291,11 +298,29 @@ impl ThreadFilters {
         };
         Ok(Self {
             vcpu: one(ThreadKind::Vcpu)?,
-            devices: one(ThreadKind::Devices)?,
+            vsock: one(ThreadKind::Vsock)?,
+            fs: one(ThreadKind::Fs)?,
             signals: one(ThreadKind::Signals)?,
             main: one(ThreadKind::Main)?,
         })
     }
+
+    fn get(&self, kind: ThreadKind) -> ThreadFilter {
+        match kind {
+            ThreadKind::Vcpu => &self.vcpu,
+            ThreadKind::Vsock => &self.vsock,
+            ThreadKind::Fs => &self.fs,
+            ThreadKind::Signals => &self.signals,
+            ThreadKind::Main => &self.main,
+        }
+        .clone()
+    }
+}
+
+type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+fn new_event_loop() -> Result<EventLoop, VmError> {
+    EventManager::new().map_err(|e| VmError::Os { what: "creating an event loop", source: std::io::Error::other(e.to_string()) })
 }
 
 fn termination_signals() -> nix::sys::signal::SigSet {

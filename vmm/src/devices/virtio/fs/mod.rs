@@ -17,12 +17,15 @@
 //! - Residual risk, not handled here: a *host* process renaming a directory out of
 //!   `shared_dir` while the guest holds its inode lets the guest follow it; and
 //!   `PassthroughFs::import` sets the process umask to 0 (it must, so the guest's modes are
-//!   applied as given). The VMM process is the sandbox boundary: seccomp and its own mount
-//!   namespace are the defence in depth that virtiofsd gets from its own sandbox.
+//!   applied as given). The VMM process is the sandbox boundary. Defence in depth: the
+//!   thread serving requests runs under a seccomp filter with file system calls only (no
+//!   sockets, no mount, no exec), and the process keeps only the capabilities this server
+//!   needs (see `crate::privileges`). It has no mount namespace of its own yet, as
+//!   virtiofsd's sandbox has.
 //!
-//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the event loop
-//! calls [`MutEventSubscriber::process`], which serves requests synchronously. Both hold the
-//! device's mutex.
+//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the device's
+//! own event loop thread calls [`MutEventSubscriber::process`], which serves requests
+//! synchronously. Both hold the device's mutex.
 
 #[cfg(test)]
 mod tests;
