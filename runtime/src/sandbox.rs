@@ -249,26 +249,7 @@ impl Sandbox {
     /// Power the guest off and wait for the VMM to exit; kill it if it does not in time.
     /// Returns the VMM's exit status. The state directory is removed either way.
     pub async fn shutdown(mut self) -> Result<ExitStatus, SandboxError> {
-        let asked = self.agent.shutdown().await;
-        tracing::debug!(id = %self.id, ok = asked.is_ok(), "agent answered Shutdown");
-        let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
-            Ok(Ok(status)) => Some(status),
-            _ => None,
-        };
-        let status = match status {
-            Some(s) => s,
-            None => {
-                let _ = self.vmm.kill().await;
-                self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })?
-            }
-        };
-        tracing::debug!(id = %self.id, %status, "VMM exited");
-        // A guest that powered off cleanly did what was asked, even if it went down before
-        // its answer reached us.
-        if !status.success() {
-            asked?;
-        }
-        Ok(status)
+        self.end(false).await
     }
 
     /// End a sandbox whose work is done, quickly: the agent syncs the guest's filesystems and
@@ -277,12 +258,16 @@ impl Sandbox {
     /// guest is thrown away). Without the agent's answer this waits for the power-off as
     /// [`Sandbox::shutdown`] does. The state directory is removed either way.
     pub async fn stop(mut self) -> Result<(), SandboxError> {
+        self.end(true).await.map(|_| ())
+    }
+
+    /// Ask the agent to power off; with `terminate`, stop the VMM as soon as it answered.
+    /// Then wait for the VMM (killing it after the grace period).
+    async fn end(&mut self, terminate: bool) -> Result<ExitStatus, SandboxError> {
         let asked = self.agent.shutdown().await;
         tracing::debug!(id = %self.id, ok = asked.is_ok(), "agent answered Shutdown");
-        if asked.is_ok() {
-            if let Some(pid) = self.vmm.id() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-            }
+        if let (true, Ok(_), Some(pid)) = (terminate, &asked, self.vmm.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         }
         let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
             Ok(Ok(status)) => status,
@@ -292,12 +277,12 @@ impl Sandbox {
             }
         };
         tracing::debug!(id = %self.id, %status, "VMM exited");
-        // After a good answer, either end is fine: our SIGTERM (status 143) or the guest's
-        // reset winning the race (0). Without one, only a clean power-off is.
+        // A guest that powered off cleanly did what was asked, even if it went down before
+        // its answer reached us; after a good answer, our own SIGTERM (143) is fine too.
         if !status.success() {
             asked?;
         }
-        Ok(())
+        Ok(status)
     }
 
     /// Stop the VMM at once (SIGKILL) and clean up.

@@ -282,46 +282,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_filtered_call_ends_the_process_with_159_and_names_the_call() {
-        // In a child process: install the vCPU filter, then call something it lacks. The
-        // program is built before the fork: the child of a threaded process must not allocate.
-        let prog = program(ThreadKind::Vcpu, SeccompMode::Enforce).unwrap();
-        // SAFETY: the child only installs a filter and makes raw system calls before _exit.
+    /// Exit status of a forked child that installs `kind`'s filter and then runs `body`.
+    /// The program is built before the fork: the child of a threaded process must not
+    /// allocate, and `body` only makes raw system calls.
+    fn exit_code_under_filter(kind: ThreadKind, body: fn() -> i32) -> Option<i32> {
+        let prog = program(kind, SeccompMode::Enforce).unwrap();
+        // SAFETY: the child installs the handler and filter, runs `body`, and leaves with
+        // _exit without touching the parent's state.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                let _ = install_sigsys_handler();
-                let _ = install(ThreadKind::Vcpu, &prog);
-                // SAFETY: a plain system call with no pointers.
-                unsafe { libc::syscall(libc::SYS_getppid) };
-                // SAFETY: leaving the forked child without running the parent's destructors.
-                unsafe { libc::_exit(0) };
+                let code = match (install_sigsys_handler(), install(kind, &prog)) {
+                    (Ok(()), Ok(())) => body(),
+                    _ => 1,
+                };
+                // SAFETY: leaving the forked child at once.
+                unsafe { libc::_exit(code) }
             }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, EXIT_SECCOMP));
-            }
+            nix::unistd::ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None).unwrap() {
+                nix::sys::wait::WaitStatus::Exited(_, code) => Some(code),
+                _ => None,
+            },
         }
     }
 
     #[test]
+    fn a_filtered_call_ends_the_process_with_159() {
+        // getppid is on no list: the child never gets to return 0.
+        let code = exit_code_under_filter(ThreadKind::Vcpu, || {
+            // SAFETY: a plain system call with no pointers.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+            0
+        });
+        assert_eq!(code, Some(EXIT_SECCOMP));
+    }
+
+    #[test]
     fn an_allowed_call_still_works_under_the_filter() {
-        let prog = program(ThreadKind::Signals, SeccompMode::Enforce).unwrap();
-        // SAFETY: as above.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let _ = install_sigsys_handler();
-                let code = if install(ThreadKind::Signals, &prog).is_ok() { 7 } else { 1 };
-                // SAFETY: gettid has no arguments; _exit leaves the child at once.
-                unsafe {
-                    libc::syscall(libc::SYS_gettid);
-                    libc::_exit(code)
-                };
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 7));
-            }
-        }
+        let code = exit_code_under_filter(ThreadKind::Signals, || {
+            // SAFETY: gettid has no arguments.
+            unsafe { libc::syscall(libc::SYS_gettid) };
+            7
+        });
+        assert_eq!(code, Some(7));
     }
 }
