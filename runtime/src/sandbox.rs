@@ -135,6 +135,23 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true);
+        // A VMM never outlives its owner, even one killed with SIGKILL (no Drop runs then): the
+        // kernel kills it when the thread that started it ends. Callers start sandboxes from a
+        // thread that lives as long as they need the VM (brig: its main thread).
+        let owner = nix::unistd::getpid();
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The owner may have died between fork and prctl: then nobody would kill us.
+                if nix::unistd::getppid() != owner {
+                    return Err(std::io::Error::other("the process starting the VMM exited"));
+                }
+                Ok(())
+            });
+        }
         let mut cmdline = spec.cmdline.clone();
         if spec.share {
             let shared = dir.join("shared");

@@ -473,3 +473,32 @@ fn a_microvm_that_dies_under_a_container_is_reported_and_cleaned_up() {
     assert!(no_mounts_under("/run/brig-e2e/vmm-died"), "mounts left");
     assert!(dir_entries(std::path::Path::new("/run/brig-e2e/vmm-died/sandboxes")).is_empty(), "sandbox state left");
 }
+
+#[test]
+fn a_killed_brig_takes_its_microvm_with_it_and_brig_rm_cleans_up() {
+    let t = "owner-killed";
+    let mut child = brig(t)
+        .args(["run", "--name", "orphan"])
+        .arg(rootfs())
+        .args(["sleep", "300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the container to run", || {
+        let ps = brig(t).arg("ps").output().unwrap();
+        text(&ps.stdout).lines().any(|l| l.starts_with("orphan ") && l.contains("running"))
+    });
+    assert_eq!(processes_named("brig-vmm").len(), 1);
+    // SIGKILL: brig gets no chance to clean up; the kernel must end the VMM for it.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("the orphaned microVM to end", || processes_named("brig-vmm").is_empty());
+    let ps = text(&brig(t).args(["ps", "-a"]).output().unwrap().stdout);
+    assert!(ps.lines().any(|l| l.starts_with("orphan ") && l.contains("exited")), "{ps}");
+    let rm = brig(t).args(["rm", "orphan"]).output().unwrap();
+    assert!(rm.status.success(), "brig rm: {}", text(&rm.stderr));
+    assert!(no_mounts_under("/run/brig-e2e/owner-killed"), "mounts left");
+    assert!(dir_entries(std::path::Path::new("/run/brig-e2e/owner-killed/sandboxes")).is_empty(), "sandbox state left");
+}
