@@ -58,6 +58,9 @@ pub enum SandboxError {
     /// The VMM could not be started.
     #[error("cannot start {vmm}: {source}")]
     Spawn { vmm: PathBuf, source: std::io::Error },
+    /// The sandbox directory could not be prepared for the VMM's share.
+    #[error(transparent)]
+    Share(#[from] share::ShareError),
     /// The VMM exited before the agent answered.
     #[error("the microVM exited during boot ({status}){stderr}{console}")]
     VmmExited { status: String, stderr: String, console: String },
@@ -156,6 +159,7 @@ impl Sandbox {
         if spec.share {
             let shared = dir.join("shared");
             std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir { dir: shared.clone(), source })?;
+            share::make_shared(dir)?;
             let mut arg = std::ffi::OsString::from(format!("{SHARE_TAG}="));
             arg.push(&shared);
             cmd.arg("--fs").arg(arg).arg("--fs-cache").arg(&config.fs_cache);

@@ -29,6 +29,16 @@ pub enum ShareError {
     Unmount { path: PathBuf, source: nix::Error },
 }
 
+/// Make the sandbox directory `dir` a mount point with shared propagation (a bind onto
+/// itself). brig-vmm confines itself to `dir` in a mount namespace whose mounts are slaves of
+/// ours: what is bind-mounted under `dir` later (root filesystems, volumes) reaches it only
+/// through a shared mount. [`remove`] undoes it with the rest.
+pub fn make_shared(dir: &Path) -> Result<(), ShareError> {
+    let err = |source| ShareError::Bind { src: dir.to_path_buf(), source };
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err)
+}
+
 /// Bind-mount `src` at `dst` (created if needed), read-only if asked.
 pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
     let io = |path: &Path| {

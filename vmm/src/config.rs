@@ -77,6 +77,8 @@ pub struct VmConfig {
     pub fs: Option<FsConfig>,
     /// Per-thread system call filters.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Move into a mount namespace whose root is the sandbox directory (see `confine`).
+    pub confine: bool,
 }
 
 /// A configuration that cannot boot.
@@ -103,12 +105,26 @@ pub enum ConfigError {
     /// The shared directory does not exist.
     #[error("--fs: shared directory {0} does not exist or is not a directory")]
     FsDir(PathBuf),
+    /// With confinement the VMM sees only one directory; the share is not in it.
+    #[error("--fs directory {0} is not inside {1}, the directory of --vsock-uds: confined, the VMM sees only that directory (put the share there, or pass --no-confine)")]
+    OutsideRoot(PathBuf, PathBuf),
     /// The console file cannot be opened.
     #[error("cannot open console file {path}: {reason}")]
     ConsoleFile { path: PathBuf, reason: String },
 }
 
 impl VmConfig {
+    /// The directory that becomes the confined VMM's root: the one holding the vsock socket
+    /// (guest connections go to sockets next to it), else the share; canonical.
+    pub fn confinement_root(&self) -> Option<PathBuf> {
+        let dir = match (&self.vsock, &self.fs) {
+            (Some(vsock), _) => crate::confine::canonical(&vsock.uds).parent()?.to_path_buf(),
+            (None, Some(fs)) => fs.shared_dir.clone(),
+            (None, None) => return None,
+        };
+        std::fs::canonicalize(dir).ok()
+    }
+
     /// Check everything that can be checked before touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -136,6 +152,12 @@ impl VmConfig {
         if let Some(fs) = &self.fs {
             if !fs.shared_dir.is_dir() {
                 return Err(ConfigError::FsDir(fs.shared_dir.clone()));
+            }
+            if let (true, Some(root)) = (self.confine, self.confinement_root()) {
+                let dir = std::fs::canonicalize(&fs.shared_dir).map_err(|_| ConfigError::FsDir(fs.shared_dir.clone()))?;
+                if !dir.starts_with(&root) {
+                    return Err(ConfigError::OutsideRoot(fs.shared_dir.clone(), root));
+                }
             }
         }
         Ok(())
@@ -181,6 +203,7 @@ mod tests {
             vsock: None,
             fs: None,
             seccomp: crate::seccomp::SeccompMode::Enforce,
+            confine: true,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod confine;
 pub mod devices;
 pub mod privileges;
 pub mod seccomp;

@@ -61,6 +61,11 @@ struct Args {
     /// log it (audit type 1326); `off` installs none.
     #[arg(long, value_enum, default_value_t = SeccompMode::Enforce, value_name = "MODE")]
     seccomp: SeccompMode,
+    /// Do not move into a mount namespace of our own. By default, once its devices exist, the
+    /// VMM's root becomes the directory of --vsock-uds (else the --fs directory), which must
+    /// then hold the --fs directory; this needs CAP_SYS_ADMIN.
+    #[arg(long)]
+    no_confine: bool,
 }
 
 fn main() -> ExitCode {
@@ -86,13 +91,16 @@ fn main() -> ExitCode {
         vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
         fs: args.fs.map(|fs| FsConfig { cache: args.fs_cache, ..fs }),
         seccomp: args.seccomp,
+        confine: !args.no_confine,
     };
+    // Where the socket is, resolved while host paths still resolve (the VMM confines itself).
+    let uds = config.vsock.as_ref().map(|v| brig_vmm::confine::canonical(&v.uds));
     let result = vm::run(&config);
     // The vsock device owns its socket, but vCPU threads may still hold the device when we
     // exit: remove the socket here so that no exit path leaves it behind.
     let created_socket = !matches!(result, Err(VmError::Config(_)) | Err(VmError::Vsock(_)));
-    if let (true, Some(vsock)) = (created_socket, &config.vsock) {
-        let _ = std::fs::remove_file(&vsock.uds);
+    if let (true, Some(uds)) = (created_socket, uds.as_deref().and_then(brig_vmm::confine::visible)) {
+        let _ = std::fs::remove_file(uds);
     }
     let code = match result {
         Ok(VmExit::GuestReset) => 0,

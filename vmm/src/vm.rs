@@ -6,6 +6,7 @@
 //! that called [`run`] waits for the first of them to report how the VM ended.
 
 use std::fs::OpenOptions;
+use std::path::Path;
 use std::io::Write;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -77,6 +78,9 @@ pub enum VmError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The VMM could not move into its own mount namespace.
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
     /// Capabilities could not be dropped.
     #[error(transparent)]
     Privileges(#[from] crate::privileges::PrivilegeError),
@@ -143,22 +147,26 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // allows only its own device's system calls.
     let mut loops: Vec<(ThreadKind, EventLoop)> = Vec::new();
     let mut mmio = Vec::new();
+    let mut vsock_dev = None;
+    let mut fs_dev = None;
     if let Some(vsock_cfg) = &config.vsock {
         let vsock = Arc::new(Mutex::new(Vsock::new(vsock_cfg.guest_cid, vsock_cfg.uds.clone())?));
         let transport = attach_mmio_device(&vm, &mem, vsock.clone(), mmio.len(), &mut cmdline)?;
         let mut events = new_event_loop()?;
-        events.add_subscriber(vsock);
+        events.add_subscriber(vsock.clone());
         loops.push((ThreadKind::Vsock, events));
         mmio.push(transport);
+        vsock_dev = Some(vsock);
     }
     if let Some(fs_cfg) = &config.fs {
         raise_open_file_limit();
         let fs = Arc::new(Mutex::new(Fs::with_cache(&fs_cfg.tag, fs_cfg.shared_dir.clone(), fs_cfg.cache)?));
         let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
         let mut events = new_event_loop()?;
-        events.add_subscriber(fs);
+        events.add_subscriber(fs.clone());
         loops.push((ThreadKind::Fs, events));
         mmio.push(transport);
+        fs_dev = Some(fs);
     }
 
     // Boot data.
@@ -190,6 +198,11 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // Each thread filters its own system calls from its start; the programs are built (and
     // can fail) before any thread runs.
     let filters = ThreadFilters::build(config.seccomp)?;
+    // Nor do they see the host's files: the sandbox directory becomes our root, and the
+    // devices find their paths in it.
+    if let (true, Some(root)) = (config.confine, config.confinement_root()) {
+        confine_devices(&root, vsock_dev.as_ref(), fs_dev.as_ref())?;
+    }
     // Nor do they need root's capabilities: only the virtio-fs server's few stay.
     crate::privileges::drop_unneeded(config.fs.is_some())?;
 
@@ -315,6 +328,27 @@ impl ThreadFilters {
         }
         .clone()
     }
+}
+
+/// Enter the VMM's own root (see `crate::confine`) and tell the devices where their paths
+/// are seen from there.
+fn confine_devices(root: &Path, vsock: Option<&Arc<Mutex<Vsock>>>, fs: Option<&Arc<Mutex<Fs>>>) -> Result<(), VmError> {
+    // Resolved before entering: host paths do not resolve afterwards.
+    let uds = vsock.map(|v| crate::confine::canonical(v.lock().unwrap_or_else(|p| p.into_inner()).uds_path()));
+    crate::confine::enter(root)?;
+    let moved = |what: &Path| {
+        crate::confine::visible(what)
+            .ok_or_else(|| VmError::Config(crate::config::ConfigError::OutsideRoot(what.to_path_buf(), root.to_path_buf())))
+    };
+    if let (Some(vsock), Some(uds)) = (vsock, uds) {
+        vsock.lock().unwrap_or_else(|p| p.into_inner()).rebase(moved(&uds)?);
+    }
+    if let Some(fs) = fs {
+        let mut fs = fs.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = moved(fs.shared_dir())?;
+        fs.rebase(dir)?;
+    }
+    Ok(())
 }
 
 type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;

@@ -120,6 +120,7 @@ fn guest_kernel_panic_makes_vmm_fail_with_the_panic_in_the_console() {
 #[test]
 fn bad_configuration_gets_one_clear_line_and_status_2() {
     let dir = scratch("badflags");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
     let taken = dir.join("taken.sock");
     std::fs::write(&taken, b"").unwrap();
     let initrd = brig_e2e::env_path("BRIG_INITRD");
@@ -129,6 +130,11 @@ fn bad_configuration_gets_one_clear_line_and_status_2() {
         (vec!["--memory".into(), "16M".into()], "--memory 16 MiB is out of range"),
         (vec!["--memory".into(), "lots".into()], "not a memory size"),
         (vec!["--vsock-uds".into(), taken.display().to_string()], "already exists"),
+        // Confined, the VMM sees only the socket's directory: the share must be inside it.
+        (
+            vec!["--vsock-uds".into(), dir.join("sub/v.sock").display().to_string(), "--fs".into(), format!("t={}", dir.display())],
+            "is not inside",
+        ),
         (vec!["--no-such-flag".into()], "--no-such-flag"),
     ];
     for (args, expect) in cases {
@@ -206,7 +212,7 @@ fn status_field(status: &str, name: &str) -> String {
 }
 
 #[test]
-fn the_vmm_runs_filtered_and_without_root_capabilities() {
+fn the_vmm_runs_confined_filtered_and_without_root_capabilities() {
     let cfg = config("confined");
     rt().block_on(async {
         for (share, want_eff) in [(false, 0u64), (true, 0x0800_00db)] {
@@ -228,6 +234,11 @@ fn the_vmm_runs_filtered_and_without_root_capabilities() {
                 threads += 1;
             }
             assert!(threads >= 4, "{threads} threads");
+            // Its root is the sandbox directory: its socket is at /, the host's /etc is not there.
+            let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+            assert!(root.join("vsock.sock").exists(), "no vsock.sock at the VMM's root");
+            assert!(!root.join("etc/passwd").exists(), "the VMM sees the host's /etc");
+            assert_eq!(root.join("shared").is_dir(), share, "share {share}: /shared at the VMM's root");
             assert!(sandbox.shutdown().await.unwrap().success());
         }
     });

@@ -20,8 +20,8 @@
 //!   applied as given). The VMM process is the sandbox boundary. Defence in depth: the
 //!   thread serving requests runs under a seccomp filter with file system calls only (no
 //!   sockets, no mount, no exec), and the process keeps only the capabilities this server
-//!   needs (see `crate::privileges`). It has no mount namespace of its own yet, as
-//!   virtiofsd's sandbox has.
+//!   needs (see `crate::privileges`), and its root is the sandbox directory in a mount
+//!   namespace of its own (see `crate::confine`), as virtiofsd pivots into its shared dir.
 //!
 //! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the device's
 //! own event loop thread calls [`MutEventSubscriber::process`], which serves requests
@@ -207,6 +207,16 @@ impl Fs {
             .position(|&b| b == 0)
             .unwrap_or(TAG_LEN);
         std::str::from_utf8(&self.config[..end]).unwrap_or("")
+    }
+
+    /// The shared directory is now seen at `shared_dir` (the VMM moved into its own root,
+    /// see `crate::confine`): the server is rebuilt from there (it opens its root by path
+    /// again at FUSE_INIT and at every reset). Call it before the guest runs.
+    pub fn rebase(&mut self, shared_dir: PathBuf) -> Result<(), FsError> {
+        let root = shared_dir.to_str().ok_or_else(|| FsError::NonUtf8Path(shared_dir.clone()))?;
+        self.server = new_server(root, self.cache).map_err(|source| FsError::Server { path: shared_dir.clone(), source })?;
+        self.shared_dir = shared_dir;
+        Ok(())
     }
 
     /// The (canonical) host directory the device exports.

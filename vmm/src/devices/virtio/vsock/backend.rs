@@ -546,6 +546,13 @@ impl UnixBackend {
     }
 }
 
+impl UnixBackend {
+    /// Guest connections now go to `<uds_path>_<port>` under this path.
+    pub fn rebase(&mut self, uds_path: PathBuf) {
+        self.uds_path = uds_path;
+    }
+}
+
 /// `<uds_path>_<port>`: where guest connections to host port `port` go.
 pub fn port_path(uds_path: &Path, port: u32) -> PathBuf {
     let mut s = OsString::from(uds_path.as_os_str());

@@ -31,7 +31,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -439,6 +439,20 @@ impl MutEventSubscriber for Vsock {
         self.run_queues();
         self.backend.sync_epoll(ops);
         self.update_timer();
+    }
+}
+
+impl Vsock {
+    /// The path of the socket host processes connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// The socket and its `_<port>` siblings are now seen at `uds_path` (the VMM moved into
+    /// its own root, see `crate::confine`).
+    pub fn rebase(&mut self, uds_path: PathBuf) {
+        self.backend.rebase(uds_path.clone());
+        self.uds_path = uds_path;
     }
 }
 
