@@ -6,8 +6,8 @@
 //! that called [`run`] waits for the first of them to report how the VM ended.
 
 use std::fs::OpenOptions;
-use std::path::Path;
 use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -209,58 +209,24 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // From here on the VM runs. Termination signals are taken by one thread only.
     let signals = termination_signals();
     signals.thread_block().map_err(|e| VmError::Os { what: "blocking signals", source: e.into() })?;
-    {
-        let tx = exit_tx.clone();
-        let filter = filters.signals.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Err(e) = filter.install() {
-                    let _ = tx.send(VmExit::VmmFailure(e.to_string()));
-                    return;
-                }
-                if let Ok(sig) = signals.wait() {
-                    let _ = tx.send(VmExit::Signal(sig as i32));
-                }
-            })
-            .map_err(os("spawning the signal thread"))?;
-    }
+    spawn_filtered("signals".into(), filters.get(ThreadKind::Signals), &exit_tx, move || {
+        signals.wait().ok().map(|sig| VmExit::Signal(sig as i32))
+    })?;
     for (kind, mut events) in loops {
-        let tx = exit_tx.clone();
-        let filter = filters.get(kind);
-        thread::Builder::new()
-            .name(if kind == ThreadKind::Fs { "virtio-fs" } else { "vsock" }.into())
-            .spawn(move || {
-                if let Err(e) = filter.install() {
-                    let _ = tx.send(VmExit::VmmFailure(e.to_string()));
-                    return;
-                }
-                loop {
-                    if let Err(e) = events.run() {
-                        tracing::error!("{kind:?} event loop: {e}");
-                        return;
-                    }
-                }
-            })
-            .map_err(os("spawning a device event loop"))?;
+        let name = if kind == ThreadKind::Fs { "virtio-fs" } else { "vsock" };
+        spawn_filtered(name.into(), filters.get(kind), &exit_tx, move || loop {
+            if let Err(e) = events.run() {
+                tracing::error!("{kind:?} event loop: {e}");
+                return None;
+            }
+        })?;
     }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
-        let tx = exit_tx.clone();
-        let filter = filters.vcpu.clone();
-        thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let exit = match filter.install() {
-                    Ok(()) => run_vcpu(id, vcpu, &bus),
-                    Err(e) => VmExit::VmmFailure(e.to_string()),
-                };
-                let _ = tx.send(exit);
-            })
-            .map_err(os("spawning a vCPU thread"))?;
+        spawn_filtered(format!("vcpu{id}"), filters.get(ThreadKind::Vcpu), &exit_tx, move || Some(run_vcpu(id, vcpu, &bus)))?;
     }
     drop(exit_tx);
-    filters.main.install()?;
+    filters.get(ThreadKind::Main).install()?;
 
     let exit = exit_rx.recv().unwrap_or_else(|_| VmExit::GuestCrash("every vCPU thread ended".into()));
     if let Ok(mut serial) = bus.serial.lock() {
@@ -328,6 +294,30 @@ impl ThreadFilters {
         }
         .clone()
     }
+}
+
+/// Start thread `name`: it installs `filter`, runs `body`, and reports how the VM ended, if
+/// `body` says, on `exit` (a filter it cannot install ends the VM too).
+fn spawn_filtered(
+    name: String,
+    filter: ThreadFilter,
+    exit: &mpsc::Sender<VmExit>,
+    body: impl FnOnce() -> Option<VmExit> + Send + 'static,
+) -> Result<(), VmError> {
+    let tx = exit.clone();
+    thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let ended = match filter.install() {
+                Ok(()) => body(),
+                Err(e) => Some(VmExit::VmmFailure(e.to_string())),
+            };
+            if let Some(ended) = ended {
+                let _ = tx.send(ended);
+            }
+        })
+        .map_err(os("spawning a VMM thread"))?;
+    Ok(())
 }
 
 /// Enter the VMM's own root (see `crate::confine`) and tell the devices where their paths
