@@ -118,8 +118,8 @@ impl VmConfig {
     /// (guest connections go to sockets next to it), else the share; canonical.
     pub fn confinement_root(&self) -> Option<PathBuf> {
         let dir = match (&self.vsock, &self.fs) {
-            (Some(vsock), _) => crate::confine::canonical(&vsock.uds).parent()?.to_path_buf(),
-            (None, Some(fs)) => fs.shared_dir.clone(),
+            (Some(vsock), _) => vsock.uds.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")),
+            (None, Some(fs)) => fs.shared_dir.as_path(),
             (None, None) => return None,
         };
         std::fs::canonicalize(dir).ok()

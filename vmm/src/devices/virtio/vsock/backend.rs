@@ -544,9 +544,7 @@ impl UnixBackend {
         // after their removal above on the next call; drop the unregistered ones now.
         self.graveyard.retain(|(_, registered)| *registered);
     }
-}
 
-impl UnixBackend {
     /// Guest connections now go to `<uds_path>_<port>` under this path.
     pub fn rebase(&mut self, uds_path: PathBuf) {
         self.uds_path = uds_path;
