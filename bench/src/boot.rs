@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::median;
 use anyhow::{bail, Context, Result};
 use brig_protocols::agent::{ShutdownRequest, VersionRequest};
 use brig_protocols::agent_ttrpc_async::AgentClient;
 use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
-use crate::median;
 
 /// Arguments of `brig-bench boot`.
 #[derive(clap::Args, Debug)]
@@ -39,16 +39,28 @@ struct Sample {
 pub fn run(args: Args) -> Result<()> {
     let mut config = RuntimeConfig::load()?;
     config.root = PathBuf::from("/run/brig-bench");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (mut brig, mut qemu) = (Vec::new(), Vec::new());
     // No single boot may hang the report: each gets a deadline, and progress goes to stderr.
     let deadline = Duration::from_secs(180);
     for i in 0..args.runs {
-        let b = rt.block_on(async { tokio::time::timeout(deadline, boot_brig(&config, args.memory, i)).await });
-        brig.push(b.map_err(|_| anyhow::anyhow!("brig-vmm boot {i} took over {deadline:?}"))?.context("brig-vmm boot")?);
+        let b = rt.block_on(async {
+            tokio::time::timeout(deadline, boot_brig(&config, args.memory, i)).await
+        });
+        brig.push(
+            b.map_err(|_| anyhow::anyhow!("brig-vmm boot {i} took over {deadline:?}"))?
+                .context("brig-vmm boot")?,
+        );
         eprintln!("bench: brig-vmm boot {i}: {:?}", brig[i].boot);
-        let q = rt.block_on(async { tokio::time::timeout(deadline, boot_qemu(&config, &args, i)).await });
-        qemu.push(q.map_err(|_| anyhow::anyhow!("qemu boot {i} took over {deadline:?}"))?.context("qemu boot")?);
+        let q = rt
+            .block_on(async { tokio::time::timeout(deadline, boot_qemu(&config, &args, i)).await });
+        qemu.push(
+            q.map_err(|_| anyhow::anyhow!("qemu boot {i} took over {deadline:?}"))?
+                .context("qemu boot")?,
+        );
         eprintln!("bench: qemu boot {i}: {:?}", qemu[i].boot);
     }
     report(&args, &config, &brig, &qemu);
@@ -67,21 +79,37 @@ async fn boot_brig(config: &RuntimeConfig, memory: u64, i: usize) -> Result<Samp
     if !status.success() {
         bail!("brig-vmm exited with {status}");
     }
-    Ok(Sample { boot, own_rss_kib, own_pss_kib })
+    Ok(Sample {
+        boot,
+        own_rss_kib,
+        own_pss_kib,
+    })
 }
 
 async fn boot_qemu(config: &RuntimeConfig, args: &Args, i: usize) -> Result<Sample> {
     let cid = 100 + i as u32;
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&args.qemu)
-        .args(["-M", "microvm,accel=kvm,acpi=off", "-cpu", "host", "-smp", "1", "-nodefaults", "-no-user-config"])
+        .args([
+            "-M",
+            "microvm,accel=kvm,acpi=off",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+        ])
         .args(["-nographic", "-no-reboot", "-serial", "null", "-m"])
         .arg(format!("{}M", args.memory))
         .arg("-kernel")
         .arg(&config.kernel)
         .arg("-initrd")
         .arg(&config.initrd)
-        .args(["-append", "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet"])
+        .args([
+            "-append",
+            "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet",
+        ])
         .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -97,7 +125,9 @@ async fn boot_qemu(config: &RuntimeConfig, args: &Args, i: usize) -> Result<Samp
         if let Ok(Some(status)) = child.try_wait() {
             bail!("qemu exited during boot: {status}");
         }
-        if let Ok(client) = ttrpc::asynchronous::Client::connect(&format!("vsock://{cid}:1024")).await {
+        if let Ok(client) =
+            ttrpc::asynchronous::Client::connect(&format!("vsock://{cid}:1024")).await
+        {
             let agent = AgentClient::new(client);
             let ctx = ttrpc::context::with_timeout(5_000_000_000);
             if agent.version(ctx, &VersionRequest::new()).await.is_ok() {
@@ -109,7 +139,12 @@ async fn boot_qemu(config: &RuntimeConfig, args: &Args, i: usize) -> Result<Samp
     let boot = started.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (own_rss_kib, own_pss_kib) = own_memory(pid, args.memory << 10)?;
-    let _ = agent.shutdown(ttrpc::context::with_timeout(5_000_000_000), &ShutdownRequest::new()).await;
+    let _ = agent
+        .shutdown(
+            ttrpc::context::with_timeout(5_000_000_000),
+            &ShutdownRequest::new(),
+        )
+        .await;
     match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
         Ok(status) => {
             status?;
@@ -118,7 +153,11 @@ async fn boot_qemu(config: &RuntimeConfig, args: &Args, i: usize) -> Result<Samp
             child.kill().await?;
         }
     }
-    Ok(Sample { boot, own_rss_kib, own_pss_kib })
+    Ok(Sample {
+        boot,
+        own_rss_kib,
+        own_pss_kib,
+    })
 }
 
 /// RSS and PSS of `pid` outside its guest-RAM mapping(s) (anonymous mappings at least as
@@ -131,7 +170,9 @@ fn own_memory(pid: u32, guest_kib: u64) -> Result<(u64, u64)> {
         let mut fields = line.split_whitespace();
         let first = fields.next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
-            let mut bounds = first.split('-').map(|h| u64::from_str_radix(h, 16).unwrap_or(0));
+            let mut bounds = first
+                .split('-')
+                .map(|h| u64::from_str_radix(h, 16).unwrap_or(0));
             let (start, end) = (bounds.next().unwrap_or(0), bounds.next().unwrap_or(0));
             guest_mapping = (end - start) >> 10 >= guest_kib;
         } else if !guest_mapping {
@@ -148,18 +189,33 @@ fn own_memory(pid: u32, guest_kib: u64) -> Result<(u64, u64)> {
 
 fn report(args: &Args, config: &RuntimeConfig, brig: &[Sample], qemu: &[Sample]) {
     let ms = |s: &[Sample]| median(s.iter().map(|x| x.boot.as_secs_f64() * 1000.0).collect());
-    let mib = |s: &[Sample], f: fn(&Sample) -> u64| median(s.iter().map(|x| f(x) as f64 / 1024.0).collect());
+    let mib = |s: &[Sample], f: fn(&Sample) -> u64| {
+        median(s.iter().map(|x| f(x) as f64 / 1024.0).collect())
+    };
     let (b_ms, q_ms) = (ms(brig), ms(qemu));
     let (b_rss, q_rss) = (mib(brig, |s| s.own_rss_kib), mib(qemu, |s| s.own_rss_kib));
     let (b_pss, q_pss) = (mib(brig, |s| s.own_pss_kib), mib(qemu, |s| s.own_pss_kib));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("# Boot benchmark: brig-vmm vs QEMU microvm\n");
-    println!("- host kernel: {} ({}), {} runs each, interleaved, {} MiB guests, 1 vCPU", kernel.trim(), kvm_note(), args.runs, args.memory);
-    println!("- guest: {} + {}", display(&config.kernel), display(&config.initrd));
+    println!(
+        "- host kernel: {} ({}), {} runs each, interleaved, {} MiB guests, 1 vCPU",
+        kernel.trim(),
+        kvm_note(),
+        args.runs,
+        args.memory
+    );
+    println!(
+        "- guest: {} + {}",
+        display(&config.kernel),
+        display(&config.initrd)
+    );
     println!("- QEMU: `-M microvm,accel=kvm,acpi=off -cpu host -device vhost-vsock-device`, agent reached over AF_VSOCK; brig-vmm: hybrid vsock over its Unix socket\n");
     println!("| metric (median) | brig-vmm | QEMU | ratio QEMU/brig |");
     println!("|---|---:|---:|---:|");
-    println!("| process start → agent's first vsock answer | {b_ms:.0} ms | {q_ms:.0} ms | {:.2}× |", q_ms / b_ms);
+    println!(
+        "| process start → agent's first vsock answer | {b_ms:.0} ms | {q_ms:.0} ms | {:.2}× |",
+        q_ms / b_ms
+    );
     println!("| VMM's own RSS (excl. guest RAM), idle guest | {b_rss:.1} MiB | {q_rss:.1} MiB | {:.1}× |", q_rss / b_rss);
     println!("| VMM's own PSS (excl. guest RAM), idle guest | {b_pss:.1} MiB | {q_pss:.1} MiB | {:.1}× |", q_pss / b_pss);
     println!("\nAll samples (boot ms / own RSS MiB):\n");

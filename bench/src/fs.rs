@@ -36,7 +36,11 @@ pub struct Args {
     virtiofsd: PathBuf,
     /// Cache modes to measure, one guest each for brig-vmm (`fs_cache`) and for virtiofsd
     /// (`--cache`).
-    #[arg(long, value_delimiter = ',', default_value = "metadata,never,auto,always")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "metadata,never,auto,always"
+    )]
     modes: Vec<String>,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
@@ -119,8 +123,10 @@ pub fn run(mut args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("brig-fsbench"),
     };
-    share::remove(&args.work).with_context(|| format!("removing the old {}", args.work.display()))?;
-    std::fs::create_dir_all(&args.work).with_context(|| format!("creating {}", args.work.display()))?;
+    share::remove(&args.work)
+        .with_context(|| format!("removing the old {}", args.work.display()))?;
+    std::fs::create_dir_all(&args.work)
+        .with_context(|| format!("creating {}", args.work.display()))?;
     let _work = Scratch(args.work.clone());
     let volume = args.work.join("volume");
     mount_tmpfs(&volume, 2 * args.file_mib as u64 + 64)?;
@@ -130,7 +136,10 @@ pub fn run(mut args: Args) -> Result<()> {
     let qemu_version = version_line(&args.qemu, "--version")?;
 
     let nofile = raise_nofile(args.nofile)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let deadline = Duration::from_secs(args.deadline);
     let column = |server, mode: &str| {
         let name = match server {
@@ -138,7 +147,13 @@ pub fn run(mut args: Args) -> Result<()> {
             Server::BrigVmm => format!("brig-vmm {mode}"),
             Server::Virtiofsd => format!("virtiofsd {mode}"),
         };
-        Column { name, server, mode: mode.to_string(), samples: vec![], errors: vec![] }
+        Column {
+            name,
+            server,
+            mode: mode.to_string(),
+            samples: vec![],
+            errors: vec![],
+        }
     };
     // Interleaved: each mode of brig-vmm right before the same mode of virtiofsd.
     let mut columns = vec![column(Server::Host, "")];
@@ -156,22 +171,38 @@ pub fn run(mut args: Args) -> Result<()> {
             let wall = match column.server {
                 Server::Host => run_on_host(&volume, &data, &args),
                 Server::BrigVmm => {
-                    let config = RuntimeConfig { fs_cache: mode.clone(), ..config.clone() };
+                    let config = RuntimeConfig {
+                        fs_cache: mode.clone(),
+                        ..config.clone()
+                    };
                     let id = format!("fsbench-{mode}-{round}");
                     bounded(&rt, deadline, run_brig(&config, &args, &container, &id))
                 }
                 Server::Virtiofsd => {
                     let cid = 100 + (round * ncolumns + i) as u32;
                     let dir = args.work.join(format!("qemu-{mode}-{round}"));
-                    bounded(&rt, deadline, run_qemu(&config, &args, &container, mode, cid, &dir)).map(|(wall, sandbox)| {
+                    bounded(
+                        &rt,
+                        deadline,
+                        run_qemu(&config, &args, &container, mode, cid, &dir),
+                    )
+                    .map(|(wall, sandbox)| {
                         sandbox_modes.insert(mode.clone(), sandbox);
                         wall
                     })
                 }
             };
-            match wall.and_then(|wall| Ok(Sample { results: collect(&data, args.file_mib)?, wall })) {
+            match wall.and_then(|wall| {
+                Ok(Sample {
+                    results: collect(&data, args.file_mib)?,
+                    wall,
+                })
+            }) {
                 Ok(sample) => {
-                    eprintln!("bench: round {round}: {}: {:?}", column.name, sample.results);
+                    eprintln!(
+                        "bench: round {round}: {}: {:?}",
+                        column.name, sample.results
+                    );
                     column.samples.push(sample);
                 }
                 Err(e) => {
@@ -187,7 +218,15 @@ pub fn run(mut args: Args) -> Result<()> {
             }
         }
     }
-    report(&args, &config, &columns, &virtiofsd_version, &qemu_version, &sandbox_modes, nofile);
+    report(
+        &args,
+        &config,
+        &columns,
+        &virtiofsd_version,
+        &qemu_version,
+        &sandbox_modes,
+        nofile,
+    );
     let failed: usize = columns.iter().map(|c| c.errors.len()).sum();
     if failed > 0 {
         bail!("{failed} measurement(s) failed (see the report)");
@@ -213,12 +252,17 @@ fn raise_nofile(limit: u64) -> Result<(u64, u64)> {
     if setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
         return Ok((soft, target));
     }
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE to its hard limit")?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .context("raising RLIMIT_NOFILE to its hard limit")?;
     Ok((soft, hard))
 }
 
 /// Run `fut` on `rt` with a deadline.
-fn bounded<T>(rt: &tokio::runtime::Runtime, deadline: Duration, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+fn bounded<T>(
+    rt: &tokio::runtime::Runtime,
+    deadline: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
     rt.block_on(async { tokio::time::timeout(deadline, fut).await })
         .map_err(|_| anyhow::anyhow!("no result within the deadline of {deadline:?}"))?
 }
@@ -227,15 +271,22 @@ fn mount_tmpfs(dir: &Path, size_mib: u64) -> Result<()> {
     use nix::mount::{mount, MsFlags};
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let options = format!("size={size_mib}m,mode=0755");
-    mount(Some("brig-bench-fs"), dir, Some("tmpfs"), MsFlags::empty(), Some(options.as_str()))
-        .with_context(|| format!("mounting a tmpfs on {}", dir.display()))
+    mount(
+        Some("brig-bench-fs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .with_context(|| format!("mounting a tmpfs on {}", dir.display()))
 }
 
 /// Fill the volume: the workload binary, and in `data/` the file to read and the files to
 /// list. Returns the data directory.
 fn prepare_volume(volume: &Path, workload: &Path, args: &Args) -> Result<PathBuf> {
     let copy = volume.join("brig-fsbench");
-    std::fs::copy(workload, &copy).with_context(|| format!("copying the workload {}", workload.display()))?;
+    std::fs::copy(workload, &copy)
+        .with_context(|| format!("copying the workload {}", workload.display()))?;
     let data = volume.join("data");
     let files = data.join("files");
     std::fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
@@ -245,7 +296,8 @@ fn prepare_volume(volume: &Path, workload: &Path, args: &Args) -> Result<PathBuf
         std::io::Write::write_all(&mut read, &chunk).context("writing read.bin")?;
     }
     for i in 0..args.files {
-        std::fs::write(files.join(format!("f{i:05}")), &chunk[..4096]).context("creating the files to list")?;
+        std::fs::write(files.join(format!("f{i:05}")), &chunk[..4096])
+            .context("creating the files to list")?;
     }
     Ok(data)
 }
@@ -254,13 +306,28 @@ fn prepare_volume(volume: &Path, workload: &Path, args: &Args) -> Result<PathBuf
 fn container_config(args: &Args, volume: &Path) -> Result<ContainerConfig> {
     let mut target = spec::load_target(&args.rootfs)?;
     let guest = |p: &str| format!("{GUEST_VOLUME}/{p}");
-    let cmd = [guest("brig-fsbench"), guest("data"), args.file_mib.to_string(), args.files.to_string()];
-    spec::apply(&mut target.spec, &Overrides { args: cmd.to_vec(), ..Default::default() })?;
+    let cmd = [
+        guest("brig-fsbench"),
+        guest("data"),
+        args.file_mib.to_string(),
+        args.files.to_string(),
+    ];
+    spec::apply(
+        &mut target.spec,
+        &Overrides {
+            args: cmd.to_vec(),
+            ..Default::default()
+        },
+    )?;
     Ok(ContainerConfig {
         id: CONTAINER_ID.into(),
         spec: target.spec,
         rootfs: target.rootfs,
-        volumes: vec![Volume { host: volume.to_path_buf(), container: GUEST_VOLUME.into(), read_only: false }],
+        volumes: vec![Volume {
+            host: volume.to_path_buf(),
+            container: GUEST_VOLUME.into(),
+            read_only: false,
+        }],
         stdin: false,
     })
 }
@@ -269,7 +336,9 @@ fn container_config(args: &Args, volume: &Path) -> Result<ContainerConfig> {
 fn reset(data: &Path) -> Result<()> {
     for f in ["write.bin", "results", "results.tmp"] {
         match std::fs::remove_file(data.join(f)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(format!("removing {f}")),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context(format!("removing {f}"))
+            }
             _ => {}
         }
     }
@@ -281,7 +350,8 @@ fn reset(data: &Path) -> Result<()> {
 
 /// Read the workload's results and check that its written file reached the host whole.
 fn collect(data: &Path, file_mib: usize) -> Result<BTreeMap<String, f64>> {
-    let text = std::fs::read_to_string(data.join("results")).context("the workload left no results")?;
+    let text =
+        std::fs::read_to_string(data.join("results")).context("the workload left no results")?;
     if let Some(e) = text.lines().find_map(|l| l.strip_prefix("error ")) {
         bail!("the workload failed: {e}");
     }
@@ -293,9 +363,14 @@ fn collect(data: &Path, file_mib: usize) -> Result<BTreeMap<String, f64>> {
     if results.get("done") != Some(&1.0) {
         bail!("the workload's results are incomplete:\n{text}");
     }
-    let written = std::fs::metadata(data.join("write.bin")).context("write.bin is missing on the host")?.len();
+    let written = std::fs::metadata(data.join("write.bin"))
+        .context("write.bin is missing on the host")?
+        .len();
     if written != (file_mib as u64) << 20 {
-        bail!("write.bin has {written} bytes on the host, expected {}", (file_mib as u64) << 20);
+        bail!(
+            "write.bin has {written} bytes on the host, expected {}",
+            (file_mib as u64) << 20
+        );
     }
     Ok(results)
 }
@@ -319,26 +394,47 @@ fn run_on_host(volume: &Path, data: &Path, args: &Args) -> Result<Duration> {
 /// Create, start and wait for the workload container; returns start → exit status.
 async fn run_container(agent: &AgentClient, shared: &SharedContainer) -> Result<Duration> {
     agent
-        .create_container(CONTAINER_ID, shared.spec_json.clone(), shared.rootfs.clone(), StdioPorts::new())
+        .create_container(
+            CONTAINER_ID,
+            shared.spec_json.clone(),
+            shared.rootfs.clone(),
+            StdioPorts::new(),
+        )
         .await
         .context("CreateContainer")?;
     let started = Instant::now();
-    agent.start_container(CONTAINER_ID).await.context("StartContainer")?;
-    let status = agent.wait_process(CONTAINER_ID, "").await.context("WaitProcess")?;
+    agent
+        .start_container(CONTAINER_ID)
+        .await
+        .context("StartContainer")?;
+    let status = agent
+        .wait_process(CONTAINER_ID, "")
+        .await
+        .context("WaitProcess")?;
     let wall = started.elapsed();
-    agent.remove_container(CONTAINER_ID).await.context("RemoveContainer")?;
+    agent
+        .remove_container(CONTAINER_ID)
+        .await
+        .context("RemoveContainer")?;
     if status.exit_status != 0 {
         bail!("the workload exited with {}", status.exit_status);
     }
     Ok(wall)
 }
 
-async fn run_brig(config: &RuntimeConfig, args: &Args, container: &ContainerConfig, id: &str) -> Result<Duration> {
+async fn run_brig(
+    config: &RuntimeConfig,
+    args: &Args,
+    container: &ContainerConfig,
+    id: &str,
+) -> Result<Duration> {
     let mut spec = SandboxSpec::new(id, config);
     spec.cpus = 1;
     spec.memory_mib = args.memory;
     spec.share = true;
-    let sandbox = Sandbox::start(config, &spec).await.context("starting brig-vmm")?;
+    let sandbox = Sandbox::start(config, &spec)
+        .await
+        .context("starting brig-vmm")?;
     let share = sandbox.share_dir().context("the sandbox has no share")?;
     let shared = share_container(&share, container)?;
     let wall = run_container(sandbox.agent(), &shared).await;
@@ -369,22 +465,50 @@ async fn run_qemu(
     std::fs::create_dir(&shared_dir)?;
     let shared = share_container(&shared_dir, container)?;
     let socket = dir.join("virtiofsd.sock");
-    let (mut virtiofsd, sandbox) = start_virtiofsd(&args.virtiofsd, &shared_dir, mode, &socket, dir).await?;
+    let (mut virtiofsd, sandbox) =
+        start_virtiofsd(&args.virtiofsd, &shared_dir, mode, &socket, dir).await?;
     let console = dir.join("console.log");
     let memory = format!("{}M", args.memory);
     let mut qemu = Command::new(&args.qemu)
-        .args(["-M", "microvm,accel=kvm,acpi=off,memory-backend=mem", "-cpu", "host", "-smp", "1", "-m", &memory])
-        .args(["-object", &format!("memory-backend-memfd,id=mem,size={memory},share=on")])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial"])
+        .args([
+            "-M",
+            "microvm,accel=kvm,acpi=off,memory-backend=mem",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+            "-m",
+            &memory,
+        ])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+        ])
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
         .arg(&config.kernel)
         .arg("-initrd")
         .arg(&config.initrd)
         // microvm has no i8042 for `reboot=k`: a triple fault resets, and -no-reboot exits.
-        .args(["-append", &format!("{DEFAULT_GUEST_CMDLINE} reboot=t brig.share={SHARE_TAG}")])
-        .args(["-chardev", &format!("socket,id=fs,path={}", socket.display())])
-        .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}")])
+        .args([
+            "-append",
+            &format!("{DEFAULT_GUEST_CMDLINE} reboot=t brig.share={SHARE_TAG}"),
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=fs,path={}", socket.display()),
+        ])
+        .args([
+            "-device",
+            &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
+        ])
         .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -392,13 +516,28 @@ async fn run_qemu(
         .kill_on_drop(true)
         .spawn()
         .context("starting qemu")?;
-    let logs = || format!("{}{}", tail(&dir.join("qemu.log"), "qemu stderr"), tail(&console, "guest console"));
-    let agent = connect_agent(&mut qemu, cid, config.boot_timeout).await.map_err(|e| with_log(e, logs()))?;
-    let wall = run_container(&agent, &shared).await.map_err(|e| with_log(e, logs()));
+    let logs = || {
+        format!(
+            "{}{}",
+            tail(&dir.join("qemu.log"), "qemu stderr"),
+            tail(&console, "guest console")
+        )
+    };
+    let agent = connect_agent(&mut qemu, cid, config.boot_timeout)
+        .await
+        .map_err(|e| with_log(e, logs()))?;
+    let wall = run_container(&agent, &shared)
+        .await
+        .map_err(|e| with_log(e, logs()));
     let _ = agent.shutdown().await;
     for (name, child) in [("qemu", &mut qemu), ("virtiofsd", &mut virtiofsd)] {
-        if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
-            eprintln!("bench: {name} still runs {EXIT_GRACE:?} after the guest powered off; killing it");
+        if tokio::time::timeout(EXIT_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "bench: {name} still runs {EXIT_GRACE:?} after the guest powered off; killing it"
+            );
             let _ = child.kill().await;
         }
     }
@@ -407,7 +546,13 @@ async fn run_qemu(
 
 /// Start virtiofsd and wait for its socket. Tries its default namespace sandbox first, then
 /// none (root in a nested lab may lack what namespaces need).
-async fn start_virtiofsd(bin: &Path, shared_dir: &Path, mode: &str, socket: &Path, dir: &Path) -> Result<(Child, String)> {
+async fn start_virtiofsd(
+    bin: &Path,
+    shared_dir: &Path,
+    mode: &str,
+    socket: &Path,
+    dir: &Path,
+) -> Result<(Child, String)> {
     let mut failures = String::new();
     for sandbox in ["namespace", "none"] {
         let log = dir.join(format!("virtiofsd-{sandbox}.log"));
@@ -426,7 +571,10 @@ async fn start_virtiofsd(bin: &Path, shared_dir: &Path, mode: &str, socket: &Pat
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let started = Instant::now();
-        while !socket.exists() && started.elapsed() < Duration::from_secs(20) && child.try_wait()?.is_none() {
+        while !socket.exists()
+            && started.elapsed() < Duration::from_secs(20)
+            && child.try_wait()?.is_none()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The socket is made before the sandbox is entered: give a failing sandbox time to show.
@@ -436,7 +584,10 @@ async fn start_virtiofsd(bin: &Path, shared_dir: &Path, mode: &str, socket: &Pat
         }
         let _ = child.kill().await;
         let _ = std::fs::remove_file(socket);
-        failures += &format!("\n--sandbox={sandbox}: {}", std::fs::read_to_string(&log).unwrap_or_default().trim());
+        failures += &format!(
+            "\n--sandbox={sandbox}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default().trim()
+        );
     }
     bail!("virtiofsd --cache={mode} did not start:{failures}")
 }
@@ -480,7 +631,10 @@ fn tail(path: &Path, what: &str) -> String {
 }
 
 fn version_line(bin: &Path, flag: &str) -> Result<String> {
-    let out = std::process::Command::new(bin).arg(flag).output().with_context(|| format!("running {} {flag}", bin.display()))?;
+    let out = std::process::Command::new(bin)
+        .arg(flag)
+        .output()
+        .with_context(|| format!("running {} {flag}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text.lines().next().unwrap_or("").trim().to_string())
 }
@@ -495,12 +649,43 @@ struct Row {
 
 fn rows(args: &Args) -> Vec<Row> {
     let n = thousands(args.files);
-    let row = |title: String, key, unit, higher_is_better| Row { title, key, unit, higher_is_better };
+    let row = |title: String, key, unit, higher_is_better| Row {
+        title,
+        key,
+        unit,
+        higher_is_better,
+    };
     vec![
-        row(format!("sequential read, {} MiB file made by the host, 1 MiB reads", args.file_mib), "read_mbps", "MB/s", true),
-        row(format!("sequential write, {} MiB in 1 MiB writes + fsync", args.file_mib), "write_mbps", "MB/s", true),
-        row(format!("list + stat {n} files made by the host"), "stat_secs", "s", false),
-        row(format!("create {n} small files (13 bytes each)"), "create_secs", "s", false),
+        row(
+            format!(
+                "sequential read, {} MiB file made by the host, 1 MiB reads",
+                args.file_mib
+            ),
+            "read_mbps",
+            "MB/s",
+            true,
+        ),
+        row(
+            format!(
+                "sequential write, {} MiB in 1 MiB writes + fsync",
+                args.file_mib
+            ),
+            "write_mbps",
+            "MB/s",
+            true,
+        ),
+        row(
+            format!("list + stat {n} files made by the host"),
+            "stat_secs",
+            "s",
+            false,
+        ),
+        row(
+            format!("create {n} small files (13 bytes each)"),
+            "create_secs",
+            "s",
+            false,
+        ),
         row(format!("unlink {n} files"), "unlink_secs", "s", false),
     ]
 }
@@ -514,7 +699,11 @@ fn thousands(n: usize) -> String {
 }
 
 fn value(column: &Column, key: &str) -> Option<f64> {
-    let values: Vec<f64> = column.samples.iter().filter_map(|s| s.results.get(key).copied()).collect();
+    let values: Vec<f64> = column
+        .samples
+        .iter()
+        .filter_map(|s| s.results.get(key).copied())
+        .collect();
     (!values.is_empty()).then(|| median(values))
 }
 
@@ -528,14 +717,28 @@ fn show(v: Option<f64>, unit: &str) -> String {
 
 /// The best of `modes` (value, name) on a row.
 fn best_of<'a>(higher_is_better: bool, modes: &[(f64, &'a str)]) -> Option<(f64, &'a str)> {
-    modes.iter().copied().max_by(|a, b| if higher_is_better { a.0.total_cmp(&b.0) } else { b.0.total_cmp(&a.0) })
+    modes.iter().copied().max_by(|a, b| {
+        if higher_is_better {
+            a.0.total_cmp(&b.0)
+        } else {
+            b.0.total_cmp(&a.0)
+        }
+    })
 }
 
 /// brig-vmm's speed over that of the best of `modes` (value, name) on one row, as a ratio
 /// that is > 1 when brig-vmm is faster whether the row is a rate or a time; and that mode.
-fn versus_best<'a>(higher_is_better: bool, brig: f64, modes: &[(f64, &'a str)]) -> Option<(f64, &'a str)> {
+fn versus_best<'a>(
+    higher_is_better: bool,
+    brig: f64,
+    modes: &[(f64, &'a str)],
+) -> Option<(f64, &'a str)> {
     let best = best_of(higher_is_better, modes)?;
-    let ratio = if higher_is_better { brig / best.0 } else { best.0 / brig };
+    let ratio = if higher_is_better {
+        brig / best.0
+    } else {
+        best.0 / brig
+    };
     Some((ratio, best.1))
 }
 
@@ -549,9 +752,17 @@ fn report(
     nofile: (u64, u64),
 ) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let sandboxes: Vec<String> = sandbox_modes.iter().map(|(m, s)| format!("{m}: {s}")).collect();
+    let sandboxes: Vec<String> = sandbox_modes
+        .iter()
+        .map(|(m, s)| format!("{m}: {s}"))
+        .collect();
     println!("# File-system benchmark: brig-vmm's in-process virtio-fs vs QEMU + virtiofsd\n");
-    println!("- host: kernel {} ({}); one host session, {} round(s), columns interleaved; medians shown", kernel.trim(), crate::run::host_note(), args.runs);
+    println!(
+        "- host: kernel {} ({}); one host session, {} round(s), columns interleaved; medians shown",
+        kernel.trim(),
+        crate::run::host_note(),
+        args.runs
+    );
     println!("- the directory: a tmpfs on the host; before each column the host made a {} MiB file to read and {} files to list (so no guest has them cached)", args.file_mib, thousands(args.files));
     println!("- guests: 1 vCPU, {} MiB, {} + {}; the workload (`brig-fsbench`, static) runs as a container of the busybox rootfs, its directory a volume; same share layout and same CreateContainer request for every guest, only the file server differs", args.memory, config.kernel.display(), config.initrd.display());
     println!("- brig-vmm: in-process virtio-fs (fuse-backend-rs passthrough), its cache mode set with `fs_cache` (configured default here: {}), hybrid vsock", config.fs_cache);
@@ -567,34 +778,66 @@ fn report(
             .collect()
     };
     let header: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    println!("| measurement | {} | best brig-vmm ÷ best virtiofsd | goal met |", header.join(" | "));
+    println!(
+        "| measurement | {} | best brig-vmm ÷ best virtiofsd | goal met |",
+        header.join(" | ")
+    );
     println!("|---|{}---:|:---:|", "---:|".repeat(columns.len()));
     let mut met = 0;
     let all_rows = rows(args);
     for row in &all_rows {
-        let cells: Vec<String> = columns.iter().map(|c| show(value(c, row.key), row.unit)).collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| show(value(c, row.key), row.unit))
+            .collect();
         // brig-vmm's best mode against virtiofsd's best mode.
         let brig = modes(Server::BrigVmm, row);
         let brig_best = best_of(row.higher_is_better, &brig);
-        let versus = brig_best.and_then(|(b, bm)| Some((versus_best(row.higher_is_better, b, &modes(Server::Virtiofsd, row))?, bm)));
+        let versus = brig_best.and_then(|(b, bm)| {
+            Some((
+                versus_best(row.higher_is_better, b, &modes(Server::Virtiofsd, row))?,
+                bm,
+            ))
+        });
         let (ratio, goal) = match versus {
             Some(((r, mode), brig_mode)) => {
                 if r >= 1.0 {
                     met += 1;
                 }
-                (format!("{r:.2} ({brig_mode} vs {mode})"), if r >= 1.0 { "yes" } else { "no" })
+                (
+                    format!("{r:.2} ({brig_mode} vs {mode})"),
+                    if r >= 1.0 { "yes" } else { "no" },
+                )
             }
             None => ("n/a".to_string(), "n/a"),
         };
-        let better = if row.higher_is_better { "higher is better" } else { "lower is better" };
-        println!("| {} ({}, {better}) | {} | {ratio} | {goal} |", row.title, row.unit, cells.join(" | "));
+        let better = if row.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        println!(
+            "| {} ({}, {better}) | {} | {ratio} | {goal} |",
+            row.title,
+            row.unit,
+            cells.join(" | ")
+        );
     }
     println!("\n\"best brig-vmm ÷ best virtiofsd\" is the speed of brig-vmm's best mode over that of virtiofsd's best mode on that row (for times: virtiofsd's best time over brig-vmm's); ≥ 1.00 meets the goal that brig-vmm at least matches virtiofsd's best mode.");
     println!("\nGoal met on {met} of {} rows.", all_rows.len());
     println!("\nClock cross-check, per column: the workload's phases summed (guest clock) / start → exit status (host clock), round 0:\n");
     for c in columns {
         if let Some(s) = c.samples.first() {
-            let sum: f64 = ["read_secs", "write_secs", "stat_secs", "create_secs", "unlink_secs"].iter().filter_map(|k| s.results.get(*k)).sum();
+            let sum: f64 = [
+                "read_secs",
+                "write_secs",
+                "stat_secs",
+                "create_secs",
+                "unlink_secs",
+            ]
+            .iter()
+            .filter_map(|k| s.results.get(*k))
+            .sum();
             println!("- {}: {sum:.2} s / {:.2} s", c.name, s.wall.as_secs_f64());
         }
     }
@@ -605,14 +848,22 @@ fn report(
                 .samples
                 .iter()
                 .map(|s| {
-                    let v: Vec<String> = all_rows.iter().map(|r| format!("{:.3}", s.results.get(r.key).copied().unwrap_or(f64::NAN))).collect();
+                    let v: Vec<String> = all_rows
+                        .iter()
+                        .map(|r| {
+                            format!("{:.3}", s.results.get(r.key).copied().unwrap_or(f64::NAN))
+                        })
+                        .collect();
                     v.join(" / ")
                 })
                 .collect();
             println!("- {}: {}", c.name, samples.join("; "));
         }
     }
-    let errors: Vec<String> = columns.iter().flat_map(|c| c.errors.iter().map(move |e| format!("- {}: {e}", c.name))).collect();
+    let errors: Vec<String> = columns
+        .iter()
+        .flat_map(|c| c.errors.iter().map(move |e| format!("- {}: {e}", c.name)))
+        .collect();
     if !errors.is_empty() {
         println!("\nFailures:\n\n{}", errors.join("\n"));
     }
@@ -631,7 +882,10 @@ mod tests {
         let times = [(18.0, "metadata"), (9.0, "auto")];
         let (r, mode) = versus_best(false, 6.0, &times).unwrap();
         assert_eq!(mode, "auto");
-        assert!((r - 1.5).abs() < 1e-9, "faster than the best time gives > 1");
+        assert!(
+            (r - 1.5).abs() < 1e-9,
+            "faster than the best time gives > 1"
+        );
         assert!(versus_best(true, 1.0, &[]).is_none());
     }
 
@@ -640,16 +894,30 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("brig-fsbench-collect-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("write.bin"), vec![0u8; 1 << 20]).unwrap();
-        std::fs::write(dir.join("results"), "read_mbps 12.5\nstat_secs 0.25\ndone 1\n").unwrap();
+        std::fs::write(
+            dir.join("results"),
+            "read_mbps 12.5\nstat_secs 0.25\ndone 1\n",
+        )
+        .unwrap();
         let results = collect(&dir, 1).unwrap();
         assert_eq!(results["read_mbps"], 12.5);
         assert_eq!(results["stat_secs"], 0.25);
         let short = collect(&dir, 2).unwrap_err().to_string();
         assert!(short.contains("write.bin has 1048576 bytes"), "{short}");
         std::fs::write(dir.join("results"), "read_mbps 12.5\n").unwrap();
-        assert!(collect(&dir, 1).unwrap_err().to_string().contains("incomplete"));
-        std::fs::write(dir.join("results"), "read_mbps 12.5\nerror open x: denied\n").unwrap();
-        assert!(collect(&dir, 1).unwrap_err().to_string().contains("open x: denied"));
+        assert!(collect(&dir, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete"));
+        std::fs::write(
+            dir.join("results"),
+            "read_mbps 12.5\nerror open x: denied\n",
+        )
+        .unwrap();
+        assert!(collect(&dir, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("open x: denied"));
         reset(&dir).unwrap();
         assert!(!dir.join("write.bin").exists() && !dir.join("results").exists());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -22,7 +22,10 @@ pub fn run(args: BootArgs, root: Option<std::path::PathBuf>) -> anyhow::Result<u
     let mut spec = SandboxSpec::new(format!("boot-{}", std::process::id()), &config);
     spec.cpus = args.cpus.unwrap_or(spec.cpus);
     spec.memory_mib = args.memory.unwrap_or(spec.memory_mib);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     rt.block_on(async {
         let sandbox = Sandbox::start(&config, &spec).await?;
         let v = sandbox.agent().version().await?;

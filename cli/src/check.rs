@@ -11,7 +11,12 @@ pub struct CheckArgs {}
 pub fn run(_args: CheckArgs) -> anyhow::Result<u8> {
     let report = host::inspect(Path::new("/"));
     for fact in &report.facts {
-        println!("{:<11} {:<4} {}", fact.name, if fact.ok { "ok" } else { "FAIL" }, fact.detail);
+        println!(
+            "{:<11} {:<4} {}",
+            fact.name,
+            if fact.ok { "ok" } else { "FAIL" },
+            fact.detail
+        );
     }
     if report.can_boot_guests() {
         println!("brig can boot microVMs on this host");

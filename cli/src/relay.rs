@@ -15,7 +15,9 @@ impl RawTerminal {
     pub fn enter() -> Self {
         use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
         let stdin = std::io::stdin();
-        let Ok(saved) = tcgetattr(stdin.as_fd()) else { return Self { saved: None } };
+        let Ok(saved) = tcgetattr(stdin.as_fd()) else {
+            return Self { saved: None };
+        };
         let mut raw = saved.clone();
         cfmakeraw(&mut raw);
         if tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).is_err() {
@@ -28,14 +30,23 @@ impl RawTerminal {
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         if let Some(saved) = &self.saved {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin().as_fd(), nix::sys::termios::SetArg::TCSANOW, saved);
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
         }
     }
 }
 
 /// The user's terminal size, if stdout or stdin is a terminal.
 pub fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     for fd in [1, 0] {
         // SAFETY: TIOCGWINSZ writes one `winsize` into the valid, exclusively borrowed `ws`.
         let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
@@ -50,7 +61,11 @@ pub fn terminal_size() -> Option<(u16, u16)> {
 /// stdout/stderr, until both outputs end. Stdin keeps being copied in the background.
 /// With `logs`, the output is also kept in `stdout.log`/`stderr.log` there (`brig logs`).
 pub async fn relay(stdio: Stdio, logs: Option<&std::path::Path>) {
-    let Stdio { stdin, stdout, stderr } = stdio;
+    let Stdio {
+        stdin,
+        stdout,
+        stderr,
+    } = stdio;
     if let Some(mut to_process) = stdin {
         tokio::spawn(async move {
             let mut user = tokio::io::stdin();
@@ -69,7 +84,10 @@ pub async fn relay(stdio: Stdio, logs: Option<&std::path::Path>) {
         });
     }
     let (out_log, err_log) = match logs {
-        Some(dir) => (open_log(&dir.join("stdout.log")).await, open_log(&dir.join("stderr.log")).await),
+        Some(dir) => (
+            open_log(&dir.join("stdout.log")).await,
+            open_log(&dir.join("stderr.log")).await,
+        ),
         None => (None, None),
     };
     let out = tokio::spawn(copy_out(stdout, tokio::io::stdout(), out_log));
@@ -79,10 +97,18 @@ pub async fn relay(stdio: Stdio, logs: Option<&std::path::Path>) {
 }
 
 async fn open_log(path: &std::path::Path) -> Option<tokio::fs::File> {
-    match tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
+    match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+    {
         Ok(f) => Some(f),
         Err(e) => {
-            tracing::warn!("cannot keep the container's output in {}: {e}", path.display());
+            tracing::warn!(
+                "cannot keep the container's output in {}: {e}",
+                path.display()
+            );
             None
         }
     }
@@ -123,7 +149,11 @@ where
 /// when the terminal or pipe it was started from goes away).
 pub fn detach_stdio() {
     use std::os::fd::AsRawFd;
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors from a valid, open descriptor.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
@@ -134,7 +164,10 @@ pub fn detach_stdio() {
 /// Copy a detached container's output into `dir/stdout.log` and `dir/stderr.log`.
 pub async fn to_logs(stdio: Stdio, dir: &std::path::Path) {
     let Stdio { stdout, stderr, .. } = stdio;
-    let (out_log, err_log) = (open_log(&dir.join("stdout.log")).await, open_log(&dir.join("stderr.log")).await);
+    let (out_log, err_log) = (
+        open_log(&dir.join("stdout.log")).await,
+        open_log(&dir.join("stderr.log")).await,
+    );
     let out = tokio::spawn(copy_out(stdout, tokio::io::sink(), out_log));
     let err = tokio::spawn(copy_out(stderr, tokio::io::sink(), err_log));
     let _ = out.await;

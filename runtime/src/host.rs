@@ -38,7 +38,11 @@ pub struct HostReport {
 impl HostReport {
     /// Whether Brig can boot its stock guest kernel directly on this host.
     pub fn can_boot_guests(&self) -> bool {
-        matches!(self.kvm, KvmKind::Hardware(_) | KvmKind::Unknown) && self.facts.iter().all(|f| f.ok || !f.name.starts_with("kvm"))
+        matches!(self.kvm, KvmKind::Hardware(_) | KvmKind::Unknown)
+            && self
+                .facts
+                .iter()
+                .all(|f| f.ok || !f.name.starts_with("kvm"))
     }
 }
 
@@ -80,10 +84,18 @@ pub fn inspect(root: &Path) -> HostReport {
                 .to_string(),
         ),
     };
-    facts.push(Fact { name: "kvm", ok, detail });
+    facts.push(Fact {
+        name: "kvm",
+        ok,
+        detail,
+    });
     if kvm != KvmKind::None {
         let dev = root.join("dev/kvm");
-        let usable = std::fs::OpenOptions::new().read(true).write(true).open(&dev).is_ok();
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .is_ok();
         facts.push(Fact {
             name: "kvm-access",
             ok: usable,
@@ -135,7 +147,11 @@ mod tests {
     fn fake_host(files: &[&str]) -> std::path::PathBuf {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let root = std::env::temp_dir().join(format!("brig-host-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let root = std::env::temp_dir().join(format!(
+            "brig-host-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         for f in files {
             let p = root.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();

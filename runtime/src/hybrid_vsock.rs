@@ -17,7 +17,10 @@ const ACK_MAX: usize = 32;
 pub enum ConnectError {
     /// The VMM's socket cannot be reached (not created yet, or the VMM is gone).
     #[error("cannot reach the VMM's vsock socket {path}: {source}")]
-    Socket { path: String, source: std::io::Error },
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
     /// The guest refused or nobody listens on that port (yet).
     #[error("guest vsock port {0} refused the connection (nothing listening yet?)")]
     Refused(u32),
@@ -34,7 +37,10 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
     let attempt = async {
         let mut stream = UnixStream::connect(uds)
             .await
-            .map_err(|source| ConnectError::Socket { path: uds.display().to_string(), source })?;
+            .map_err(|source| ConnectError::Socket {
+                path: uds.display().to_string(),
+                source,
+            })?;
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await
@@ -48,7 +54,9 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
                 Ok(0) | Err(_) => return Err(ConnectError::Refused(port)),
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) if line.len() >= ACK_MAX => {
-                    return Err(ConnectError::BadAck(String::from_utf8_lossy(&line).into_owned()))
+                    return Err(ConnectError::BadAck(
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ))
                 }
                 Ok(_) => line.push(byte[0]),
             }
@@ -56,12 +64,15 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
         parse_ack(&line)?;
         Ok(stream)
     };
-    tokio::time::timeout(timeout, attempt).await.map_err(|_| ConnectError::Timeout(port))?
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| ConnectError::Timeout(port))?
 }
 
 /// Check an `OK <port>` acknowledgement (without the newline) and return the host port.
 pub fn parse_ack(line: &[u8]) -> Result<u32, ConnectError> {
-    let text = std::str::from_utf8(line).map_err(|_| ConnectError::BadAck(String::from_utf8_lossy(line).into_owned()))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|_| ConnectError::BadAck(String::from_utf8_lossy(line).into_owned()))?;
     text.strip_prefix("OK ")
         .and_then(|p| p.parse::<u32>().ok())
         .ok_or_else(|| ConnectError::BadAck(text.to_string()))
@@ -111,7 +122,9 @@ mod tests {
             let (s, _) = listener.accept().await.unwrap();
             drop(s);
         });
-        let err = connect(&path, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect(&path, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ConnectError::Refused(1024)), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -23,7 +23,11 @@ pub enum ShareError {
     Bind { src: PathBuf, source: nix::Error },
     /// A directory could not be made or removed.
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Something is still mounted under the share.
     #[error("cannot unmount {path}: {source}; left in place so no data is lost")]
     Unmount { path: PathBuf, source: nix::Error },
@@ -34,16 +38,30 @@ pub enum ShareError {
 /// ours: what is bind-mounted under `dir` later (root filesystems, volumes) reaches it only
 /// through a shared mount. [`remove`] undoes it with the rest.
 pub fn make_shared(dir: &Path) -> Result<(), ShareError> {
-    let err = |source| ShareError::Bind { src: dir.to_path_buf(), source };
+    let err = |source| ShareError::Bind {
+        src: dir.to_path_buf(),
+        source,
+    };
     mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
-    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err)
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(err)
 }
 
 /// Bind-mount `src` at `dst` (created if needed), read-only if asked.
 pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ShareError::Io { what: "cannot create", path, source }
+        move |source| ShareError::Io {
+            what: "cannot create",
+            path,
+            source,
+        }
     };
     if src.is_dir() {
         std::fs::create_dir_all(dst).map_err(io(dst))?;
@@ -53,10 +71,26 @@ pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
         }
         std::fs::write(dst, b"").map_err(io(dst))?;
     }
-    let bind_err = |source| ShareError::Bind { src: src.to_path_buf(), source };
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(bind_err)?;
+    let bind_err = |source| ShareError::Bind {
+        src: src.to_path_buf(),
+        source,
+    };
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(bind_err)?;
     // Keep host mount events from propagating in and ours from propagating out.
-    let _ = mount(None::<&str>, dst, None::<&str>, MsFlags::MS_PRIVATE | MsFlags::MS_REC, None::<&str>);
+    let _ = mount(
+        None::<&str>,
+        dst,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    );
     if read_only {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = mount(None::<&str>, dst, None::<&str>, flags, None::<&str>) {
@@ -88,7 +122,12 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -107,22 +146,41 @@ pub fn remove(dir: &Path) -> Result<(), ShareError> {
         return Ok(());
     }
     for m in mounts_under(dir) {
-        umount2(&m, MntFlags::MNT_DETACH).map_err(|source| ShareError::Unmount { path: m.clone(), source })?;
+        umount2(&m, MntFlags::MNT_DETACH).map_err(|source| ShareError::Unmount {
+            path: m.clone(),
+            source,
+        })?;
     }
     if let Some(m) = mounts_under(dir).into_iter().next() {
-        return Err(ShareError::Unmount { path: m, source: nix::Error::EBUSY });
+        return Err(ShareError::Unmount {
+            path: m,
+            source: nix::Error::EBUSY,
+        });
     }
     let dev = std::fs::symlink_metadata(dir)
-        .map_err(|source| ShareError::Io { what: "cannot stat", path: dir.into(), source })?
+        .map_err(|source| ShareError::Io {
+            what: "cannot stat",
+            path: dir.into(),
+            source,
+        })?
         .dev();
     remove_same_fs(dir, dev)
 }
 
 fn remove_same_fs(path: &Path, dev: u64) -> Result<(), ShareError> {
-    let io = |what| move |source| ShareError::Io { what, path: path.to_path_buf(), source };
+    let io = |what| {
+        move |source| ShareError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let meta = std::fs::symlink_metadata(path).map_err(io("cannot stat"))?;
     if meta.dev() != dev {
-        return Err(ShareError::Unmount { path: path.into(), source: nix::Error::EXDEV });
+        return Err(ShareError::Unmount {
+            path: path.into(),
+            source: nix::Error::EXDEV,
+        });
     }
     if meta.is_dir() {
         for entry in std::fs::read_dir(path).map_err(io("cannot list"))? {
@@ -160,11 +218,17 @@ mod tests {
         std::fs::create_dir_all(&share).unwrap();
         bind(&user_dir, &share.join("c1/rootfs"), false).unwrap();
         bind(&user_dir, &share.join("c1/volumes/0"), true).unwrap();
-        assert!(std::fs::write(share.join("c1/volumes/0/x"), b"").is_err(), "read-only bind accepted a write");
+        assert!(
+            std::fs::write(share.join("c1/volumes/0/x"), b"").is_err(),
+            "read-only bind accepted a write"
+        );
         assert_eq!(mounts_under(&share).len(), 2);
         remove(&share).unwrap();
         assert!(!share.exists());
-        assert_eq!(std::fs::read(user_dir.join("precious")).unwrap(), b"keep me");
+        assert_eq!(
+            std::fs::read(user_dir.join("precious")).unwrap(),
+            b"keep me"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -29,7 +29,9 @@ fn main() {
     let mut out = String::new();
     let result = match (write_mib.parse(), files.parse()) {
         (Ok(mib), Ok(n)) => workload(&dir, mib, n, &mut out),
-        _ => Err(format!("WRITE_MIB {write_mib:?} and FILES {files:?} must be numbers")),
+        _ => Err(format!(
+            "WRITE_MIB {write_mib:?} and FILES {files:?} must be numbers"
+        )),
     };
     let code = match result {
         Ok(()) => {
@@ -43,7 +45,9 @@ fn main() {
     };
     print!("{out}");
     let tmp = dir.join("results.tmp");
-    if let Err(e) = std::fs::write(&tmp, &out).and_then(|()| std::fs::rename(&tmp, dir.join("results"))) {
+    if let Err(e) =
+        std::fs::write(&tmp, &out).and_then(|()| std::fs::rename(&tmp, dir.join("results")))
+    {
         eprintln!("brig-fsbench: writing {}/results: {e}", dir.display());
         std::process::exit(1);
     }
@@ -69,7 +73,11 @@ fn workload(dir: &Path, write_mib: usize, files: usize, out: &mut String) -> Res
     }
     drop(file);
     let secs = started.elapsed().as_secs_f64();
-    let _ = writeln!(out, "read_bytes {bytes}\nread_secs {secs:.4}\nread_mbps {:.1}", bytes as f64 / secs / 1e6);
+    let _ = writeln!(
+        out,
+        "read_bytes {bytes}\nread_secs {secs:.4}\nread_mbps {:.1}",
+        bytes as f64 / secs / 1e6
+    );
 
     let path = dir.join("write.bin");
     let started = Instant::now();
@@ -81,7 +89,11 @@ fn workload(dir: &Path, write_mib: usize, files: usize, out: &mut String) -> Res
     drop(file);
     let secs = started.elapsed().as_secs_f64();
     let bytes = (write_mib * CHUNK) as f64;
-    let _ = writeln!(out, "write_bytes {bytes}\nwrite_secs {secs:.4}\nwrite_mbps {:.1}", bytes / secs / 1e6);
+    let _ = writeln!(
+        out,
+        "write_bytes {bytes}\nwrite_secs {secs:.4}\nwrite_mbps {:.1}",
+        bytes / secs / 1e6
+    );
 
     let path = dir.join("files");
     let started = Instant::now();
@@ -93,17 +105,23 @@ fn workload(dir: &Path, write_mib: usize, files: usize, out: &mut String) -> Res
     }
     let secs = started.elapsed().as_secs_f64();
     if seen != files {
-        return Err(format!("{} holds {seen} entries, expected {files}", path.display()));
+        return Err(format!(
+            "{} holds {seen} entries, expected {files}",
+            path.display()
+        ));
     }
     let _ = writeln!(out, "stat_files {seen}\nstat_secs {secs:.4}");
 
     let created = dir.join("created");
-    let names: Vec<PathBuf> = (0..files).map(|i| created.join(format!("f{i:05}"))).collect();
+    let names: Vec<PathBuf> = (0..files)
+        .map(|i| created.join(format!("f{i:05}")))
+        .collect();
     let started = Instant::now();
     std::fs::create_dir(&created).map_err(ctx("mkdir", &created))?;
     for name in &names {
         let mut file = File::create(name).map_err(ctx("create", name))?;
-        file.write_all(b"brig-fsbench\n").map_err(ctx("write", name))?;
+        file.write_all(b"brig-fsbench\n")
+            .map_err(ctx("write", name))?;
     }
     let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(out, "create_files {files}\ncreate_secs {secs:.4}");

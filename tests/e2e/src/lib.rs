@@ -11,9 +11,9 @@ use brig_runtime::RuntimeConfig;
 
 /// A path from the environment, or a panic that says which variable to set.
 pub fn env_path(var: &str) -> PathBuf {
-    let path = std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{var} is not set: run the end-to-end tests with `make e2e-test`"));
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the end-to-end tests with `make e2e-test`")
+    });
     assert!(path.exists(), "{var}={} does not exist", path.display());
     path
 }
@@ -28,7 +28,10 @@ pub fn config(test: &str) -> RuntimeConfig {
 /// `brig-vmm` with the test kernel and initramfs.
 pub fn vmm_command() -> Command {
     let mut cmd = Command::new(env_path("BRIG_VMM"));
-    cmd.arg("--kernel").arg(env_path("BRIG_KERNEL")).arg("--initrd").arg(env_path("BRIG_INITRD"));
+    cmd.arg("--kernel")
+        .arg(env_path("BRIG_KERNEL"))
+        .arg("--initrd")
+        .arg(env_path("BRIG_INITRD"));
     cmd
 }
 
@@ -37,7 +40,13 @@ pub fn processes_named(name: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
             if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
                 // A zombie that is already reaped disappears; one that is not still counts.
                 if comm.trim() == name {
@@ -52,7 +61,11 @@ pub fn processes_named(name: &str) -> Vec<u32> {
 /// Names of the entries of a directory (empty if it does not exist).
 pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|it| it.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|it| {
+            it.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -73,24 +86,44 @@ pub fn busybox_rootfs(dir: &std::path::Path) -> PathBuf {
     if root.join("bin/busybox").exists() {
         return root;
     }
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root", "data", "home/user"] {
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "data",
+        "home/user",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static at /bin/busybox");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static at /bin/busybox");
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" {
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
         }
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\nextra:x:2000:user\n").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nuser:x:1000:\nextra:x:2000:user\n",
+    )
+    .unwrap();
     root
 }
 
 /// `brig` with the test state root.
 pub fn brig(test: &str) -> Command {
     let mut cmd = Command::new(env_path("BRIG_BIN"));
-    cmd.arg("--root").arg(PathBuf::from("/run/brig-e2e").join(test));
+    cmd.arg("--root")
+        .arg(PathBuf::from("/run/brig-e2e").join(test));
     cmd
 }

@@ -32,7 +32,12 @@ fn run_bundle(test: &str, rules: &str, script: &str) -> Output {
 }}"#,
     );
     std::fs::write(dir.join("config.json"), config).unwrap();
-    brig(test).args(["run", "--rm"]).arg(&dir).stdin(Stdio::null()).output().unwrap()
+    brig(test)
+        .args(["run", "--rm"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -46,7 +51,11 @@ fn a_denied_device_cannot_be_opened_and_the_standard_ones_still_can() {
     let out = run_bundle("devdeny", r#"{"allow": false, "access": "rwm"}"#, SCRIPT);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "devnull\n");
-    assert!(text(&out.stderr).contains("Operation not permitted"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -59,7 +68,15 @@ fn an_allowed_device_can_be_written() {
 
 #[test]
 fn a_bad_device_rule_is_refused_with_125() {
-    let out = run_bundle("devbad", r#"{"allow": true, "type": "c", "major": 4, "minor": 64, "access": "rwx"}"#, "true");
+    let out = run_bundle(
+        "devbad",
+        r#"{"allow": true, "type": "c", "major": 4, "minor": 64, "access": "rwx"}"#,
+        "true",
+    );
     assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("\"rwx\""), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("\"rwx\""),
+        "{}",
+        text(&out.stderr)
+    );
 }
