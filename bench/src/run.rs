@@ -9,8 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use brig_runtime::container::ContainerConfig;
+use brig_runtime::container::{Container, ContainerConfig};
 use brig_runtime::spec::{self, Overrides};
+use brig_runtime::state::Layout;
 use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
 use tokio::io::AsyncReadExt;
 
@@ -44,16 +45,27 @@ struct BrigSample {
 pub fn run(args: Args) -> Result<()> {
     let mut config = RuntimeConfig::load()?;
     config.root = PathBuf::from("/run/brig-bench-run");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let bundle = runc_bundle(&args.rootfs)?;
     let mut brig = Vec::new();
     let mut runc = Vec::new();
     for i in 0..args.runs {
-        brig.push(rt.block_on(brig_run(&config, &args.rootfs, i, &["true"])).context("brig run")?.0);
+        brig.push(
+            rt.block_on(brig_run(&config, &args.rootfs, i, &["true"]))
+                .context("brig run")?
+                .0,
+        );
         runc.push(runc_run(&args.runc, &bundle, i)?);
     }
-    let (_, meminfo, sandbox_pss_kib) =
-        rt.block_on(brig_run(&config, &args.rootfs, args.runs, &["sh", "-c", "sleep 1; cat /proc/meminfo"]))?;
+    let (_, meminfo, sandbox_pss_kib) = rt.block_on(brig_run(
+        &config,
+        &args.rootfs,
+        args.runs,
+        &["sh", "-c", "sleep 1; cat /proc/meminfo"],
+    ))?;
     let kib = |key: &str| -> u64 {
         meminfo
             .lines()
@@ -69,19 +81,37 @@ pub fn run(args: Args) -> Result<()> {
     let total = median(brig.iter().map(|s| ms(s.boot + s.rest)).collect());
     let runc_ms = median(runc.iter().map(|d| ms(*d)).collect());
     println!("# Run benchmark: brig run --rm ROOTFS true vs runc run\n");
-    println!("- {} runs each, interleaved, one host session; root filesystem {}", args.runs, args.rootfs.display());
+    println!(
+        "- {} runs each, interleaved, one host session; root filesystem {}",
+        args.runs,
+        args.rootfs.display()
+    );
     println!("- host: {}\n", host_note());
     println!("| metric (median) | value |");
     println!("|---|---:|");
     println!("| brig: boot (VMM start → agent ready) | {boot:.0} ms |");
     println!("| brig: the rest (create, start, exit, sync, stop) | {rest:.0} ms |");
-    println!("| … of which create (CreateContainer + stdio streams) | {:.0} ms |", median(brig.iter().map(|s| ms(s.create)).collect()));
-    println!("| … of which start → exit status | {:.0} ms |", median(brig.iter().map(|s| ms(s.exec)).collect()));
-    println!("| … of which sync + stop the microVM | {:.0} ms |", median(brig.iter().map(|s| ms(s.teardown)).collect()));
+    println!(
+        "| … of which create (CreateContainer + stdio streams) | {:.0} ms |",
+        median(brig.iter().map(|s| ms(s.create)).collect())
+    );
+    println!(
+        "| … of which start → exit status | {:.0} ms |",
+        median(brig.iter().map(|s| ms(s.exec)).collect())
+    );
+    println!(
+        "| … of which sync + stop the microVM | {:.0} ms |",
+        median(brig.iter().map(|s| ms(s.teardown)).collect())
+    );
     println!("| brig: whole run | {total:.0} ms |");
     println!("| runc run (whole) | {runc_ms:.0} ms |");
-    println!("| ratio brig rest / runc whole (goal ≤ 1) | {:.2} |", rest / runc_ms);
-    println!("| idle guest memory used (MemTotal − MemAvailable, inside) | {guest_used_mib:.1} MiB |");
+    println!(
+        "| ratio brig rest / runc whole (goal ≤ 1) | {:.2} |",
+        rest / runc_ms
+    );
+    println!(
+        "| idle guest memory used (MemTotal − MemAvailable, inside) | {guest_used_mib:.1} MiB |"
+    );
     println!("| host memory of the whole sandbox (brig-vmm PSS, guest RAM it touched included) | {:.1} MiB |", sandbox_pss_kib as f64 / 1024.0);
     println!("\nvirtio-fs against virtiofsd: see fs.md (`brig-bench fs`).");
     Ok(())
@@ -89,43 +119,82 @@ pub fn run(args: Args) -> Result<()> {
 
 /// One `brig run --rm`: returns its timings, the container's stdout and the VMM's PSS (KiB)
 /// sampled while the container ran.
-async fn brig_run(config: &RuntimeConfig, rootfs: &Path, i: usize, cmd: &[&str]) -> Result<(BrigSample, String, u64)> {
+async fn brig_run(
+    config: &RuntimeConfig,
+    rootfs: &Path,
+    i: usize,
+    cmd: &[&str],
+) -> Result<(BrigSample, String, u64)> {
     let id = format!("bench-{i}");
     let mut target = spec::load_target(rootfs)?;
-    let overrides = Overrides { args: cmd.iter().map(|s| s.to_string()).collect(), hostname: Some(id.clone()), ..Default::default() };
+    let overrides = Overrides {
+        args: cmd.iter().map(|s| s.to_string()).collect(),
+        hostname: Some(id.clone()),
+        ..Default::default()
+    };
     spec::apply(&mut target.spec, &overrides)?;
-    let container = ContainerConfig { id: id.clone(), spec: target.spec, rootfs: target.rootfs, volumes: vec![], stdin: false };
+    let container = ContainerConfig {
+        id: id.clone(),
+        spec: target.spec,
+        rootfs: target.rootfs,
+        volumes: vec![],
+        stdin: false,
+    };
+    // The same calls, in the same order, as `brig run --rm` makes.
     let mut sandbox_spec = SandboxSpec::new(id.clone(), config);
     sandbox_spec.share = true;
+    sandbox_spec.tie_to_owner = true;
+    sandbox_spec.fit(&container.spec);
+    let mut record = Container::claim(
+        &Layout::new(&config.root),
+        &id,
+        &id,
+        container.spec.process().clone(),
+    )?;
     let started = Instant::now();
     let sandbox = Sandbox::start(config, &sandbox_spec).await?;
     let boot = started.elapsed();
     let rest_started = Instant::now();
-    let stdio = sandbox.create_container(&container).await?;
+    let stdio = record.create(&sandbox, &container).await?;
     let create = rest_started.elapsed();
     let exec_started = Instant::now();
-    sandbox.agent().start_container(&id).await?;
+    record.start(&sandbox).await?;
     let mut out = String::new();
     if let Some(mut s) = stdio.stdout {
         s.read_to_string(&mut out).await?;
     }
     let pss = sandbox.vmm_pid().map(pss_kib).unwrap_or(0);
-    let status = sandbox.agent().wait_process(&id, "").await?;
-    if status.exit_status != 0 {
-        bail!("container exited with {}", status.exit_status);
+    let status = record.wait(&sandbox).await?;
+    if status.code != 0 {
+        bail!("container exited with {}", status.code);
     }
     let exec = exec_started.elapsed();
     let teardown_started = Instant::now();
-    // As `brig run --rm` ends: the agent syncs, the VMM is stopped.
+    // As `brig run --rm` ends: the agent syncs, the VMM is stopped, the record forgotten.
     sandbox.stop().await?;
+    record.forget()?;
     let teardown = teardown_started.elapsed();
-    Ok((BrigSample { boot, rest: rest_started.elapsed(), create, exec, teardown }, out, pss))
+    Ok((
+        BrigSample {
+            boot,
+            rest: rest_started.elapsed(),
+            create,
+            exec,
+            teardown,
+        },
+        out,
+        pss,
+    ))
 }
 
 fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -134,7 +203,11 @@ fn runc_bundle(rootfs: &Path) -> Result<PathBuf> {
     let bundle = PathBuf::from("/run/brig-bench-runc");
     let _ = std::fs::remove_dir_all(&bundle);
     std::fs::create_dir_all(&bundle)?;
-    let ok = Command::new("runc").args(["spec"]).current_dir(&bundle).status()?.success();
+    let ok = Command::new("runc")
+        .args(["spec"])
+        .current_dir(&bundle)
+        .status()?
+        .success();
     if !ok {
         bail!("runc spec failed");
     }

@@ -1,11 +1,12 @@
-//! `brig exec`: run another process in a running container.
+//! `brig exec`: run another process in a running container, as `docker exec` does: with the
+//! container's user, environment and working directory unless told otherwise.
 
 use anyhow::Context;
-use brig_runtime::agent::AgentClient;
-use brig_runtime::container;
+use brig_runtime::container::{Container, ExecConfig};
+use brig_runtime::state::Layout;
+use brig_runtime::Sandbox;
 
 use crate::relay;
-use crate::state::Layout;
 use crate::EXIT_BRIG_ERROR;
 
 /// Arguments of `brig exec`.
@@ -17,6 +18,15 @@ pub struct ExecArgs {
     /// Give the process a terminal.
     #[arg(short = 't', long)]
     tty: bool,
+    /// Set an environment variable (on top of the container's).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory (default: the container's).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User to run as: UID or UID:GID (default: the container's).
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<String>,
     /// Container ID or name.
     id: String,
     /// Command and arguments.
@@ -25,35 +35,45 @@ pub struct ExecArgs {
 }
 
 pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
-    let state = layout.load(&args.id)?;
-    anyhow::ensure!(state.status == "running", "container {} is not running", args.id);
-    let uds = layout.sandbox(&args.id).join("vsock.sock");
-    let process = serde_json::json!({
-        "terminal": args.tty,
-        "user": { "uid": 0, "gid": 0 },
-        "args": args.command,
-        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-        "cwd": "/",
-    });
-    let exec_id = format!("exec-{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let container = Container::load(layout, &args.id)?;
+    let exec = ExecConfig {
+        exec_id: format!("exec-{}", std::process::id()),
+        args: args.command.clone(),
+        env: args.env.clone(),
+        cwd: args.workdir.clone(),
+        user: args.user.clone(),
+        terminal: args.tty,
+        stdin: args.interactive,
+    };
+    // Bad input is an error before anything reaches the guest.
+    exec.process(container.state().process.as_ref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let code = rt.block_on(async {
-        let agent = AgentClient::connect(&uds, std::time::Duration::from_secs(10))
+        let sandbox = Sandbox::open(layout.root(), &container.state().sandbox_id)
             .await
             .with_context(|| format!("reaching container {}", args.id))?;
-        let stdio = match container::exec_process(&agent, &uds, &args.id, &exec_id, process.to_string(), args.interactive, args.tty).await {
+        let stdio = match container.exec(&sandbox, &exec).await {
             Ok(stdio) => stdio,
             Err(e) => {
                 eprintln!("brig: {e}");
-                return anyhow::Ok(crate::run::create_error_status(&e));
+                return anyhow::Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
             }
         };
         let raw = args.tty.then(relay::RawTerminal::enter);
         if let (true, Some((rows, cols))) = (args.tty, relay::terminal_size()) {
-            let _ = agent.resize_tty(&args.id, &exec_id, rows.into(), cols.into()).await;
+            let _ = sandbox
+                .agent()
+                .resize_tty(&args.id, &exec.exec_id, rows.into(), cols.into())
+                .await;
         }
         relay::relay(stdio, None).await;
-        let status = agent.wait_process(&args.id, &exec_id).await?;
+        let status = sandbox
+            .agent()
+            .wait_process(&args.id, &exec.exec_id)
+            .await?;
         drop(raw);
         anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     });

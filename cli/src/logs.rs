@@ -1,6 +1,6 @@
 //! `brig logs`: what a detached container wrote.
 
-use crate::state::Layout;
+use brig_runtime::state::Layout;
 
 /// Arguments of `brig logs`.
 #[derive(clap::Args, Debug)]

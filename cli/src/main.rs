@@ -9,10 +9,10 @@ mod ps;
 mod relay;
 mod rm;
 mod run;
-mod state;
 
 use std::process::ExitCode;
 
+use brig_runtime::state::Layout;
 use clap::{Parser, Subcommand};
 
 /// Exit status for errors of Brig itself (bad input, missing files), as runc and docker use.
@@ -94,10 +94,15 @@ fn main() -> ExitCode {
 }
 
 /// The state layout under `--root`, or the configured root.
-fn with_layout(root: Option<std::path::PathBuf>, f: impl FnOnce(&state::Layout) -> anyhow::Result<u8>) -> anyhow::Result<u8> {
+fn with_layout(
+    root: Option<std::path::PathBuf>,
+    f: impl FnOnce(&Layout) -> anyhow::Result<u8>,
+) -> anyhow::Result<u8> {
     let root = match root {
         Some(r) => r,
-        None => brig_runtime::RuntimeConfig::load().map(|c| c.root).unwrap_or_else(|_| "/run/brig".into()),
+        None => brig_runtime::RuntimeConfig::load()
+            .map(|c| c.root)
+            .unwrap_or_else(|_| "/run/brig".into()),
     };
-    f(&state::Layout::new(&root))
+    f(&Layout::new(&root))
 }

@@ -1,6 +1,6 @@
 //! `brig ps`: the containers this state root knows.
 
-use crate::state::Layout;
+use brig_runtime::state::{now, Layout, Status};
 
 /// Arguments of `brig ps`.
 #[derive(clap::Args, Debug)]
@@ -11,18 +11,31 @@ pub struct PsArgs {
 }
 
 pub fn run(args: PsArgs, layout: &Layout) -> anyhow::Result<u8> {
-    println!("{:<14} {:<16} {:<20} COMMAND", "CONTAINER ID", "STATUS", "CREATED");
-    for id in layout.ids() {
-        let Ok(state) = layout.load(&id) else { continue };
-        if state.status != "running" && !args.all {
+    println!(
+        "{:<14} {:<16} {:<20} COMMAND",
+        "CONTAINER ID", "STATUS", "CREATED"
+    );
+    for id in layout.container_ids() {
+        let Ok(state) = layout.load(&id) else {
+            continue;
+        };
+        if state.status != Status::Running && !args.all {
             continue;
         }
-        let status = match (state.status.as_str(), state.exit_code) {
-            ("exited", Some(code)) => format!("exited ({code})"),
-            (s, _) => s.to_string(),
+        // As docker says it: a stopped container has "exited".
+        let status = match (state.status, state.exit_code) {
+            (Status::Stopped, Some(code)) => format!("exited ({code})"),
+            (Status::Stopped, None) => "exited".to_string(),
+            (s, _) => s.as_str().to_string(),
         };
-        let age = crate::state::now().saturating_sub(state.created);
-        println!("{:<14} {:<16} {:<20} {}", id, status, format!("{age} s ago"), state.command.join(" "));
+        let age = now().saturating_sub(state.created);
+        println!(
+            "{:<14} {:<16} {:<20} {}",
+            id,
+            status,
+            format!("{age} s ago"),
+            state.command.join(" ")
+        );
     }
     Ok(0)
 }

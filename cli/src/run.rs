@@ -3,17 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use brig_runtime::agent::AgentError;
-use brig_runtime::container::{ContainerConfig, ContainerError, Volume};
+use brig_runtime::container::{Container, ContainerConfig, Volume};
 use brig_runtime::spec::{self, Overrides};
+use brig_runtime::state::{Layout, ProcessRef};
 use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
 
 use crate::relay;
-use crate::state::{now, ContainerState, Layout};
 use crate::EXIT_BRIG_ERROR;
-
-/// Guest memory kept free on top of the container's memory limit.
-const GUEST_OVERHEAD_MIB: u64 = 128;
 
 /// Arguments of `brig run`.
 #[derive(clap::Args, Debug)]
@@ -64,7 +60,11 @@ pub struct RunArgs {
     #[arg(value_name = "ROOTFS|BUNDLE")]
     target: PathBuf,
     /// Command and arguments (default: the bundle's, or sh).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -73,7 +73,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 64M or 1G)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 64M or 1G)"))?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -81,26 +83,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("{s:?} is not a size (try 64M or 1G)")),
     };
-    let bytes = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
     if bytes < 6 << 20 {
-        return Err(format!("{s:?} is too small: the minimum memory limit is 6M"));
+        return Err(format!(
+            "{s:?} is too small: the minimum memory limit is 6M"
+        ));
     }
     Ok(bytes)
-}
-
-fn parse_volume(v: &str) -> anyhow::Result<Volume> {
-    let parts: Vec<&str> = v.split(':').collect();
-    let (host, ctr, ro) = match parts.as_slice() {
-        [h, c] => (*h, *c, false),
-        [h, c, "ro"] => (*h, *c, true),
-        [h, c, "rw"] => (*h, *c, false),
-        _ => anyhow::bail!("--volume {v:?}: use HOST:CONTAINER or HOST:CONTAINER:ro"),
-    };
-    let host = PathBuf::from(host);
-    anyhow::ensure!(host.is_absolute(), "--volume {v:?}: the host path must be absolute");
-    anyhow::ensure!(host.exists(), "--volume {v:?}: host path {} does not exist", host.display());
-    anyhow::ensure!(ctr.starts_with('/'), "--volume {v:?}: the container path must be absolute");
-    Ok(Volume { host, container: ctr.into(), read_only: ro })
 }
 
 fn random_id() -> String {
@@ -128,13 +119,23 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     let mut seccomp = None;
     for opt in &args.security_opt {
         match opt.split_once('=') {
-            Some(("seccomp", path)) => seccomp = Some(spec::load_seccomp(std::path::Path::new(path))?),
+            Some(("seccomp", path)) => {
+                seccomp = Some(spec::load_seccomp(std::path::Path::new(path))?)
+            }
             _ => anyhow::bail!("--security-opt {opt:?}: only seccomp=PROFILE.json is supported"),
         }
     }
-    let volumes = args.volumes.iter().map(|v| parse_volume(v)).collect::<anyhow::Result<Vec<_>>>()?;
+    let volumes = args
+        .volumes
+        .iter()
+        .map(|v| v.parse::<Volume>())
+        .collect::<Result<Vec<_>, _>>()?;
     let overrides = Overrides {
-        args: if args.command.is_empty() && !target.bundle { vec!["sh".into()] } else { args.command.clone() },
+        args: if args.command.is_empty() && !target.bundle {
+            vec!["sh".into()]
+        } else {
+            args.command.clone()
+        },
         env: args.env.clone(),
         cwd: args.workdir.clone(),
         user: args.user.clone(),
@@ -149,20 +150,17 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     spec::apply(&mut target.spec, &overrides)?;
 
     let layout = Layout::new(&config.root);
+    brig_runtime::state::validate_id("container", &id)?;
     anyhow::ensure!(
         !layout.container(&id).exists(),
         "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
     );
-    config.root = layout.sandboxes();
+    // A pod of one: the sandbox is named after the container and sized for its limits. The
+    // foreground `brig` owns its microVM: the VMM dies with it, however it ends.
     let mut sandbox_spec = SandboxSpec::new(id.clone(), &config);
     sandbox_spec.share = true;
-    if let Some(bytes) = args.memory {
-        sandbox_spec.memory_mib = sandbox_spec.memory_mib.max((bytes >> 20) + GUEST_OVERHEAD_MIB);
-    }
-    if let Some(cpus) = args.cpus {
-        sandbox_spec.cpus = sandbox_spec.cpus.max(cpus.ceil().min(32.0) as u8);
-    }
-    let command = target.spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
+    sandbox_spec.tie_to_owner = true;
+    sandbox_spec.fit(&target.spec);
     let container = ContainerConfig {
         id: id.clone(),
         spec: target.spec,
@@ -176,19 +174,25 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     let output = if args.detach {
         Output::Logs(layout.container(&id))
     } else {
-        Output::User { tty: args.tty, logs: (!args.rm).then(|| layout.container(&id)) }
+        Output::User {
+            tty: args.tty,
+            logs: (!args.rm).then(|| layout.container(&id)),
+        }
     };
     let run = Run {
         layout: &layout,
         config: &config,
         sandbox_spec: &sandbox_spec,
         container: &container,
-        command,
         output,
         memory: args.memory,
         remove: args.rm,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     let code = rt.block_on(run.execute());
     // Stdin may still be blocked in a read: leave without waiting for it.
     rt.shutdown_background();
@@ -232,7 +236,11 @@ fn detach(id: &str) -> anyhow::Result<u8> {
     }
     let status = child.wait().context("waiting for the background brig")?;
     eprint!("{err}");
-    Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).unwrap_or(EXIT_BRIG_ERROR))
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|c| *c != 0)
+        .unwrap_or(EXIT_BRIG_ERROR))
 }
 
 /// Where a container's output goes.
@@ -249,7 +257,6 @@ struct Run<'a> {
     config: &'a RuntimeConfig,
     sandbox_spec: &'a SandboxSpec,
     container: &'a ContainerConfig,
-    command: Vec<String>,
     output: Output,
     memory: Option<u64>,
     remove: bool,
@@ -258,52 +265,40 @@ struct Run<'a> {
 impl Run<'_> {
     async fn execute(self) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
-        let mut state = ContainerState {
-            id: id.to_string(),
-            command: self.command.clone(),
-            monitor_pid: std::process::id(),
-            vmm_pid: 0,
-            status: "creating".into(),
-            exit_code: None,
-            created: now(),
-        };
-        self.layout.save(&state)?;
-        let result = self.run_in(&mut state).await;
+        let mut record =
+            Container::claim(self.layout, id, id, self.container.spec.process().clone())?;
+        record.set_owner(ProcessRef::current())?;
+        let result = self.run_in(&mut record).await;
         if self.remove || result.is_err() {
-            let _ = std::fs::remove_dir_all(self.layout.container(id));
-        } else {
-            state.status = "exited".into();
-            let _ = self.layout.save(&state);
+            let _ = record.forget();
         }
         result
     }
 
-    async fn run_in(&self, state: &mut ContainerState) -> anyhow::Result<u8> {
+    async fn run_in(&self, record: &mut Container) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
         let mut sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
-        state.vmm_pid = sandbox.vmm_pid().unwrap_or(0);
-        let stdio = match sandbox.create_container(self.container).await {
+        let stdio = match record.create(&sandbox, self.container).await {
             Ok(stdio) => stdio,
             Err(e) => {
-                let code = create_error_status(&e);
                 eprintln!("brig: {e}");
-                state.exit_code = Some(code.into());
                 let _ = sandbox.stop().await;
-                return Ok(code);
+                return Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
             }
         };
         let tty = matches!(self.output, Output::User { tty: true, .. });
         let raw = tty.then(relay::RawTerminal::enter);
         if tty {
             if let Some((rows, cols)) = relay::terminal_size() {
-                let _ = sandbox.agent().resize_tty(id, "", rows.into(), cols.into()).await;
+                let _ = sandbox
+                    .agent()
+                    .resize_tty(id, "", rows.into(), cols.into())
+                    .await;
             }
         }
-        if let Err(e) = sandbox.agent().start_container(id).await {
+        if let Err(e) = record.start(&sandbox).await {
             return Err(vm_gone(&mut sandbox, e.into()).await);
         }
-        state.status = "running".into();
-        self.layout.save(state)?;
         let forwarding = forward_signals(&sandbox, id, tty);
         match &self.output {
             Output::User { logs, .. } => relay::relay(stdio, logs.as_deref()).await,
@@ -315,21 +310,23 @@ impl Run<'_> {
                 relay::to_logs(stdio, dir).await;
             }
         }
-        let status = match sandbox.agent().wait_process(id, "").await {
+        let status = match record.wait(&sandbox).await {
             Ok(status) => status,
             Err(e) => return Err(vm_gone(&mut sandbox, e.into()).await),
         };
         forwarding.abort();
         drop(raw);
         if status.oom_killed {
-            let limit = self.memory.map(|b| format!(" ({} MiB)", b >> 20)).unwrap_or_default();
+            let limit = self
+                .memory
+                .map(|b| format!(" ({} MiB)", b >> 20))
+                .unwrap_or_default();
             eprintln!("brig: container {id} was killed because it reached its memory limit{limit}");
         }
-        state.exit_code = Some(status.exit_status);
         // One container per microVM: stopping the microVM removes the container with it
         // (the agent syncs first), so no RemoveContainer round trip on the user's wait.
         let _ = sandbox.stop().await;
-        Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
+        Ok(u8::try_from(status.code).unwrap_or(EXIT_BRIG_ERROR))
     }
 }
 
@@ -344,18 +341,6 @@ async fn vm_gone(sandbox: &mut Sandbox, err: anyhow::Error) -> anyhow::Error {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     err
-}
-
-/// runc's statuses for a command that cannot start: 127 not found, 126 not executable.
-pub fn create_error_status(e: &ContainerError) -> u8 {
-    match e {
-        ContainerError::Agent(a @ AgentError::Call { .. }) => match a.code() {
-            Some(ttrpc::Code::NOT_FOUND) => 127,
-            Some(ttrpc::Code::PERMISSION_DENIED) => 126,
-            _ => EXIT_BRIG_ERROR,
-        },
-        _ => EXIT_BRIG_ERROR,
-    }
 }
 
 /// Forward the signals a user sends to `brig` (Ctrl-C, kill) to the container's init.

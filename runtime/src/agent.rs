@@ -4,18 +4,38 @@ use std::path::Path;
 use std::time::Duration;
 
 use brig_protocols::agent::{
-    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, ListProcessesRequest, ProcessInfo,
-    RemoveContainerRequest, ResizeTtyRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
-    StatsRequest, StatsResponse, StdioPorts, VersionRequest, VersionResponse, VsockSelfTestRequest,
-    VsockSelfTestResponse, WaitProcessRequest, WaitProcessResponse,
+    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, ListProcessesRequest,
+    ProcessInfo, RemoveContainerRequest, ResizeTtyRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StatsRequest, StatsResponse, StdioPorts, VersionRequest,
+    VersionResponse, VsockSelfTestRequest, VsockSelfTestResponse, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use brig_protocols::agent_ttrpc_async::AgentClient as RawClient;
-use brig_protocols::AGENT_VSOCK_PORT;
+use brig_protocols::{AGENT_API_VERSION, AGENT_VSOCK_PORT};
 
 use crate::hybrid_vsock::{self, ConnectError};
 
 /// How long one control call may take before it is an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What kind of failure an agent call had, in the runtime's own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The thing named does not exist (for CreateContainer/ExecProcess: the command).
+    NotFound,
+    /// Not allowed (for CreateContainer/ExecProcess: the command is not executable).
+    PermissionDenied,
+    /// The request was wrong.
+    InvalidArgument,
+    /// The thing exists already.
+    AlreadyExists,
+    /// The object is not in a state that allows the call.
+    FailedPrecondition,
+    /// The connection failed or the call timed out.
+    Transport,
+    /// Anything else the agent reported.
+    Other,
+}
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -28,19 +48,32 @@ pub enum AgentError {
     Call {
         /// The RPC.
         call: &'static str,
-        /// The ttrpc status code (`Code::UNKNOWN` for transport errors).
-        code: ttrpc::Code,
+        /// What kind of failure.
+        kind: ErrorKind,
         /// The agent's message.
         reason: String,
+    },
+    /// Host and guest speak different versions of the agent API.
+    #[error(
+        "the guest agent (brig-agent {agent_version}) speaks agent API version {guest}, this runtime speaks {host}: \
+         use the initramfs built with this brig (make initramfs, or `initrd =` in brig.toml)"
+    )]
+    Version {
+        /// The runtime's version.
+        host: u32,
+        /// The agent's version.
+        guest: u32,
+        /// The agent's crate version.
+        agent_version: String,
     },
 }
 
 impl AgentError {
-    /// The ttrpc status code of a failed call.
-    pub fn code(&self) -> Option<ttrpc::Code> {
+    /// The kind of a failed call (`None` when no call was made).
+    pub fn kind(&self) -> Option<ErrorKind> {
         match self {
-            AgentError::Call { code, .. } => Some(*code),
-            AgentError::Connect(_) => None,
+            AgentError::Call { kind, .. } => Some(*kind),
+            AgentError::Connect(_) | AgentError::Version { .. } => None,
         }
     }
 }
@@ -57,11 +90,27 @@ fn ctx() -> ttrpc::context::Context {
 
 fn call_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
     move |e| {
-        let (code, reason) = match e {
-            ttrpc::Error::RpcStatus(status) => (status.code(), status.message().to_string()),
-            other => (ttrpc::Code::UNKNOWN, format!("agent call {call} failed: {other}")),
+        let (kind, reason) = match e {
+            ttrpc::Error::RpcStatus(status) => {
+                let kind = match status.code() {
+                    ttrpc::Code::NOT_FOUND => ErrorKind::NotFound,
+                    ttrpc::Code::PERMISSION_DENIED => ErrorKind::PermissionDenied,
+                    ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
+                    ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
+                    ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
+                    ttrpc::Code::DEADLINE_EXCEEDED | ttrpc::Code::UNAVAILABLE => {
+                        ErrorKind::Transport
+                    }
+                    _ => ErrorKind::Other,
+                };
+                (kind, status.message().to_string())
+            }
+            other => (
+                ErrorKind::Transport,
+                format!("agent call {call} failed: {other}"),
+            ),
         };
-        AgentError::Call { call, code, reason }
+        AgentError::Call { call, kind, reason }
     }
 }
 
@@ -71,36 +120,74 @@ impl AgentClient {
         let stream = hybrid_vsock::connect(uds, AGENT_VSOCK_PORT, timeout).await?;
         let socket = ttrpc::asynchronous::transport::Socket::new(stream);
         let client = ttrpc::asynchronous::Client::new(socket);
-        Ok(Self { raw: RawClient::new(client) })
+        Ok(Self {
+            raw: RawClient::new(client),
+        })
     }
 
     /// Wrap a ttrpc client that already reaches the agent some other way (e.g.
     /// `vsock://CID:1024` over AF_VSOCK, to a guest of another VMM).
     pub fn from_ttrpc(client: ttrpc::asynchronous::Client) -> Self {
-        Self { raw: RawClient::new(client) }
+        Self {
+            raw: RawClient::new(client),
+        }
     }
 
     /// The agent's identity and basic guest facts.
     pub async fn version(&self) -> Result<VersionResponse, AgentError> {
-        self.raw.version(ctx(), &VersionRequest::new()).await.map_err(call_err("Version"))
+        self.raw
+            .version(ctx(), &VersionRequest::new())
+            .await
+            .map_err(call_err("Version"))
+    }
+
+    /// The agent's version, checked: an agent whose API version is not this runtime's is
+    /// an error that says so (and how to fix it), never a confusing failure later.
+    pub async fn checked_version(&self) -> Result<VersionResponse, AgentError> {
+        let v = self.version().await?;
+        if v.api_version != AGENT_API_VERSION {
+            return Err(AgentError::Version {
+                host: AGENT_API_VERSION,
+                guest: v.api_version,
+                agent_version: v.agent_version,
+            });
+        }
+        Ok(v)
     }
 
     /// Ask the guest to power off; the VMM exits once it has.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
-        self.raw.shutdown(ctx(), &ShutdownRequest::new()).await.map(|_| ()).map_err(call_err("Shutdown"))
+        self.raw
+            .shutdown(ctx(), &ShutdownRequest::new())
+            .await
+            .map(|_| ())
+            .map_err(call_err("Shutdown"))
     }
 
     /// Diagnostics: the agent connects to host vsock `port`, sends `send_bytes` pattern
     /// bytes and reads until EOF.
-    pub async fn vsock_self_test(&self, port: u32, send_bytes: u64) -> Result<VsockSelfTestResponse, AgentError> {
+    pub async fn vsock_self_test(
+        &self,
+        port: u32,
+        send_bytes: u64,
+    ) -> Result<VsockSelfTestResponse, AgentError> {
         let mut req = VsockSelfTestRequest::new();
         req.port = port;
         req.send_bytes = send_bytes;
-        self.raw.vsock_self_test(ctx(), &req).await.map_err(call_err("VsockSelfTest"))
+        self.raw
+            .vsock_self_test(ctx(), &req)
+            .await
+            .map_err(call_err("VsockSelfTest"))
     }
 
     /// Set up a container (its command waits for [`Self::start_container`]).
-    pub async fn create_container(&self, id: &str, spec_json: String, rootfs: String, stdio: StdioPorts) -> Result<u32, AgentError> {
+    pub async fn create_container(
+        &self,
+        id: &str,
+        spec_json: String,
+        rootfs: String,
+        stdio: StdioPorts,
+    ) -> Result<u32, AgentError> {
         let req = CreateContainerRequest {
             container_id: id.into(),
             oci_spec_json: spec_json,
@@ -108,17 +195,34 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        self.raw.create_container(ctx(), &req).await.map(|r| r.pid).map_err(call_err("CreateContainer"))
+        self.raw
+            .create_container(ctx(), &req)
+            .await
+            .map(|r| r.pid)
+            .map_err(call_err("CreateContainer"))
     }
 
     /// Let a created container run its command.
     pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
-        let req = StartContainerRequest { container_id: id.into(), ..Default::default() };
-        self.raw.start_container(ctx(), &req).await.map(|_| ()).map_err(call_err("StartContainer"))
+        let req = StartContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .start_container(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("StartContainer"))
     }
 
     /// Run another process in a container.
-    pub async fn exec_process(&self, id: &str, exec_id: &str, process_json: String, stdio: StdioPorts) -> Result<(), AgentError> {
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: String,
+        stdio: StdioPorts,
+    ) -> Result<(), AgentError> {
         let req = ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -126,49 +230,189 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        self.raw.exec_process(ctx(), &req).await.map(|_| ()).map_err(call_err("ExecProcess"))
+        self.raw
+            .exec_process(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("ExecProcess"))
     }
 
     /// Send `signal` to a process (`exec_id` empty = the container's init; `all` = every
     /// process of the container).
-    pub async fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
-        let req = SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, all, ..Default::default() };
-        self.raw.signal_process(ctx(), &req).await.map(|_| ()).map_err(call_err("SignalProcess"))
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.raw
+            .signal_process(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("SignalProcess"))
     }
 
     /// Wait for a process to exit (no timeout: processes run as long as they like).
-    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
-        let req = WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.raw.wait_process(ttrpc::context::Context::default(), &req).await.map_err(call_err("WaitProcess"))
+    pub async fn wait_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse, AgentError> {
+        let req = WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .wait_process(ttrpc::context::Context::default(), &req)
+            .await
+            .map_err(call_err("WaitProcess"))
     }
 
     /// Close a process's stdin.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = CloseStdinRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.raw.close_stdin(ctx(), &req).await.map(|_| ()).map_err(call_err("CloseStdin"))
+        let req = CloseStdinRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .close_stdin(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("CloseStdin"))
     }
 
     /// Set a process's terminal size.
-    pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
-        let req = ResizeTtyRequest { container_id: id.into(), exec_id: exec_id.into(), rows, cols, ..Default::default() };
-        self.raw.resize_tty(ctx(), &req).await.map(|_| ()).map_err(call_err("ResizeTty"))
+    pub async fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        let req = ResizeTtyRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.raw
+            .resize_tty(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("ResizeTty"))
     }
 
     /// The processes of a container.
     pub async fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, AgentError> {
-        let req = ListProcessesRequest { container_id: id.into(), ..Default::default() };
-        self.raw.list_processes(ctx(), &req).await.map(|r| r.processes).map_err(call_err("ListProcesses"))
+        let req = ListProcessesRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .list_processes(ctx(), &req)
+            .await
+            .map(|r| r.processes)
+            .map_err(call_err("ListProcesses"))
     }
 
     /// cgroup statistics of a container.
     pub async fn stats(&self, id: &str) -> Result<StatsResponse, AgentError> {
-        let req = StatsRequest { container_id: id.into(), ..Default::default() };
+        let req = StatsRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         self.raw.stats(ctx(), &req).await.map_err(call_err("Stats"))
     }
 
     /// Kill what is left of a container and forget it.
     pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
-        let req = RemoveContainerRequest { container_id: id.into(), ..Default::default() };
-        self.raw.remove_container(ctx(), &req).await.map(|_| ()).map_err(call_err("RemoveContainer"))
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .remove_container(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("RemoveContainer"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use brig_protocols::agent::{VersionRequest, VersionResponse};
+    use brig_protocols::agent_ttrpc_async::{create_agent, Agent};
+
+    use super::*;
+
+    /// A peer that answers Version with a given API version, as an agent of another build
+    /// would.
+    struct OtherBuild(u32);
+
+    #[async_trait::async_trait]
+    impl Agent for OtherBuild {
+        async fn version(
+            &self,
+            _: &::ttrpc::r#async::TtrpcContext,
+            _: VersionRequest,
+        ) -> ::ttrpc::Result<VersionResponse> {
+            Ok(VersionResponse {
+                agent_version: "9.9.9".into(),
+                api_version: self.0,
+                ..Default::default()
+            })
+        }
+    }
+
+    async fn client_of(api_version: u32, name: &str) -> (AgentClient, ttrpc::asynchronous::Server) {
+        let path = std::env::temp_dir().join(format!(
+            "brig-agent-test-{name}-{}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let addr = format!("unix://{}", path.display());
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&addr)
+            .unwrap()
+            .register_service(create_agent(Arc::new(OtherBuild(api_version))));
+        server.start().await.unwrap();
+        let client = ttrpc::asynchronous::Client::connect(&addr).await.unwrap();
+        (AgentClient::from_ttrpc(client), server)
+    }
+
+    #[tokio::test]
+    async fn an_agent_of_another_api_version_is_refused_with_the_fix() {
+        let (agent, mut server) = client_of(AGENT_API_VERSION + 1, "mismatch").await;
+        let err = agent.checked_version().await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, AgentError::Version { guest, host, .. } if guest == AGENT_API_VERSION + 1 && host == AGENT_API_VERSION),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("make initramfs") && msg.contains("9.9.9"),
+            "{msg}"
+        );
+        let _ = server.shutdown().await;
+
+        let (agent, mut server) = client_of(AGENT_API_VERSION, "match").await;
+        assert_eq!(
+            agent.checked_version().await.unwrap().api_version,
+            AGENT_API_VERSION
+        );
+        let _ = server.shutdown().await;
     }
 }

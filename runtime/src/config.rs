@@ -28,13 +28,20 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/brig/brig.toml";
 pub enum ConfigError {
     /// The file exists but cannot be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The file is not valid TOML or has unknown/mistyped fields.
     #[error("config file {path} is invalid: {reason}")]
     Parse { path: PathBuf, reason: String },
     /// A file the runtime needs cannot be found.
     #[error("{what} not found (looked in: {looked}); {fix}")]
-    Missing { what: &'static str, looked: String, fix: &'static str },
+    Missing {
+        what: &'static str,
+        looked: String,
+        fix: &'static str,
+    },
     /// A value that is not one of the allowed ones.
     #[error("fs_cache (or BRIG_FS_CACHE) is {0:?}: use one of {FS_CACHE_MODES:?}")]
     FsCache(String),
@@ -65,7 +72,7 @@ pub struct RuntimeConfig {
     pub initrd: PathBuf,
     /// The `brig-vmm` binary.
     pub vmm: PathBuf,
-    /// State directory (one subdirectory per sandbox).
+    /// State root (`sandboxes/<id>/`, `containers/<id>/`: see [`crate::state`]).
     pub root: PathBuf,
     /// Default vCPUs per sandbox.
     pub cpus: u8,
@@ -84,10 +91,17 @@ impl RuntimeConfig {
         let path = std::env::var_os("BRIG_CONFIG").map(PathBuf::from);
         let file = match &path {
             Some(p) => Some(read_file(p)?),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => Some(read_file(Path::new(DEFAULT_CONFIG_PATH))?),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Some(read_file(Path::new(DEFAULT_CONFIG_PATH))?)
+            }
             None => None,
         };
-        Self::resolve(file.unwrap_or_default(), |k| std::env::var_os(k).map(PathBuf::from), &share_dirs(), &bin_dirs())
+        Self::resolve(
+            file.unwrap_or_default(),
+            |k| std::env::var_os(k).map(PathBuf::from),
+            &share_dirs(),
+            &bin_dirs(),
+        )
     }
 
     fn resolve(
@@ -96,24 +110,30 @@ impl RuntimeConfig {
         share_dirs: &[PathBuf],
         bin_dirs: &[PathBuf],
     ) -> Result<Self, ConfigError> {
-        let kernel = pick(env("BRIG_KERNEL").or(file.kernel), share_dirs, "vmlinux").ok_or_else(|| {
-            ConfigError::Missing {
-                what: "guest kernel (vmlinux)",
-                looked: looked(share_dirs, "vmlinux"),
-                fix: "build it with `make kernel`, or set `kernel` in brig.toml or BRIG_KERNEL",
-            }
+        let kernel =
+            pick(env("BRIG_KERNEL").or(file.kernel), share_dirs, "vmlinux").ok_or_else(|| {
+                ConfigError::Missing {
+                    what: "guest kernel (vmlinux)",
+                    looked: looked(share_dirs, "vmlinux"),
+                    fix: "build it with `make kernel`, or set `kernel` in brig.toml or BRIG_KERNEL",
+                }
+            })?;
+        let initrd = pick(
+            env("BRIG_INITRD").or(file.initrd),
+            share_dirs,
+            "initramfs.cpio.gz",
+        )
+        .ok_or_else(|| ConfigError::Missing {
+            what: "guest initramfs (initramfs.cpio.gz)",
+            looked: looked(share_dirs, "initramfs.cpio.gz"),
+            fix: "build it with `make initramfs`, or set `initrd` in brig.toml or BRIG_INITRD",
         })?;
-        let initrd = pick(env("BRIG_INITRD").or(file.initrd), share_dirs, "initramfs.cpio.gz").ok_or_else(|| {
+        let vmm = pick(env("BRIG_VMM").or(file.vmm), bin_dirs, "brig-vmm").ok_or_else(|| {
             ConfigError::Missing {
-                what: "guest initramfs (initramfs.cpio.gz)",
-                looked: looked(share_dirs, "initramfs.cpio.gz"),
-                fix: "build it with `make initramfs`, or set `initrd` in brig.toml or BRIG_INITRD",
+                what: "brig-vmm",
+                looked: looked(bin_dirs, "brig-vmm"),
+                fix: "install it next to brig, or set `vmm` in brig.toml or BRIG_VMM",
             }
-        })?;
-        let vmm = pick(env("BRIG_VMM").or(file.vmm), bin_dirs, "brig-vmm").ok_or_else(|| ConfigError::Missing {
-            what: "brig-vmm",
-            looked: looked(bin_dirs, "brig-vmm"),
-            fix: "install it next to brig, or set `vmm` in brig.toml or BRIG_VMM",
         })?;
         let fs_cache = env("BRIG_FS_CACHE")
             .map(|v| v.to_string_lossy().into_owned())
@@ -126,7 +146,9 @@ impl RuntimeConfig {
             kernel,
             initrd,
             vmm,
-            root: env("BRIG_ROOT").or(file.root).unwrap_or_else(|| PathBuf::from("/run/brig")),
+            root: env("BRIG_ROOT")
+                .or(file.root)
+                .unwrap_or_else(|| PathBuf::from("/run/brig")),
             cpus: file.cpus.unwrap_or(1),
             memory_mib: file.memory_mib.unwrap_or(256),
             boot_timeout: Duration::from_secs(file.boot_timeout_secs.unwrap_or(60)),
@@ -136,8 +158,14 @@ impl RuntimeConfig {
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), reason: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// An explicit path wins (even if missing: the VMM then names it); otherwise the first
@@ -147,16 +175,25 @@ fn pick(explicit: Option<PathBuf>, dirs: &[PathBuf], name: &str) -> Option<PathB
 }
 
 fn looked(dirs: &[PathBuf], name: &str) -> String {
-    dirs.iter().map(|d| d.join(name).display().to_string()).collect::<Vec<_>>().join(", ")
+    dirs.iter()
+        .map(|d| d.join(name).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn exe_dir() -> Option<PathBuf> {
-    std::env::current_exe().ok()?.parent().map(Path::to_path_buf)
+    std::env::current_exe()
+        .ok()?
+        .parent()
+        .map(Path::to_path_buf)
 }
 
 /// `<exe>/../share/brig`, then the usual install prefixes.
 fn share_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = exe_dir().map(|d| d.join("../share/brig")).into_iter().collect();
+    let mut dirs: Vec<PathBuf> = exe_dir()
+        .map(|d| d.join("../share/brig"))
+        .into_iter()
+        .collect();
     dirs.push("/usr/local/share/brig".into());
     dirs.push("/usr/share/brig".into());
     dirs
@@ -177,13 +214,15 @@ mod tests {
 
     #[test]
     fn explicit_paths_and_defaults() {
-        let file: ConfigFile = toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\ncpus = 2").unwrap();
+        let file: ConfigFile =
+            toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\ncpus = 2").unwrap();
         let cfg = RuntimeConfig::resolve(file, |_| None, &[], &[]).unwrap();
         assert_eq!(cfg.kernel, PathBuf::from("/k"));
         assert_eq!(cfg.cpus, 2);
         assert_eq!(cfg.memory_mib, 256);
         assert_eq!(cfg.root, PathBuf::from("/run/brig"));
-        let file: ConfigFile = toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"").unwrap();
+        let file: ConfigFile =
+            toml::from_str("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"").unwrap();
         let env = |k: &str| (k == "BRIG_KERNEL").then(|| PathBuf::from("/env/k"));
         let cfg = RuntimeConfig::resolve(file, env, &[], &[]).unwrap();
         assert_eq!(cfg.kernel, PathBuf::from("/env/k"));
@@ -191,11 +230,26 @@ mod tests {
 
     #[test]
     fn the_fs_cache_mode_is_checked() {
-        let file = || toml::from_str::<ConfigFile>("kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\nfs_cache = \"metadata\"").unwrap();
-        assert_eq!(RuntimeConfig::resolve(file(), |_| None, &[], &[]).unwrap().fs_cache, "metadata");
+        let file = || {
+            toml::from_str::<ConfigFile>(
+                "kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\nfs_cache = \"metadata\"",
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            RuntimeConfig::resolve(file(), |_| None, &[], &[])
+                .unwrap()
+                .fs_cache,
+            "metadata"
+        );
         let env = |k: &str| (k == "BRIG_FS_CACHE").then(|| PathBuf::from("sometimes"));
-        let msg = RuntimeConfig::resolve(file(), env, &[], &[]).unwrap_err().to_string();
-        assert!(msg.contains("\"sometimes\"") && msg.contains("metadata"), "{msg}");
+        let msg = RuntimeConfig::resolve(file(), env, &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("\"sometimes\"") && msg.contains("metadata"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -206,7 +260,9 @@ mod tests {
     #[test]
     fn a_missing_kernel_says_how_to_fix_it() {
         let dirs = [PathBuf::from("/nonexistent/share/brig")];
-        let msg = RuntimeConfig::resolve(ConfigFile::default(), |_| None, &dirs, &dirs).unwrap_err().to_string();
+        let msg = RuntimeConfig::resolve(ConfigFile::default(), |_| None, &dirs, &dirs)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("/nonexistent/share/brig/vmlinux"), "{msg}");
         assert!(msg.contains("BRIG_KERNEL"), "{msg}");
         assert!(msg.contains("make kernel"), "{msg}");

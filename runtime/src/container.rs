@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use brig_protocols::agent::{StdioPorts, WaitProcessResponse};
-use oci_spec::runtime::{MountBuilder, Spec};
+use brig_protocols::agent::{StatsResponse, StdioPorts, WaitProcessResponse};
+use oci_spec::runtime::{MountBuilder, Process, Spec, UserBuilder};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::agent::{AgentClient, AgentError};
-use crate::sandbox::Sandbox;
+use crate::agent::{AgentClient, AgentError, ErrorKind};
+use crate::sandbox::{self, Sandbox, SandboxError};
 use crate::share::{self, ShareError, GUEST_SHARE_DIR};
+use crate::spec::{self as oci, SpecError};
+use crate::state::{ContainerState, Layout, ProcessRef, StateError, Status};
 
 /// How long the agent gets to open a process's stdio streams.
 const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,6 +40,37 @@ pub struct Volume {
     pub container: PathBuf,
     /// Mounted read-only.
     pub read_only: bool,
+}
+
+impl std::str::FromStr for Volume {
+    type Err = SpecError;
+
+    /// `HOST:CONTAINER[:ro|:rw]`, both paths absolute, the host path existing.
+    fn from_str(v: &str) -> Result<Self, SpecError> {
+        let bad = |why: &str| SpecError::Invalid(format!("--volume {v:?}: {why}"));
+        let parts: Vec<&str> = v.split(':').collect();
+        let (host, ctr, read_only) = match parts.as_slice() {
+            [h, c] => (*h, *c, false),
+            [h, c, "ro"] => (*h, *c, true),
+            [h, c, "rw"] => (*h, *c, false),
+            _ => return Err(bad("use HOST:CONTAINER or HOST:CONTAINER:ro")),
+        };
+        let host = PathBuf::from(host);
+        if !host.is_absolute() {
+            return Err(bad("the host path must be absolute"));
+        }
+        if !host.exists() {
+            return Err(bad(&format!("host path {} does not exist", host.display())));
+        }
+        if !ctr.starts_with('/') {
+            return Err(bad("the container path must be absolute"));
+        }
+        Ok(Volume {
+            host,
+            container: ctr.into(),
+            read_only,
+        })
+    }
 }
 
 /// What to create.
@@ -82,6 +115,37 @@ pub enum ContainerError {
     /// The agent refused or failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The container's record.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Its sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The container is not in a state that allows the call.
+    #[error("container {id} is {status}: {what}")]
+    WrongState {
+        /// The container.
+        id: String,
+        /// Its status.
+        status: &'static str,
+        /// What cannot be done, and what to do instead.
+        what: &'static str,
+    },
+}
+
+impl ContainerError {
+    /// The exit status runc gives a command that cannot start: 127 when it does not exist,
+    /// 126 when it cannot be executed; `None` for every other failure.
+    pub fn command_status(&self) -> Option<u8> {
+        match self {
+            ContainerError::Agent(a) => match a.kind() {
+                Some(ErrorKind::NotFound) => Some(127),
+                Some(ErrorKind::PermissionDenied) => Some(126),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// How a process ended, as the host reports it.
@@ -95,7 +159,10 @@ pub struct ExitStatus {
 
 impl From<WaitProcessResponse> for ExitStatus {
     fn from(r: WaitProcessResponse) -> Self {
-        Self { code: r.exit_status, oom_killed: r.oom_killed }
+        Self {
+            code: r.exit_status,
+            oom_killed: r.oom_killed,
+        }
     }
 }
 
@@ -108,23 +175,31 @@ impl PendingStdio {
     fn bind(vsock_uds: &Path, stdin: bool, stderr: bool) -> Result<Self, ContainerError> {
         let mut listeners = Vec::new();
         let mut ports = StdioPorts::new();
-        let open = |listeners: &mut Vec<(u32, PathBuf, UnixListener)>| -> Result<u32, ContainerError> {
-            for _ in 0..64 {
-                let port = next_port();
-                let mut path = vsock_uds.as_os_str().to_owned();
-                path.push(format!("_{port}"));
-                let path = PathBuf::from(path);
-                match UnixListener::bind(&path) {
-                    Ok(listener) => {
-                        listeners.push((port, path, listener));
-                        return Ok(port);
+        let open =
+            |listeners: &mut Vec<(u32, PathBuf, UnixListener)>| -> Result<u32, ContainerError> {
+                for _ in 0..64 {
+                    let port = next_port();
+                    let mut path = vsock_uds.as_os_str().to_owned();
+                    path.push(format!("_{port}"));
+                    let path = PathBuf::from(path);
+                    match UnixListener::bind(&path) {
+                        Ok(listener) => {
+                            listeners.push((port, path, listener));
+                            return Ok(port);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                        Err(e) => {
+                            return Err(ContainerError::Stdio(format!(
+                                "listening on {}: {e}",
+                                path.display()
+                            )))
+                        }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
-                    Err(e) => return Err(ContainerError::Stdio(format!("listening on {}: {e}", path.display()))),
                 }
-            }
-            Err(ContainerError::Stdio("no free host vsock port for a stdio stream".into()))
-        };
+                Err(ContainerError::Stdio(
+                    "no free host vsock port for a stdio stream".into(),
+                ))
+            };
         if stdin {
             ports.stdin = open(&mut listeners)?;
         }
@@ -142,7 +217,11 @@ impl PendingStdio {
             let accepted = tokio::time::timeout(STDIO_CONNECT_TIMEOUT, listener.accept()).await;
             let _ = std::fs::remove_file(&path);
             let (stream, _) = accepted
-                .map_err(|_| ContainerError::Stdio(format!("the agent did not open the stream on port {port}")))?
+                .map_err(|_| {
+                    ContainerError::Stdio(format!(
+                        "the agent did not open the stream on port {port}"
+                    ))
+                })?
                 .map_err(|e| ContainerError::Stdio(e.to_string()))?;
             let slot = if port == self.ports.stdin && port != 0 {
                 &mut stdio.stdin
@@ -165,13 +244,25 @@ fn guest_dir(id: &str) -> PathBuf {
 impl Sandbox {
     /// Create a container: bind its root filesystem and volumes into the share, open its
     /// stdio streams, and have the agent set it up (its command does not run yet).
-    pub async fn create_container(&self, config: &ContainerConfig) -> Result<Stdio, ContainerError> {
-        let share = self.share_dir().ok_or_else(|| ContainerError::Spec("the sandbox has no share".into()))?;
+    pub async fn create_container(
+        &self,
+        config: &ContainerConfig,
+    ) -> Result<Stdio, ContainerError> {
+        let share = self
+            .share_dir()
+            .ok_or_else(|| ContainerError::Spec("the sandbox has no share".into()))?;
         let SharedContainer { spec_json, rootfs } = share_container(&share, config)?;
-        let terminal = config.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let terminal = config
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
         let pending = PendingStdio::bind(&self.vsock_uds(), config.stdin, !terminal)?;
         let ports = pending.ports.clone();
-        let create = self.agent().create_container(&config.id, spec_json, rootfs, ports);
+        let create = self
+            .agent()
+            .create_container(&config.id, spec_json, rootfs, ports);
         // The agent connects the streams before CreateContainer returns: accept meanwhile.
         let accepting = tokio::spawn(pending_accept(pending));
         let created = create.await;
@@ -186,7 +277,321 @@ impl Sandbox {
             }
         }
     }
+}
 
+/// cgroup statistics of a container, read in the guest (cgroup v2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `memory.current`.
+    pub memory_current_bytes: u64,
+    /// `memory.max` (0 = no limit).
+    pub memory_max_bytes: u64,
+    /// `cpu.stat` usage_usec.
+    pub cpu_usage_usec: u64,
+    /// `pids.current`.
+    pub pids_current: u64,
+    /// `pids.max` (0 = no limit).
+    pub pids_max: u64,
+    /// `memory.events` oom_kill.
+    pub oom_kills: u64,
+}
+
+impl From<StatsResponse> for Stats {
+    fn from(r: StatsResponse) -> Self {
+        Self {
+            memory_current_bytes: r.memory_current_bytes,
+            memory_max_bytes: r.memory_max_bytes,
+            cpu_usage_usec: r.cpu_usage_usec,
+            pids_current: r.pids_current,
+            pids_max: r.pids_max,
+            oom_kills: r.oom_kills,
+        }
+    }
+}
+
+/// Another process to run in a container. What is `None` is inherited from the container's
+/// own process, as `docker exec` does.
+#[derive(Debug, Clone, Default)]
+pub struct ExecConfig {
+    /// The exec's ID (unique in the container).
+    pub exec_id: String,
+    /// Command and arguments.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` additions/replacements to the container's environment.
+    pub env: Vec<String>,
+    /// Working directory (default: the container's).
+    pub cwd: Option<String>,
+    /// `UID[:GID]` (default: the container's user).
+    pub user: Option<String>,
+    /// Give it a terminal.
+    pub terminal: bool,
+    /// Open a stdin stream.
+    pub stdin: bool,
+}
+
+impl ExecConfig {
+    /// The OCI process to run: the container's `base` with this exec's changes.
+    pub fn process(&self, base: Option<&Process>) -> Result<Process, SpecError> {
+        let mut process = base.cloned().unwrap_or_default();
+        if base.is_none() {
+            process.set_cwd("/".into());
+        }
+        process.set_args(Some(self.args.clone()));
+        process.set_terminal(Some(self.terminal));
+        let mut env = process.env().clone().unwrap_or_default();
+        // A terminal needs a TERM, as `docker exec -t` gives it.
+        if self.terminal && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".into());
+        }
+        process.set_env(Some(oci::merge_env(env, &self.env)?));
+        if let Some(cwd) = &self.cwd {
+            process.set_cwd(oci::absolute_cwd(cwd)?.into());
+        }
+        if let Some(user) = &self.user {
+            let (uid, gid) = oci::parse_user(user)?;
+            process.set_user(
+                UserBuilder::default()
+                    .uid(uid)
+                    .gid(gid)
+                    .build()
+                    .map_err(|e| SpecError::Invalid(e.to_string()))?,
+            );
+        }
+        // An exec never inherits the init process's console size or OOM score adjustments
+        // it did not ask for; everything else (capabilities, rlimits, no_new_privs,
+        // AppArmor/SELinux labels) it does, as runc's exec does.
+        process.set_console_size(None);
+        Ok(process)
+    }
+}
+
+/// A container: its record under the state root, and the calls that move it through its
+/// lifecycle (create → start → wait → remove), each recorded as it happens.
+#[derive(Debug)]
+pub struct Container {
+    layout: Layout,
+    state: ContainerState,
+}
+
+impl Container {
+    /// Claim `id` for a new container of sandbox `sandbox_id` (its record says `creating`).
+    /// Fails if a container with this ID exists.
+    pub fn claim(
+        layout: &Layout,
+        id: &str,
+        sandbox_id: &str,
+        process: Option<Process>,
+    ) -> Result<Self, ContainerError> {
+        let state = ContainerState::new(id, sandbox_id, process);
+        layout.create_container(&state)?;
+        Ok(Self {
+            layout: layout.clone(),
+            state,
+        })
+    }
+
+    /// The recorded container `id`.
+    pub fn load(layout: &Layout, id: &str) -> Result<Self, ContainerError> {
+        Ok(Self {
+            layout: layout.clone(),
+            state: layout.load(id)?,
+        })
+    }
+
+    /// Its record.
+    pub fn state(&self) -> &ContainerState {
+        &self.state
+    }
+
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    /// Its directory under the state root (the record; the CLI keeps logs there too).
+    pub fn dir(&self) -> PathBuf {
+        self.layout.container(&self.state.id)
+    }
+
+    /// Name the host process that holds its sandbox: when that process is gone, the
+    /// container reads as stopped.
+    pub fn set_owner(&mut self, owner: ProcessRef) -> Result<(), ContainerError> {
+        self.state.owner = Some(owner);
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), ContainerError> {
+        Ok(self.layout.save(&self.state)?)
+    }
+
+    fn ensure(&self, allowed: &[Status], what: &'static str) -> Result<(), ContainerError> {
+        if allowed.contains(&self.state.status) {
+            Ok(())
+        } else {
+            Err(ContainerError::WrongState {
+                id: self.state.id.clone(),
+                status: self.state.status.as_str(),
+                what,
+            })
+        }
+    }
+
+    /// Set the container up in `sandbox` (its command does not run yet): share its root
+    /// filesystem and volumes, open its stdio streams. A command that does not exist or
+    /// cannot run fails here ([`ContainerError::command_status`] tells runc's status); the
+    /// exit code is then recorded and the container reads as stopped.
+    pub async fn create(
+        &mut self,
+        sandbox: &Sandbox,
+        config: &ContainerConfig,
+    ) -> Result<Stdio, ContainerError> {
+        self.ensure(&[Status::Creating], "it was created already")?;
+        self.state.vmm = sandbox.vmm();
+        self.state.process = config.spec.process().clone();
+        match sandbox.create_container(config).await {
+            Ok(stdio) => {
+                self.state.status = Status::Created;
+                self.save()?;
+                Ok(stdio)
+            }
+            Err(e) => {
+                self.state.status = Status::Stopped;
+                self.state.exit_code = e.command_status().map(i32::from);
+                self.unshare(sandbox);
+                let _ = self.save();
+                Err(e)
+            }
+        }
+    }
+
+    /// Run its command.
+    pub async fn start(&mut self, sandbox: &Sandbox) -> Result<(), ContainerError> {
+        self.ensure(
+            &[Status::Created],
+            "only a created container can be started",
+        )?;
+        sandbox.agent().start_container(&self.state.id).await?;
+        self.state.status = Status::Running;
+        self.save()
+    }
+
+    /// Wait for its command to exit; records the exit status.
+    pub async fn wait(&mut self, sandbox: &Sandbox) -> Result<ExitStatus, ContainerError> {
+        let status: ExitStatus = sandbox
+            .agent()
+            .wait_process(&self.state.id, "")
+            .await?
+            .into();
+        self.record_exit(status.code)?;
+        Ok(status)
+    }
+
+    /// Record that it stopped with `code` (when the sandbox ended it, say).
+    pub fn record_exit(&mut self, code: i32) -> Result<(), ContainerError> {
+        self.state.status = Status::Stopped;
+        self.state.exit_code = Some(code);
+        self.save()
+    }
+
+    /// Send `signal` to its init (`all`: to every process in it).
+    pub async fn signal(
+        &self,
+        sandbox: &Sandbox,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
+        self.ensure(
+            &[Status::Created, Status::Running, Status::Paused],
+            "there is nothing to signal",
+        )?;
+        let signal = u32::try_from(signal)
+            .map_err(|_| ContainerError::Spec(format!("invalid signal {signal}")))?;
+        Ok(sandbox
+            .agent()
+            .signal_process(&self.state.id, "", signal, all)
+            .await?)
+    }
+
+    /// Run another process in it. Wait for it with
+    /// `sandbox.agent().wait_process(id, exec_id)`.
+    pub async fn exec(
+        &self,
+        sandbox: &Sandbox,
+        exec: &ExecConfig,
+    ) -> Result<Stdio, ContainerError> {
+        self.ensure(&[Status::Running], "exec needs a running container")?;
+        let process = exec
+            .process(self.state.process.as_ref())
+            .map_err(|e| ContainerError::Spec(e.to_string()))?;
+        let json =
+            serde_json::to_string(&process).map_err(|e| ContainerError::Spec(e.to_string()))?;
+        exec_process(
+            sandbox.agent(),
+            &sandbox.vsock_uds(),
+            &self.state.id,
+            &exec.exec_id,
+            json,
+            exec.stdin,
+            exec.terminal,
+        )
+        .await
+    }
+
+    /// Its cgroup statistics.
+    pub async fn stats(&self, sandbox: &Sandbox) -> Result<Stats, ContainerError> {
+        Ok(sandbox.agent().stats(&self.state.id).await?.into())
+    }
+
+    /// Remove it from `sandbox` (the agent kills what is left of it) and unmount its root
+    /// filesystem and volumes from the share at once; then forget its record.
+    pub async fn remove(self, sandbox: &Sandbox) -> Result<(), ContainerError> {
+        let removed = sandbox.agent().remove_container(&self.state.id).await;
+        self.unshare(sandbox);
+        removed?;
+        self.forget()
+    }
+
+    fn unshare(&self, sandbox: &Sandbox) {
+        if let Some(share) = sandbox.share_dir() {
+            let dir = share.join(&self.state.id);
+            if dir.exists() {
+                if let Err(e) = share::remove(&dir) {
+                    tracing::warn!("unsharing container {}: {e}", self.state.id);
+                }
+            }
+        }
+    }
+
+    /// Forget its record (and whatever else is in its directory).
+    pub fn forget(self) -> Result<(), ContainerError> {
+        Ok(self.layout.remove_container(&self.state.id)?)
+    }
+
+    /// Delete a container of a pod of one (the CLI's): a live one only with `force`, which
+    /// kills its owner and its sandbox's VMM; its sandbox's mounts and directory are removed
+    /// and its record forgotten.
+    pub fn delete(self, force: bool) -> Result<(), ContainerError> {
+        if self.state.status != Status::Stopped {
+            if !force {
+                return Err(ContainerError::WrongState {
+                    id: self.state.id.clone(),
+                    status: self.state.status.as_str(),
+                    what: "stop it first, or force the removal (brig rm -f)",
+                });
+            }
+            if let Some(owner) = self.state.owner {
+                let _ = owner.signal(libc::SIGKILL);
+            }
+        }
+        sandbox::remove_sandbox(self.layout.root(), &self.state.sandbox_id)?;
+        if let Some(owner) = self.state.owner {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !owner.gone() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.forget()
+    }
 }
 
 /// A container's files in a share, and the CreateContainer fields that name them.
@@ -201,7 +606,10 @@ pub struct SharedContainer {
 /// Bind `config`'s root filesystem and volumes into the host directory `share` (what the
 /// guest's agent mounts at /run/brig/shared, whichever file server exports it) and return
 /// what CreateContainer needs to find them.
-pub fn share_container(share: &Path, config: &ContainerConfig) -> Result<SharedContainer, ContainerError> {
+pub fn share_container(
+    share: &Path,
+    config: &ContainerConfig,
+) -> Result<SharedContainer, ContainerError> {
     let host_dir = share.join(&config.id);
     share::bind(&config.rootfs, &host_dir.join("rootfs"), false)?;
     let mut spec = config.spec.clone();
@@ -222,7 +630,8 @@ pub fn share_container(share: &Path, config: &ContainerConfig) -> Result<SharedC
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));
-    let spec_json = serde_json::to_string(&spec).map_err(|e| ContainerError::Spec(e.to_string()))?;
+    let spec_json =
+        serde_json::to_string(&spec).map_err(|e| ContainerError::Spec(e.to_string()))?;
     let rootfs = guest_dir(&config.id).join("rootfs").display().to_string();
     Ok(SharedContainer { spec_json, rootfs })
 }
@@ -242,8 +651,13 @@ pub async fn exec_process(
     let pending = PendingStdio::bind(vsock_uds, stdin, !terminal)?;
     let ports = pending.ports.clone();
     let accepting = tokio::spawn(pending_accept(pending));
-    match agent.exec_process(container_id, exec_id, process_json, ports).await {
-        Ok(()) => accepting.await.map_err(|e| ContainerError::Stdio(e.to_string()))?,
+    match agent
+        .exec_process(container_id, exec_id, process_json, ports)
+        .await
+    {
+        Ok(()) => accepting
+            .await
+            .map_err(|e| ContainerError::Stdio(e.to_string()))?,
         Err(e) => {
             accepting.abort();
             Err(e.into())
@@ -252,7 +666,11 @@ pub async fn exec_process(
 }
 
 async fn pending_accept(pending: PendingStdio) -> Result<Stdio, ContainerError> {
-    let paths: Vec<PathBuf> = pending.listeners.iter().map(|(_, p, _)| p.clone()).collect();
+    let paths: Vec<PathBuf> = pending
+        .listeners
+        .iter()
+        .map(|(_, p, _)| p.clone())
+        .collect();
     let result = pending.accept().await;
     for p in paths {
         let _ = std::fs::remove_file(p);

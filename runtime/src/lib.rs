@@ -1,7 +1,9 @@
 //! Brig's host core: configuration, sandbox (microVM) lifecycle, control of the `brig-vmm`
 //! process, and the client of the guest agent.
 //!
-//! The adapters (`brig` CLI, later the containerd shim) stay thin and call into this crate.
+//! The adapters (`brig` CLI, later the containerd shim) stay thin and call into this crate:
+//! the records of sandboxes and containers ([`state`]), the container lifecycle
+//! ([`container`]) and the sandbox's ([`sandbox`]) all live here.
 
 pub mod agent;
 pub mod config;
@@ -9,8 +11,10 @@ pub mod container;
 pub mod host;
 pub mod hybrid_vsock;
 pub mod sandbox;
-pub mod spec;
 pub mod share;
+pub mod signal;
+pub mod spec;
+pub mod state;
 
 pub use config::RuntimeConfig;
 pub use sandbox::{Sandbox, SandboxSpec};

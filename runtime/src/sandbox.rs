@@ -1,17 +1,29 @@
 //! A sandbox: one microVM (a `brig-vmm` process) with the agent answering inside.
 //!
-//! Everything a sandbox owns lives in `<root>/<id>/` (the VMM's vsock socket, the console
-//! log, the VMM's own log) and is removed when the sandbox ends, however it ends.
+//! Everything a sandbox owns lives in `<root>/sandboxes/<id>/` (the VMM's vsock socket, the
+//! console log, the VMM's own log, the share, and `sandbox.json`, the record that lets any
+//! process find the sandbox again with [`Sandbox::open`]) and is removed when the sandbox
+//! ends, however it ends.
+//!
+//! A VMM lives as long as its sandbox, not as long as the process that started it: the
+//! `Sandbox` value that started it stops it when dropped, and otherwise it runs until someone
+//! stops it (the shim's `delete`, `brig rm`). Only a caller that asks for it
+//! ([`SandboxSpec::tie_to_owner`], the foreground `brig run`) has the kernel kill the VMM
+//! when the caller dies.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::RuntimeConfig;
 use crate::share::{self, SHARE_TAG};
+use crate::state::{self, Layout, ProcessRef, StateError};
 
 /// The guest kernel command line (brig-vmm appends its device declarations).
 pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet";
@@ -20,6 +32,12 @@ pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Lines of the guest console quoted in boot errors.
 const CONSOLE_TAIL_LINES: usize = 30;
+/// Guest memory kept free on top of the containers' memory limits (kernel, agent, caches).
+pub const GUEST_OVERHEAD_MIB: u64 = 128;
+/// The most vCPUs a sandbox is given for its containers' CPU limits.
+const MAX_CPUS: u8 = 32;
+/// How long [`Sandbox::open`] waits for the agent's answer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -34,39 +52,117 @@ pub struct SandboxSpec {
     pub cmdline: Option<String>,
     /// Export a virtio-fs share (for container root filesystems and volumes).
     pub share: bool,
+    /// Have the kernel kill the VMM when the thread that starts it ends (the foreground
+    /// `brig run`, which owns its microVM). Off, the VMM runs until it is stopped.
+    pub tie_to_owner: bool,
 }
 
 impl SandboxSpec {
     /// A spec with the configuration's defaults.
     pub fn new(id: impl Into<String>, config: &RuntimeConfig) -> Self {
-        Self { id: id.into(), cpus: config.cpus, memory_mib: config.memory_mib, cmdline: None, share: false }
+        Self {
+            id: id.into(),
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            cmdline: None,
+            share: false,
+            tie_to_owner: false,
+        }
     }
+
+    /// Grow the VM so that a container with `spec`'s limits fits: its memory limit plus
+    /// [`GUEST_OVERHEAD_MIB`], and enough vCPUs for its CPU quota. The VM never shrinks
+    /// below the configured defaults.
+    pub fn fit(&mut self, spec: &Spec) {
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        let limit = resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|l| *l > 0);
+        if let Some(bytes) = limit {
+            let mib = u64::try_from(bytes).unwrap_or(0) >> 20;
+            self.memory_mib = self.memory_mib.max(mib.saturating_add(GUEST_OVERHEAD_MIB));
+        }
+        let cpu = resources.and_then(|r| r.cpu().as_ref());
+        if let (Some(quota), Some(period)) =
+            (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
+        {
+            if quota > 0 && period > 0 {
+                let cpus = u64::try_from(quota)
+                    .unwrap_or(0)
+                    .div_ceil(period)
+                    .min(u64::from(MAX_CPUS));
+                self.cpus = self.cpus.max(u8::try_from(cpus).unwrap_or(MAX_CPUS));
+            }
+        }
+    }
+}
+
+/// What `sandbox.json` records: enough for another process to find and stop the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Sandbox ID.
+    pub id: String,
+    /// The VMM process.
+    pub vmm: ProcessRef,
+    /// Whether it exports a share.
+    pub share: bool,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+}
+
+/// The record of the sandbox in `dir`.
+pub fn read_record(dir: &Path) -> Result<SandboxRecord, StateError> {
+    state::read_record(&dir.join("sandbox.json"))
+}
+
+/// The VMM as this process knows it: its child, or a process some other one started.
+enum Vmm {
+    Child(Child),
+    Opened(ProcessRef),
 }
 
 /// Errors starting or stopping a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// The ID cannot name a directory.
-    #[error("invalid sandbox id {0:?}: use letters, digits, '-', '_' and '.', at most 64 characters")]
-    BadId(String),
+    /// The ID is invalid, or a record cannot be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// No sandbox with this ID runs.
+    #[error("sandbox {id} is not running (its microVM is gone)")]
+    NotRunning { id: String },
     /// A sandbox with this ID exists.
     #[error("sandbox {id} already exists ({dir}); remove it first")]
     Exists { id: String, dir: PathBuf },
     /// The state directory cannot be created.
     #[error("cannot create sandbox directory {dir}: {source}")]
-    StateDir { dir: PathBuf, source: std::io::Error },
+    StateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     /// The VMM could not be started.
     #[error("cannot start {vmm}: {source}")]
-    Spawn { vmm: PathBuf, source: std::io::Error },
+    Spawn {
+        vmm: PathBuf,
+        source: std::io::Error,
+    },
     /// The sandbox directory could not be prepared for the VMM's share.
     #[error(transparent)]
     Share(#[from] share::ShareError),
     /// The VMM exited before the agent answered.
     #[error("the microVM exited during boot ({status}){stderr}{console}")]
-    VmmExited { status: String, stderr: String, console: String },
+    VmmExited {
+        status: String,
+        stderr: String,
+        console: String,
+    },
     /// The agent did not answer in time.
     #[error("the agent did not answer within {secs} s (last error: {last}){console}")]
-    BootTimeout { secs: u64, last: String, console: String },
+    BootTimeout {
+        secs: u64,
+        last: String,
+        console: String,
+    },
     /// An agent call failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -75,36 +171,36 @@ pub enum SandboxError {
 /// A running sandbox.
 pub struct Sandbox {
     id: String,
+    layout: Layout,
     dir: PathBuf,
-    vmm: Child,
+    vmm: Vmm,
     agent: AgentClient,
     boot_time: Duration,
     share: bool,
 }
 
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 impl Sandbox {
     /// Boot a microVM for `spec` and wait until its agent answers.
     pub async fn start(config: &RuntimeConfig, spec: &SandboxSpec) -> Result<Self, SandboxError> {
-        if !valid_id(&spec.id) {
-            return Err(SandboxError::BadId(spec.id.clone()));
-        }
-        let dir = config.root.join(&spec.id);
-        std::fs::create_dir_all(&config.root).map_err(|source| SandboxError::StateDir { dir: config.root.clone(), source })?;
+        state::validate_id("sandbox", &spec.id)?;
+        let layout = Layout::new(&config.root);
+        let dir = layout.sandbox(&spec.id);
+        let parent = layout.sandboxes();
+        std::fs::create_dir_all(&parent).map_err(|source| SandboxError::StateDir {
+            dir: parent.clone(),
+            source,
+        })?;
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(SandboxError::Exists { id: spec.id.clone(), dir })
+                return Err(SandboxError::Exists {
+                    id: spec.id.clone(),
+                    dir,
+                })
             }
             Err(source) => return Err(SandboxError::StateDir { dir, source }),
         }
-        let result = Self::boot(config, spec, &dir).await;
+        let result = Self::boot(config, spec, layout, &dir).await;
         if result.is_err() {
             if let Err(e) = share::remove(&dir) {
                 tracing::warn!("cleaning up {}: {e}", dir.display());
@@ -113,13 +209,22 @@ impl Sandbox {
         result
     }
 
-    async fn boot(config: &RuntimeConfig, spec: &SandboxSpec, dir: &Path) -> Result<Self, SandboxError> {
+    async fn boot(
+        config: &RuntimeConfig,
+        spec: &SandboxSpec,
+        layout: Layout,
+        dir: &Path,
+    ) -> Result<Self, SandboxError> {
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
         // The VMM's own messages go to a file, never to a pipe: nobody reads a pipe once the
         // VM runs, and a full one would stall the VMM's threads in write().
         let vmm_log = dir.join("vmm.log");
-        let log_file = std::fs::File::create(&vmm_log).map_err(|source| SandboxError::StateDir { dir: vmm_log.clone(), source })?;
+        let log_file =
+            std::fs::File::create(&vmm_log).map_err(|source| SandboxError::StateDir {
+                dir: vmm_log.clone(),
+                source,
+            })?;
         let started = Instant::now();
         let mut cmd = Command::new(&config.vmm);
         cmd.arg("--kernel")
@@ -138,38 +243,53 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true);
-        // A VMM never outlives its owner, even one killed with SIGKILL (no Drop runs then): the
-        // kernel kills it when the thread that started it ends. Callers start sandboxes from a
-        // thread that lives as long as they need the VM (brig: its main thread).
-        let owner = nix::unistd::getpid();
-        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The owner may have died between fork and prctl: then nobody would kill us.
-                if nix::unistd::getppid() != owner {
-                    return Err(std::io::Error::other("the process starting the VMM exited"));
-                }
-                Ok(())
-            });
+        // Tied to its owner, a VMM never outlives it, even one killed with SIGKILL (no Drop
+        // runs then): the kernel kills it when the thread that started it ends. Such callers
+        // start sandboxes from a thread that lives as long as they need the VM (brig: its
+        // main thread).
+        if spec.tie_to_owner {
+            let owner = nix::unistd::getpid();
+            // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The owner may have died between fork and prctl: then nobody would kill us.
+                    if nix::unistd::getppid() != owner {
+                        return Err(std::io::Error::other("the process starting the VMM exited"));
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut cmdline = spec.cmdline.clone();
         if spec.share {
             let shared = dir.join("shared");
-            std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir { dir: shared.clone(), source })?;
+            std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir {
+                dir: shared.clone(),
+                source,
+            })?;
             share::make_shared(dir)?;
             let mut arg = std::ffi::OsString::from(format!("{SHARE_TAG}="));
             arg.push(&shared);
-            cmd.arg("--fs").arg(arg).arg("--fs-cache").arg(&config.fs_cache);
-            let base = cmdline.take().unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
+            cmd.arg("--fs")
+                .arg(arg)
+                .arg("--fs-cache")
+                .arg(&config.fs_cache);
+            let base = cmdline
+                .take()
+                .unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
             cmdline = Some(format!("{base} brig.share={SHARE_TAG}"));
         }
         if let Some(cmdline) = &cmdline {
             cmd.arg("--cmdline").arg(cmdline);
         }
-        let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn { vmm: config.vmm.clone(), source })?;
+        let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn {
+            vmm: config.vmm.clone(),
+            source,
+        })?;
+        let vmm_ref = vmm.id().and_then(ProcessRef::of);
 
         let mut last = String::from("none yet");
         loop {
@@ -177,7 +297,11 @@ impl Sandbox {
                 let stderr = std::fs::read_to_string(&vmm_log).unwrap_or_default();
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
-                    stderr: if stderr.is_empty() { String::new() } else { format!(": {}", stderr.trim()) },
+                    stderr: if stderr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", stderr.trim())
+                    },
                     console: console_tail(&console),
                 });
             }
@@ -191,18 +315,36 @@ impl Sandbox {
             }
             if uds.exists() {
                 match AgentClient::connect(&uds, Duration::from_secs(5)).await {
-                    Ok(agent) => match agent.version().await {
+                    Ok(agent) => match agent.checked_version().await {
                         Ok(_) => {
                             let boot_time = started.elapsed();
                             tracing::debug!(id = %spec.id, ?boot_time, "agent answered");
-                            return Ok(Self {
+                            let sandbox = Self {
                                 id: spec.id.clone(),
+                                layout,
                                 dir: dir.to_path_buf(),
-                                vmm,
+                                vmm: Vmm::Child(vmm),
                                 agent,
                                 boot_time,
                                 share: spec.share,
-                            });
+                            };
+                            let Some(vmm) = vmm_ref else {
+                                return Err(SandboxError::NotRunning {
+                                    id: spec.id.clone(),
+                                });
+                            };
+                            let record = SandboxRecord {
+                                id: spec.id.clone(),
+                                vmm,
+                                share: spec.share,
+                                created: state::now(),
+                            };
+                            state::write_atomically(&dir.join("sandbox.json"), &record)?;
+                            return Ok(sandbox);
+                        }
+                        Err(e @ AgentError::Version { .. }) => {
+                            let _ = vmm.kill().await;
+                            return Err(e.into());
                         }
                         Err(e) => last = e.to_string(),
                     },
@@ -211,6 +353,40 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Find the running sandbox `id` under the state root `root` (from any process) and
+    /// connect to its agent. Dropping the value leaves the sandbox running; [`Self::stop`]
+    /// and [`Self::kill`] end it.
+    pub async fn open(root: &Path, id: &str) -> Result<Self, SandboxError> {
+        state::validate_id("sandbox", id)?;
+        let layout = Layout::new(root);
+        let dir = layout.sandbox(id);
+        let record = match read_record(&dir) {
+            Ok(record) => record,
+            Err(_) if !dir.exists() => {
+                return Err(StateError::NotFound {
+                    kind: "sandbox",
+                    id: id.to_string(),
+                }
+                .into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !record.vmm.alive() {
+            return Err(SandboxError::NotRunning { id: id.to_string() });
+        }
+        let agent = AgentClient::connect(&dir.join("vsock.sock"), OPEN_TIMEOUT).await?;
+        agent.checked_version().await?;
+        Ok(Self {
+            id: id.to_string(),
+            layout,
+            dir,
+            vmm: Vmm::Opened(record.vmm),
+            agent,
+            boot_time: Duration::ZERO,
+            share: record.share,
+        })
     }
 
     /// The sandbox ID.
@@ -223,14 +399,30 @@ impl Sandbox {
         &self.agent
     }
 
-    /// From starting the VMM to the agent's first answer.
+    /// The state root's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// From starting the VMM to the agent's first answer (zero for an opened sandbox).
     pub fn boot_time(&self) -> Duration {
         self.boot_time
     }
 
     /// PID of the VMM process.
     pub fn vmm_pid(&self) -> Option<u32> {
-        self.vmm.id()
+        match &self.vmm {
+            Vmm::Child(child) => child.id(),
+            Vmm::Opened(r) => Some(r.pid),
+        }
+    }
+
+    /// The VMM process as recorded (PID and start time).
+    pub fn vmm(&self) -> Option<ProcessRef> {
+        match &self.vmm {
+            Vmm::Child(_) => self.vmm_pid().and_then(ProcessRef::of),
+            Vmm::Opened(r) => Some(*r),
+        }
     }
 
     /// The VMM's hybrid vsock socket.
@@ -256,9 +448,18 @@ impl Sandbox {
     /// If the VMM has exited: its status and the last line of its own log, for the errors of
     /// calls that failed because the microVM went away (`None` while it runs).
     pub fn vmm_exit(&mut self) -> Option<String> {
-        let status = self.vmm.try_wait().ok()??;
+        let status = match &mut self.vmm {
+            Vmm::Child(child) => child.try_wait().ok()??.to_string(),
+            Vmm::Opened(r) if !r.alive() => "exited".to_string(),
+            Vmm::Opened(_) => return None,
+        };
         let log = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
-        let why = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(": {}", l.trim())).unwrap_or_default();
+        let why = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| format!(": {}", l.trim()))
+            .unwrap_or_default();
         Some(format!("the microVM stopped unexpectedly ({status}){why}"))
     }
 
@@ -268,9 +469,14 @@ impl Sandbox {
     }
 
     /// Power the guest off and wait for the VMM to exit; kill it if it does not in time.
-    /// Returns the VMM's exit status. The state directory is removed either way.
+    /// Returns the VMM's exit status. (An opened sandbox's VMM is another process's child,
+    /// whose status only its parent sees: there the status is success when the agent
+    /// acknowledged the power-off and the VMM then exited, SIGKILL's when it was killed.)
+    /// The state directory is removed either way.
     pub async fn shutdown(mut self) -> Result<ExitStatus, SandboxError> {
-        self.end(false).await
+        let status = self.end(false).await;
+        self.remove_dir();
+        status
     }
 
     /// End a sandbox whose work is done, quickly: the agent syncs the guest's filesystems and
@@ -279,7 +485,9 @@ impl Sandbox {
     /// guest is thrown away). Without the agent's answer this waits for the power-off as
     /// [`Sandbox::shutdown`] does. The state directory is removed either way.
     pub async fn stop(mut self) -> Result<(), SandboxError> {
-        self.end(true).await.map(|_| ())
+        let result = self.end(true).await.map(|_| ());
+        self.remove_dir();
+        result
     }
 
     /// Ask the agent to power off; with `terminate`, stop the VMM as soon as it answered.
@@ -287,14 +495,22 @@ impl Sandbox {
     async fn end(&mut self, terminate: bool) -> Result<ExitStatus, SandboxError> {
         let asked = self.agent.shutdown().await;
         tracing::debug!(id = %self.id, ok = asked.is_ok(), "agent answered Shutdown");
-        if let (true, Ok(_), Some(pid)) = (terminate, &asked, self.vmm.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        if let (true, Ok(_)) = (terminate, &asked) {
+            self.signal_vmm(libc::SIGTERM);
         }
-        let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.vmm.wait()).await {
-            Ok(Ok(status)) => status,
+        let status = match tokio::time::timeout(SHUTDOWN_GRACE, self.wait_vmm()).await {
+            Ok(Ok(Some(status))) => status,
+            Ok(Ok(None)) if asked.is_ok() => ExitStatus::from_raw(0),
             _ => {
-                let _ = self.vmm.kill().await;
-                self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })?
+                self.signal_vmm(libc::SIGKILL);
+                let status = self
+                    .wait_vmm()
+                    .await
+                    .map_err(|source| SandboxError::Spawn {
+                        vmm: "brig-vmm".into(),
+                        source,
+                    })?;
+                status.unwrap_or(ExitStatus::from_raw(libc::SIGKILL))
             }
         };
         tracing::debug!(id = %self.id, %status, "VMM exited");
@@ -306,26 +522,82 @@ impl Sandbox {
         Ok(status)
     }
 
+    fn signal_vmm(&self, signal: i32) {
+        if let Some(vmm) = self.vmm() {
+            let _ = vmm.signal(signal);
+        }
+    }
+
+    /// Wait for the VMM to exit: its status for a child, `None` for an opened sandbox's.
+    async fn wait_vmm(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match &mut self.vmm {
+            Vmm::Child(child) => child.wait().await.map(Some),
+            Vmm::Opened(r) => {
+                while !r.gone() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(None)
+            }
+        }
+    }
+
     /// Stop the VMM at once (SIGKILL) and clean up.
     pub async fn kill(mut self) -> Result<ExitStatus, SandboxError> {
-        let _ = self.vmm.start_kill();
-        self.vmm.wait().await.map_err(|source| SandboxError::Spawn { vmm: "brig-vmm".into(), source })
+        self.signal_vmm(libc::SIGKILL);
+        let status = self
+            .wait_vmm()
+            .await
+            .map(|s| s.unwrap_or(ExitStatus::from_raw(libc::SIGKILL)))
+            .map_err(|source| SandboxError::Spawn {
+                vmm: "brig-vmm".into(),
+                source,
+            });
+        self.remove_dir();
+        status
     }
+
+    /// Unmount every bind under the share and remove the sandbox directory; never crosses
+    /// into another filesystem, so a user's rootfs or volume is never deleted through a mount.
+    fn remove_dir(&self) {
+        if let Err(e) = share::remove(&self.dir) {
+            tracing::warn!("cleaning up {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// Remove what is left of sandbox `id` under `root` from any process: kill its VMM if it
+/// still runs (and wait until it is gone), unmount its binds and remove its directory. For
+/// a sandbox whose owner died (the shim's `delete`, `brig rm -f`).
+pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
+    state::validate_id("sandbox", id)?;
+    let dir = Layout::new(root).sandbox(id);
+    if let Ok(record) = read_record(&dir) {
+        let _ = record.vmm.signal(libc::SIGKILL);
+        // Until it is gone from the process table, not only dead: its parent reaps it.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !record.vmm.gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    share::remove(&dir)?;
+    Ok(())
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Never leak a VM: if the VMM still runs, kill it, then remove the state directory.
-        if let Ok(None) = self.vmm.try_wait() {
-            let _ = self.vmm.start_kill();
-            if let Some(pid) = self.vmm.id() {
+        // Never leak a VM: the value that started the VMM ends it (and removes the state
+        // directory) unless it was stopped already. An opened sandbox is left running.
+        let Vmm::Child(child) = &mut self.vmm else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
+            let _ = child.start_kill();
+            if let Some(pid) = child.id() {
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }
         }
-        // Unmounts every bind under the share first and never crosses into another
-        // filesystem: a user's rootfs or volume is never deleted through a mount.
-        if let Err(e) = share::remove(&self.dir) {
-            tracing::warn!("cleaning up {}: {e}", self.dir.display());
+        if self.dir.exists() {
+            self.remove_dir();
         }
     }
 }
@@ -337,18 +609,74 @@ fn console_tail(path: &Path) -> String {
         return String::new();
     }
     let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
-    format!("\n--- guest console (last {} lines) ---\n{}", tail.len(), tail.join("\n"))
+    format!(
+        "\n--- guest console (last {} lines) ---\n{}",
+        tail.len(),
+        tail.join("\n")
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn ids_must_name_a_plain_directory() {
-        assert!(valid_id("pod-1_a.b"));
-        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(65)] {
-            assert!(!valid_id(bad), "{bad:?}");
+    fn spec_with(memory: Option<i64>, quota: Option<(i64, u64)>) -> Spec {
+        let mut resources = oci_spec::runtime::LinuxResources::default();
+        if let Some(limit) = memory {
+            resources.set_memory(Some(
+                oci_spec::runtime::LinuxMemoryBuilder::default()
+                    .limit(limit)
+                    .build()
+                    .unwrap(),
+            ));
         }
+        if let Some((q, p)) = quota {
+            resources.set_cpu(Some(
+                oci_spec::runtime::LinuxCpuBuilder::default()
+                    .quota(q)
+                    .period(p)
+                    .build()
+                    .unwrap(),
+            ));
+        }
+        let mut spec = Spec::default();
+        spec.linux_mut()
+            .as_mut()
+            .unwrap()
+            .set_resources(Some(resources));
+        spec
+    }
+
+    #[test]
+    fn the_vm_grows_to_fit_the_containers_limits_and_never_shrinks() {
+        let config = RuntimeConfig {
+            kernel: "vmlinux".into(),
+            initrd: "initrd".into(),
+            vmm: "brig-vmm".into(),
+            root: "/run/brig".into(),
+            cpus: 1,
+            memory_mib: 256,
+            boot_timeout: Duration::from_secs(1),
+            fs_cache: "auto".into(),
+        };
+        let mut s = SandboxSpec::new("a", &config);
+        s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));
+        assert_eq!((s.cpus, s.memory_mib), (3, 512 + GUEST_OVERHEAD_MIB));
+        let mut s = SandboxSpec::new("a", &config);
+        s.fit(&spec_with(Some(16 << 20), Some((50_000, 100_000))));
+        assert_eq!(
+            (s.cpus, s.memory_mib),
+            (1, 256),
+            "small limits keep the defaults"
+        );
+        let mut s = SandboxSpec::new("a", &config);
+        s.fit(&spec_with(Some(-1), Some((-1, 100_000))));
+        assert_eq!(
+            (s.cpus, s.memory_mib),
+            (1, 256),
+            "unlimited (-1) changes nothing"
+        );
+        s.fit(&spec_with(None, Some((i64::MAX, 1))));
+        assert_eq!(s.cpus, MAX_CPUS);
     }
 }

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxSeccomp, Process, Spec, UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxSeccomp, Process,
+    Spec, UserBuilder,
 };
 
 /// Errors building a spec.
@@ -40,9 +41,20 @@ pub fn load_target(path: &Path) -> Result<Target, SpecError> {
     }
     let config = path.join("config.json");
     if config.exists() {
-        let spec = Spec::load(&config).map_err(|e| SpecError::Bundle { path: config.clone(), reason: e.to_string() })?;
-        let root = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
-        let rootfs = if root.is_absolute() { root } else { path.join(root) };
+        let spec = Spec::load(&config).map_err(|e| SpecError::Bundle {
+            path: config.clone(),
+            reason: e.to_string(),
+        })?;
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            path.join(root)
+        };
         if !rootfs.is_dir() {
             return Err(SpecError::Bundle {
                 path: config,
@@ -50,23 +62,44 @@ pub fn load_target(path: &Path) -> Result<Target, SpecError> {
             });
         }
         if spec.process().is_none() {
-            return Err(SpecError::Bundle { path: config, reason: "it has no process".into() });
+            return Err(SpecError::Bundle {
+                path: config,
+                reason: "it has no process".into(),
+            });
         }
-        return Ok(Target { spec, rootfs, bundle: true });
+        return Ok(Target {
+            spec,
+            rootfs,
+            bundle: true,
+        });
     }
     // A plain root filesystem runs as `docker run` would: writable root, unless --read-only,
     // and no device beyond the standard ones in its /dev (the agent always allows those).
     let mut spec = Spec::default();
-    spec.set_root(Some(oci_spec::runtime::RootBuilder::default().path(path).readonly(false).build().map_err(|e| SpecError::Invalid(e.to_string()))?));
+    spec.set_root(Some(
+        oci_spec::runtime::RootBuilder::default()
+            .path(path)
+            .readonly(false)
+            .build()
+            .map_err(|e| SpecError::Invalid(e.to_string()))?,
+    ));
     let deny_all = oci_spec::runtime::LinuxDeviceCgroupBuilder::default()
         .allow(false)
         .access("rwm")
         .build()
         .map_err(|e| SpecError::Invalid(e.to_string()))?;
-    if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
+    if let Some(resources) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.resources_mut().as_mut())
+    {
         resources.set_devices(Some(vec![deny_all]));
     }
-    Ok(Target { spec, rootfs: path.to_path_buf(), bundle: false })
+    Ok(Target {
+        spec,
+        rootfs: path.to_path_buf(),
+        bundle: false,
+    })
 }
 
 /// What the user changes on top of the spec.
@@ -108,6 +141,35 @@ pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
     }
 }
 
+/// `env` with the `KEY=VALUE` entries of `additions` added, each replacing any entry of
+/// the same name.
+pub fn merge_env(mut env: Vec<String>, additions: &[String]) -> Result<Vec<String>, SpecError> {
+    for kv in additions {
+        let Some((key, _)) = kv.split_once('=') else {
+            return Err(SpecError::Invalid(format!("--env {kv:?}: use KEY=VALUE")));
+        };
+        if key.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "--env {kv:?}: the name is empty"
+            )));
+        }
+        env.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(key));
+        env.push(kv.clone());
+    }
+    Ok(env)
+}
+
+/// A working directory, which must be absolute.
+pub fn absolute_cwd(cwd: &str) -> Result<&str, SpecError> {
+    if cwd.starts_with('/') {
+        Ok(cwd)
+    } else {
+        Err(SpecError::Invalid(format!(
+            "--workdir {cwd:?} must be an absolute path"
+        )))
+    }
+}
+
 /// Apply `o` to `spec`.
 pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
     let mut process: Process = spec.process().clone().unwrap_or_default();
@@ -115,29 +177,24 @@ pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
         process.set_args(Some(o.args.clone()));
     }
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(SpecError::Invalid("no command given and the spec has none".into()));
+        return Err(SpecError::Invalid(
+            "no command given and the spec has none".into(),
+        ));
     }
-    let mut env = process.env().clone().unwrap_or_default();
-    for kv in &o.env {
-        let Some((key, _)) = kv.split_once('=') else {
-            return Err(SpecError::Invalid(format!("--env {kv:?}: use KEY=VALUE")));
-        };
-        if key.is_empty() {
-            return Err(SpecError::Invalid(format!("--env {kv:?}: the name is empty")));
-        }
-        env.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(key));
-        env.push(kv.clone());
-    }
-    process.set_env(Some(env));
+    process.set_env(Some(merge_env(
+        process.env().clone().unwrap_or_default(),
+        &o.env,
+    )?));
     if let Some(cwd) = &o.cwd {
-        if !cwd.starts_with('/') {
-            return Err(SpecError::Invalid(format!("--workdir {cwd:?} must be an absolute path")));
-        }
-        process.set_cwd(cwd.into());
+        process.set_cwd(absolute_cwd(cwd)?.into());
     }
     if let Some(user) = &o.user {
         let (uid, gid) = parse_user(user)?;
-        let user = UserBuilder::default().uid(uid).gid(gid).build().map_err(|e| SpecError::Invalid(e.to_string()))?;
+        let user = UserBuilder::default()
+            .uid(uid)
+            .gid(gid)
+            .build()
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
         process.set_user(user);
     }
     if o.terminal {
@@ -157,21 +214,35 @@ pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
     let mut linux = spec.linux().clone().unwrap_or_default();
     let mut resources: LinuxResources = linux.resources().clone().unwrap_or_default();
     if let Some(bytes) = o.memory_bytes {
-        let limit = i64::try_from(bytes).map_err(|_| SpecError::Invalid("--memory is too large".into()))?;
-        let memory = LinuxMemoryBuilder::default().limit(limit).swap(limit).build().map_err(|e| SpecError::Invalid(e.to_string()))?;
+        let limit =
+            i64::try_from(bytes).map_err(|_| SpecError::Invalid("--memory is too large".into()))?;
+        let memory = LinuxMemoryBuilder::default()
+            .limit(limit)
+            .swap(limit)
+            .build()
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
         resources.set_memory(Some(memory));
     }
     if let Some(cpus) = o.cpus {
         if !(cpus > 0.0 && cpus.is_finite()) {
-            return Err(SpecError::Invalid(format!("--cpus {cpus} must be more than 0")));
+            return Err(SpecError::Invalid(format!(
+                "--cpus {cpus} must be more than 0"
+            )));
         }
         let period: u64 = 100_000;
         let quota = (cpus * period as f64).round() as i64;
-        let cpu = LinuxCpuBuilder::default().period(period).quota(quota).build().map_err(|e| SpecError::Invalid(e.to_string()))?;
+        let cpu = LinuxCpuBuilder::default()
+            .period(period)
+            .quota(quota)
+            .build()
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
         resources.set_cpu(Some(cpu));
     }
     if let Some(limit) = o.pids_limit {
-        let pids = LinuxPidsBuilder::default().limit(limit).build().map_err(|e| SpecError::Invalid(e.to_string()))?;
+        let pids = LinuxPidsBuilder::default()
+            .limit(limit)
+            .build()
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
         resources.set_pids(Some(pids));
     }
     linux.set_resources(Some(resources));
@@ -186,7 +257,8 @@ pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
 pub fn load_seccomp(path: &Path) -> Result<LinuxSeccomp, SpecError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| SpecError::Invalid(format!("seccomp profile {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| SpecError::Invalid(format!("seccomp profile {}: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| SpecError::Invalid(format!("seccomp profile {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -208,7 +280,10 @@ mod tests {
         };
         apply(&mut spec, &o).unwrap();
         let p = spec.process().as_ref().unwrap();
-        assert_eq!(p.args().as_ref().unwrap(), &vec!["echo".to_string(), "hi".to_string()]);
+        assert_eq!(
+            p.args().as_ref().unwrap(),
+            &vec!["echo".to_string(), "hi".to_string()]
+        );
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"A=1".to_string()));
         assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
@@ -224,10 +299,34 @@ mod tests {
     fn bad_values_name_the_flag() {
         let mut spec = Spec::default();
         for (o, needle) in [
-            (Overrides { env: vec!["NOEQUALS".into()], ..Default::default() }, "--env"),
-            (Overrides { cwd: Some("rel".into()), ..Default::default() }, "--workdir"),
-            (Overrides { user: Some("bob".into()), ..Default::default() }, "--user"),
-            (Overrides { cpus: Some(0.0), ..Default::default() }, "--cpus"),
+            (
+                Overrides {
+                    env: vec!["NOEQUALS".into()],
+                    ..Default::default()
+                },
+                "--env",
+            ),
+            (
+                Overrides {
+                    cwd: Some("rel".into()),
+                    ..Default::default()
+                },
+                "--workdir",
+            ),
+            (
+                Overrides {
+                    user: Some("bob".into()),
+                    ..Default::default()
+                },
+                "--user",
+            ),
+            (
+                Overrides {
+                    cpus: Some(0.0),
+                    ..Default::default()
+                },
+                "--cpus",
+            ),
         ] {
             let msg = apply(&mut spec, &o).unwrap_err().to_string();
             assert!(msg.contains(needle), "{msg}");
@@ -236,7 +335,9 @@ mod tests {
 
     #[test]
     fn targets_are_checked() {
-        let missing = load_target(Path::new("/nonexistent/rootfs")).unwrap_err().to_string();
+        let missing = load_target(Path::new("/nonexistent/rootfs"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("/nonexistent/rootfs"), "{missing}");
         let dir = std::env::temp_dir().join(format!("brig-bundle-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("rootfs")).unwrap();
@@ -250,9 +351,20 @@ mod tests {
     fn a_plain_rootfs_gets_no_devices_beyond_the_standard_ones() {
         let target = load_target(Path::new("/")).unwrap();
         assert!(!target.bundle);
-        let r = target.spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
+        let r = target
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap();
         let rules = r.devices().as_ref().unwrap();
         assert_eq!(rules.len(), 1);
-        assert!(!rules[0].allow() && rules[0].access().as_deref() == Some("rwm") && rules[0].typ().is_none());
+        assert!(
+            !rules[0].allow()
+                && rules[0].access().as_deref() == Some("rwm")
+                && rules[0].typ().is_none()
+        );
     }
 }
