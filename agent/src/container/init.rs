@@ -127,13 +127,16 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
     }
     // Rlimits were set by the agent (see `process::spawn`).
 
-    let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+    let mut filters = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
         Some(profile) => seccomp::compile(profile)
             .map_err(|err| invalid(format!("bad seccomp profile: {err}")))?,
         None => Vec::new(),
     };
+    // Every container process, init or exec, profile or not: no AF_VSOCK. Last, so that its
+    // EPERM is the answer even where the profile has an errno of its own for socket().
+    filters.push(seccomp::deny_vsock().map_err(internal)?);
     let no_new_privileges = process.no_new_privileges() == Some(true);
-    if !no_new_privileges && !filters.is_empty() {
+    if !no_new_privileges {
         // Without no_new_privs, installing needs CAP_SYS_ADMIN, which the user may not keep.
         seccomp::install(&filters)
             .map_err(|err| internal(format!("cannot install the seccomp profile: {err}")))?;
@@ -183,7 +186,7 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
     }
     drop(start);
 
-    if no_new_privileges && !filters.is_empty() {
+    if no_new_privileges {
         seccomp::install(&filters)
             .map_err(|err| internal(format!("cannot install the seccomp profile: {err}")))?;
     }

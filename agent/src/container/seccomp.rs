@@ -10,6 +10,9 @@
 //!
 //! A call matching a rule gets that rule's action; one matching nothing gets the default.
 //! Unknown syscall names are skipped, as runc does.
+//!
+//! Whatever the profile says, every container process also gets [`deny_vsock`]: AF_VSOCK
+//! reaches the host's listeners, which are for the agent alone.
 
 #[cfg(target_arch = "aarch64")]
 #[path = "syscall_table/aarch64.rs"]
@@ -107,6 +110,34 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, String> {
     Ok(programs)
 }
 
+/// AF_VSOCK (linux/socket.h), not in the libc crate for every target.
+const AF_VSOCK: u64 = 40;
+
+/// The filter every container process gets, installed after the OCI profile's (if any):
+/// `socket(AF_VSOCK, ...)` and `socketpair(AF_VSOCK, ...)` fail with EPERM, every other call
+/// is allowed (and left to the profile). The kernel runs all installed filters and keeps the
+/// strictest answer, so a profile that kills or traps `socket` still wins; between two ERRNO
+/// answers the newest filter's errno is used, which is why this one is installed last.
+///
+/// The domain is compared as the 32-bit `int` the kernel reads, so garbage in the upper half
+/// of the register does not slip past. (The guest kernel has no IA32 or x32 ABI, so
+/// `socketcall` and x32 numbers need no rule.)
+pub fn deny_vsock() -> Result<BpfProgram, String> {
+    let is_vsock = || {
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, AF_VSOCK)
+            .and_then(|cond| SeccompRule::new(vec![cond]))
+            .map_err(|err| format!("bad AF_VSOCK rule: {err}"))
+    };
+    let mut rules: Rules = BTreeMap::new();
+    rules.insert(libc::SYS_socket, vec![is_vsock()?]);
+    rules.insert(libc::SYS_socketpair, vec![is_vsock()?]);
+    build(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
 /// Adds a rule (None = unconditional) for syscall `nr`. An empty rule list means
 /// "unconditional" to seccompiler, so an unconditional rule wipes conditional ones.
 fn add_rule(rules: &mut Rules, nr: i64, rule: Option<SeccompRule>) {
@@ -199,5 +230,114 @@ mod tests {
         )
         .unwrap();
         assert_eq!(compile(&allow).unwrap().len(), 2);
+    }
+
+    /// socket(domain, SOCK_STREAM, 0) as the raw system call: Ok(()) or the errno.
+    fn try_socket(domain: u64) -> Result<(), i32> {
+        // SAFETY: socket(2) with integer arguments; the fd it may return is closed below.
+        let fd = unsafe { libc::syscall(libc::SYS_socket, domain, libc::SOCK_STREAM, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        // SAFETY: fd was just returned to us and is not used again.
+        unsafe { libc::close(fd as i32) };
+        Ok(())
+    }
+
+    fn try_socketpair(domain: i32) -> Result<(), i32> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair(2) writes two fds into the valid array; they are closed below.
+        if unsafe { libc::socketpair(domain, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        for fd in fds {
+            // SAFETY: fd was just returned to us and is not used again.
+            unsafe { libc::close(fd) };
+        }
+        Ok(())
+    }
+
+    /// Runs `body` on a thread of its own with no_new_privs and `programs` installed: both
+    /// are per thread, so the test harness's other threads stay unfiltered.
+    fn filtered<T: Send + 'static>(
+        programs: Vec<BpfProgram>,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            // SAFETY: prctl with integer arguments.
+            assert_eq!(
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+                0
+            );
+            install(&programs).expect("install the filters");
+            body()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn vsock_sockets_get_eperm_and_other_domains_work() {
+        let results = filtered(vec![deny_vsock().unwrap()], || {
+            (
+                try_socket(AF_VSOCK),
+                // The kernel reads the domain as an int: the upper half must not matter.
+                try_socket((1 << 32) | AF_VSOCK),
+                try_socketpair(AF_VSOCK as i32),
+                try_socket(libc::AF_UNIX as u64),
+                try_socketpair(libc::AF_UNIX),
+                try_socket(libc::AF_INET as u64),
+            )
+        });
+        assert_eq!(results.0, Err(libc::EPERM), "socket(AF_VSOCK)");
+        assert_eq!(results.1, Err(libc::EPERM), "socket(AF_VSOCK | 1 << 32)");
+        assert_eq!(results.2, Err(libc::EPERM), "socketpair(AF_VSOCK)");
+        assert_eq!(results.3, Ok(()), "socket(AF_UNIX)");
+        assert_eq!(results.4, Ok(()), "socketpair(AF_UNIX)");
+        assert_eq!(results.5, Ok(()), "socket(AF_INET)");
+    }
+
+    #[test]
+    fn vsock_is_denied_under_a_profile_and_the_profile_still_holds() {
+        // Docker-style: allow by default, ENOSYS for mkdir.
+        let profile: LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+                {"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":38}]}"#,
+        )
+        .unwrap();
+        let mut programs = compile(&profile).unwrap();
+        programs.push(deny_vsock().unwrap());
+        let results = filtered(programs, || {
+            let dir = std::ffi::CString::new("/nonexistent-brig-test-dir").unwrap();
+            // SAFETY: mkdir with a valid NUL-terminated path.
+            let mkdir = unsafe { libc::mkdir(dir.as_ptr(), 0o700) };
+            let mkdir_errno = std::io::Error::last_os_error().raw_os_error();
+            (
+                try_socket(AF_VSOCK),
+                try_socket(libc::AF_UNIX as u64),
+                (mkdir, mkdir_errno),
+            )
+        });
+        assert_eq!(results.0, Err(libc::EPERM), "socket(AF_VSOCK)");
+        assert_eq!(results.1, Ok(()), "socket(AF_UNIX)");
+        assert_eq!(results.2, (-1, Some(libc::ENOSYS)), "the profile's default");
+    }
+
+    #[test]
+    fn a_profile_errno_for_socket_gives_way_to_eperm_for_vsock_only() {
+        // A profile that answers EAFNOSUPPORT to every socket(): installed first, so ours,
+        // the newest, decides the errno of AF_VSOCK; the rest keep the profile's answer.
+        let profile: LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+                {"names":["socket"],"action":"SCMP_ACT_ERRNO","errnoRet":97}]}"#,
+        )
+        .unwrap();
+        let mut programs = compile(&profile).unwrap();
+        programs.push(deny_vsock().unwrap());
+        let results = filtered(programs, || {
+            (try_socket(AF_VSOCK), try_socket(libc::AF_UNIX as u64))
+        });
+        assert_eq!(results.0, Err(libc::EPERM));
+        assert_eq!(results.1, Err(libc::EAFNOSUPPORT));
     }
 }
