@@ -46,7 +46,7 @@ fn one_vcpu_guest_answers_with_its_version_and_powers_off_cleanly() {
         );
     });
     assert_eq!(
-        dir_entries(&cfg.root),
+        dir_entries(&cfg.root.join("sandboxes")),
         Vec::<String>::new(),
         "state left behind"
     );
@@ -263,7 +263,7 @@ fn ten_boots_in_a_row_leave_nothing_behind() {
         "brig-vmm processes left"
     );
     assert_eq!(
-        dir_entries(&cfg.root),
+        dir_entries(&cfg.root.join("sandboxes")),
         Vec::<String>::new(),
         "sandbox state left in {}",
         cfg.root.display()
