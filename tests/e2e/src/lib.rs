@@ -127,3 +127,16 @@ pub fn brig(test: &str) -> Command {
         .arg(PathBuf::from("/run/brig-e2e").join(test));
     cmd
 }
+
+/// A seccomp profile (OCI `linux.seccomp`) in `dir` that allows everything but `mkdir` and
+/// `mkdirat`, which get EPERM. Returns its path.
+pub fn deny_mkdir_profile(dir: &std::path::Path) -> PathBuf {
+    let profile = dir.join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .unwrap();
+    profile
+}

@@ -51,15 +51,9 @@ fn a_container_gets_eperm_for_vsock_sockets_and_keeps_unix_and_inet() {
 #[test]
 fn vsock_stays_denied_under_an_oci_seccomp_profile() {
     let dir = brig_e2e::scratch("vsock-profile");
-    let profile = dir.join("profile.json");
     // A profile that allows everything but mkdir: it must not let AF_VSOCK back in, and
     // it still holds.
-    std::fs::write(
-        &profile,
-        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
-            "syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
-    )
-    .unwrap();
+    let profile = brig_e2e::deny_mkdir_profile(&dir);
     let flag = format!("seccomp={}", profile.display());
     let out = run("vsock-profile", &["--security-opt", &flag]);
     assert!(out.status.success(), "{}", text(&out.stderr));

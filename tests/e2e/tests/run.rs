@@ -228,13 +228,7 @@ fn ten_mebibytes_of_output_arrive_intact() {
 #[test]
 fn seccomp_profile_denying_mkdir_gives_eperm() {
     let dir = brig_e2e::scratch("seccomp");
-    let profile = dir.join("profile.json");
-    std::fs::write(
-        &profile,
-        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
-            "syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
-    )
-    .unwrap();
+    let profile = brig_e2e::deny_mkdir_profile(&dir);
     let out = run(
         "seccomp",
         &["--security-opt", &format!("seccomp={}", profile.display())],
