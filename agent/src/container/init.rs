@@ -135,6 +135,8 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
     // Every container process, init or exec, profile or not: no AF_VSOCK. Last, so that its
     // EPERM is the answer even where the profile has an errno of its own for socket().
     filters.push(seccomp::deny_vsock().map_err(internal)?);
+    // And no io_uring, whose rings make sockets without the socket() call seccomp sees.
+    filters.push(seccomp::deny_io_uring().map_err(internal)?);
     let no_new_privileges = process.no_new_privileges() == Some(true);
     if !no_new_privileges {
         // Without no_new_privs, installing needs CAP_SYS_ADMIN, which the user may not keep.

@@ -12,7 +12,9 @@
 //! Unknown syscall names are skipped, as runc does.
 //!
 //! Whatever the profile says, every container process also gets [`deny_vsock`]: AF_VSOCK
-//! reaches the host's listeners, which are for the agent alone.
+//! reaches the host's listeners, which are for the agent alone. And [`deny_io_uring`]: an
+//! io_uring ring makes sockets (`IORING_OP_SOCKET`) and other calls without a syscall that a
+//! seccomp filter sees, so it would walk around the AF_VSOCK rule.
 
 #[cfg(target_arch = "aarch64")]
 #[path = "syscall_table/aarch64.rs"]
@@ -135,6 +137,27 @@ pub fn deny_vsock() -> Result<BpfProgram, String> {
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
+    )
+}
+
+/// The second filter every container process gets: `io_uring_setup`, `io_uring_enter` and
+/// `io_uring_register` fail with ENOSYS, as on a kernel without io_uring, so programs take
+/// their fallback path. Operations submitted through a ring are not seen by seccomp (a
+/// socket made with `IORING_OP_SOCKET` never calls `socket(2)`), so without this rule
+/// [`deny_vsock`] could be walked around. Docker's default profile denies io_uring too.
+pub fn deny_io_uring() -> Result<BpfProgram, String> {
+    let mut rules: Rules = BTreeMap::new();
+    for nr in [
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+    ] {
+        add_rule(&mut rules, nr, None);
+    }
+    build(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
     )
 }
 
@@ -295,6 +318,29 @@ mod tests {
         assert_eq!(results.3, Ok(()), "socket(AF_UNIX)");
         assert_eq!(results.4, Ok(()), "socketpair(AF_UNIX)");
         assert_eq!(results.5, Ok(()), "socket(AF_INET)");
+    }
+
+    /// io_uring_setup(2) with a one-entry ring; the ring's fd is closed again.
+    fn try_io_uring_setup() -> Result<(), i32> {
+        // struct io_uring_params is 120 bytes; all zero asks for the defaults.
+        let mut params = [0u8; 120];
+        // SAFETY: io_uring_setup reads and writes the 120-byte params buffer it is given.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        // SAFETY: fd was just returned to us and is not used again.
+        unsafe { libc::close(fd as i32) };
+        Ok(())
+    }
+
+    #[test]
+    fn io_uring_is_enosys_and_other_calls_work() {
+        let (setup, unix) = filtered(vec![deny_io_uring().unwrap()], || {
+            (try_io_uring_setup(), try_socket(libc::AF_UNIX as u64))
+        });
+        assert_eq!(setup, Err(libc::ENOSYS), "io_uring_setup");
+        assert_eq!(unix, Ok(()), "socket(AF_UNIX)");
     }
 
     #[test]

@@ -26,9 +26,10 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// AF_VSOCK, AF_UNIX, AF_INET.
-const PROBE: &[&str] = &["socket-probe", "40", "1", "2"];
-const EXPECTED: &str = "40 errno 1\n1 ok\n2 ok\n";
+/// AF_VSOCK, AF_UNIX, AF_INET, and an io_uring ring (whose sockets would bypass the
+/// AF_VSOCK rule): EPERM, ok, ok, ENOSYS.
+const PROBE: &[&str] = &["socket-probe", "40", "1", "2", "io_uring"];
+const EXPECTED: &str = "40 errno 1\n1 ok\n2 ok\nio_uring errno 38\n";
 
 fn run(test: &str, flags: &[&str]) -> Output {
     brig(test)
