@@ -1,7 +1,7 @@
 //! `brig boot`: boot a sandbox, show the agent answering, power it off.
 
 use anyhow::Context;
-use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
+use brig_runtime::{guest_text, RuntimeConfig, Sandbox, SandboxSpec};
 
 /// Arguments of `brig boot`.
 #[derive(clap::Args, Debug)]
@@ -31,9 +31,9 @@ pub fn run(args: BootArgs, root: Option<std::path::PathBuf>) -> anyhow::Result<u
         let v = sandbox.agent().version().await?;
         println!(
             "agent {} (API {}) answering over vsock from a microVM: kernel {}, {} vCPU(s), {} MiB",
-            v.agent_version,
+            guest_text::line(&v.agent_version),
             v.api_version,
-            v.kernel_release,
+            guest_text::line(&v.kernel_release),
             v.cpus_online,
             v.mem_total_kib / 1024
         );

@@ -13,6 +13,7 @@ use brig_protocols::agent::{
 use brig_protocols::agent_ttrpc_async::AgentClient as RawClient;
 use brig_protocols::{AGENT_API_VERSION, AGENT_VSOCK_PORT};
 
+use crate::guest_text;
 use crate::hybrid_vsock::{self, ConnectError};
 
 /// How long one control call may take before it is an error.
@@ -103,7 +104,7 @@ fn call_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
                     }
                     _ => ErrorKind::Other,
                 };
-                (kind, status.message().to_string())
+                (kind, guest_text::line(status.message()))
             }
             other => (
                 ErrorKind::Transport,
@@ -149,7 +150,7 @@ impl AgentClient {
             return Err(AgentError::Version {
                 host: AGENT_API_VERSION,
                 guest: v.api_version,
-                agent_version: v.agent_version,
+                agent_version: guest_text::line(&v.agent_version),
             });
         }
         Ok(v)

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod config;
 pub mod container;
+pub mod guest_text;
 pub mod host;
 pub mod hybrid_vsock;
 pub mod sandbox;

@@ -22,6 +22,7 @@ use tokio::process::{Child, Command};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::RuntimeConfig;
+use crate::guest_text;
 use crate::share::{self, SHARE_TAG};
 use crate::state::{self, Layout, ProcessRef, StateError};
 
@@ -294,10 +295,10 @@ impl Sandbox {
         let mut last = String::from("none yet");
         loop {
             if let Ok(Some(status)) = vmm.try_wait() {
-                let stderr = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+                let stderr = guest_text::file_tail(&vmm_log, CONSOLE_TAIL_LINES).join("\n");
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
-                    stderr: if stderr.is_empty() {
+                    stderr: if stderr.trim().is_empty() {
                         String::new()
                     } else {
                         format!(": {}", stderr.trim())
@@ -453,9 +454,9 @@ impl Sandbox {
             Vmm::Opened(r) if !r.alive() => "exited".to_string(),
             Vmm::Opened(_) => return None,
         };
-        let log = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
-        let why = log
-            .lines()
+        // Only the log's tail is read, escaped: the guest can make the VMM write to it.
+        let why = guest_text::file_tail(&self.dir.join("vmm.log"), 8)
+            .into_iter()
             .rev()
             .find(|l| !l.trim().is_empty())
             .map(|l| format!(": {}", l.trim()))
@@ -602,13 +603,13 @@ impl Drop for Sandbox {
     }
 }
 
+/// The console's last lines for an error: the guest wrote them, so only the file's tail is
+/// read, and every line is escaped and bounded.
 fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
+    let tail = guest_text::file_tail(path, CONSOLE_TAIL_LINES);
+    if tail.is_empty() {
         return String::new();
     }
-    let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
     format!(
         "\n--- guest console (last {} lines) ---\n{}",
         tail.len(),

@@ -102,3 +102,27 @@ fn an_exec_gets_eperm_for_vsock_sockets_too() {
         text(&exec.stderr)
     );
 }
+
+#[test]
+fn a_title_setting_sequence_in_an_agent_error_reaches_the_terminal_escaped() {
+    // The agent quotes the command it could not find; here the command is an escape sequence
+    // that would retitle the user's terminal window.
+    let out = brig("escape")
+        .args(["run", "--rm"])
+        .arg(rootfs())
+        .arg("\x1b]0;pwned\x07")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{stderr}");
+    assert!(
+        !out.stderr.contains(&0x1b) && !out.stderr.contains(&0x07),
+        "raw control bytes reached the terminal: {:?}",
+        stderr
+    );
+    assert!(
+        stderr.contains("exec: \"\\x1b]0;pwned\\x07\": executable file not found"),
+        "{stderr}"
+    );
+}
