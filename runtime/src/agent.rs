@@ -359,6 +359,15 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn an_agent_message_with_terminal_escapes_becomes_visible_text() {
+        // A guest whose agent was replaced answers with raw escape sequences.
+        let status = ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no \x1b]0;pwned\x07 here\n");
+        let err = call_err("CreateContainer")(ttrpc::Error::RpcStatus(status));
+        assert_eq!(err.kind(), Some(ErrorKind::NotFound));
+        assert_eq!(err.to_string(), "no \\x1b]0;pwned\\x07 here\\x0a");
+    }
+
     /// A peer that answers Version with a given API version, as an agent of another build
     /// would.
     struct OtherBuild(u32);

@@ -20,7 +20,7 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_TAIL_READ: u64 = 64 * 1024;
 
 /// `text` with every control character (C0 but newline and tab, DEL, C1) written as a
-/// visible `\xNN` or `\u{NN}` escape and a backslash doubled, at most `max` bytes of input
+/// visible `\xNN` or `\u{NN}` escape, at most `max` bytes of input
 /// (then `…` marks the cut). Newlines and tabs stay when `keep_lines` is set, else they are
 /// escaped too, so that one message stays one line.
 pub fn escape(text: &str, max: usize, keep_lines: bool) -> String {
@@ -34,7 +34,6 @@ pub fn escape(text: &str, max: usize, keep_lines: bool) -> String {
         }
         match c {
             '\n' | '\t' if keep_lines => out.push(c),
-            '\\' => out.push_str("\\\\"),
             c if (c as u32) < 0x20 || c as u32 == 0x7f => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
@@ -95,8 +94,8 @@ mod tests {
     }
 
     #[test]
-    fn c1_controls_del_and_backslashes_are_escaped_and_unicode_stays() {
-        assert_eq!(line("a\u{9b}2Jb\u{7f}c\\"), "a\\u{9b}2Jb\\x7fc\\\\");
+    fn c1_controls_and_del_are_escaped_and_unicode_stays() {
+        assert_eq!(line("a\u{9b}2Jb\u{7f}c"), "a\\u{9b}2Jb\\x7fc");
         assert_eq!(line("grüße ✓"), "grüße ✓");
     }
 

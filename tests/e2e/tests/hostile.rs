@@ -122,7 +122,7 @@ fn a_title_setting_sequence_in_an_agent_error_reaches_the_terminal_escaped() {
         stderr
     );
     assert!(
-        stderr.contains("exec: \"\\x1b]0;pwned\\x07\": executable file not found"),
+        stderr.contains("exec: \"\\u{1b}]0;pwned\\u{7}\": executable file not found"),
         "{stderr}"
     );
 }
