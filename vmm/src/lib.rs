@@ -8,6 +8,7 @@ pub mod arch;
 pub mod config;
 pub mod confine;
 pub mod devices;
+pub mod guest_warn;
 pub mod privileges;
 pub mod seccomp;
 pub mod vm;

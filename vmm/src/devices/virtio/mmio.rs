@@ -218,7 +218,7 @@ impl MmioTransport {
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
             if !q.is_valid(&self.mem) {
-                tracing::warn!("virtio-mmio: the driver set up an invalid virtqueue {i}");
+                crate::guest_warn::guest_warn!("virtio-mmio: the driver set up an invalid virtqueue {i}");
                 self.status |= status::DEVICE_NEEDS_RESET;
                 let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
                 return;
@@ -235,7 +235,7 @@ impl MmioTransport {
             self.acked_features,
         );
         if let Err(e) = result {
-            tracing::warn!("virtio-mmio: device activation failed: {e}");
+            crate::guest_warn::guest_warn!("virtio-mmio: device activation failed: {e}");
             self.status |= status::DEVICE_NEEDS_RESET;
             let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
         }

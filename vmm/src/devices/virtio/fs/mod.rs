@@ -40,7 +40,9 @@ use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitIn, InitOut, OutHe
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::guest_warn::guest_warn;
 
 use crate::config::FsCache;
 use virtio_queue::{Queue, QueueT};
@@ -227,7 +229,7 @@ impl Fs {
     /// Ask the event loop to run `process` soon.
     fn wake(&self) {
         if let Err(e) = self.wake_evt.write(1) {
-            warn!("virtio-fs: cannot wake the event loop: {e}");
+            guest_warn!("virtio-fs: cannot wake the event loop: {e}");
         }
     }
 
@@ -263,7 +265,7 @@ impl Fs {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!("virtio-fs: queue {idx} is unusable: {e}");
+                    guest_warn!("virtio-fs: queue {idx} is unusable: {e}");
                     break;
                 }
             };
@@ -271,7 +273,7 @@ impl Fs {
             let head = chain.head_index();
             let len = serve_request(&self.server, mem, chain);
             if let Err(e) = q.add_used(&*mem, head, len) {
-                warn!("virtio-fs: cannot return a buffer to the guest: {e}");
+                guest_warn!("virtio-fs: cannot return a buffer to the guest: {e}");
             }
             used = true;
         }
@@ -279,11 +281,11 @@ impl Fs {
             match q.needs_notification(&*mem) {
                 Ok(true) => {
                     if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                        warn!("virtio-fs: cannot interrupt the guest: {e}");
+                        guest_warn!("virtio-fs: cannot interrupt the guest: {e}");
                     }
                 }
                 Ok(false) => {}
-                Err(e) => warn!("virtio-fs: cannot read the queue's notification state: {e}"),
+                Err(e) => guest_warn!("virtio-fs: cannot read the queue's notification state: {e}"),
             }
         }
         more
@@ -302,7 +304,7 @@ fn serve_request<'m>(
     let len = handle_request(server, mem, chain);
     if let (Some(offered), Some(reply_chain)) = (init_offered, reply_chain) {
         if let Err(e) = widen_init_reply(mem, &reply_chain, offered, len as usize) {
-            warn!("virtio-fs: cannot widen the FUSE_INIT reply, keeping the server's: {e}");
+            guest_warn!("virtio-fs: cannot widen the FUSE_INIT reply, keeping the server's: {e}");
         }
     }
     len
@@ -386,14 +388,14 @@ fn handle_request<'m>(
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
-            warn!("virtio-fs: malformed request descriptors: {e}");
+            guest_warn!("virtio-fs: malformed request descriptors: {e}");
             return 0;
         }
     };
     let writer = match VirtioFsWriter::new(mem, chain) {
         Ok(w) => w,
         Err(e) => {
-            warn!("virtio-fs: malformed reply descriptors: {e}");
+            guest_warn!("virtio-fs: malformed reply descriptors: {e}");
             return 0;
         }
     };
@@ -471,7 +473,7 @@ impl VirtioDevice for Fs {
         // Forget every inode and open file the guest had: a fresh server for the next driver.
         match self.shared_dir.to_str().map(|root| new_server(root, self.cache)) {
             Some(Ok(server)) => self.server = server,
-            Some(Err(e)) => warn!(
+            Some(Err(e)) => guest_warn!(
                 "virtio-fs: cannot restart the file server for {}, keeping the old one: {e}",
                 self.shared_dir.display()
             ),
@@ -486,7 +488,7 @@ impl MutEventSubscriber for Fs {
         fds.push(self.wake_evt.as_raw_fd());
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                warn!("virtio-fs: cannot register with the event loop: {e:?}");
+                guest_warn!("virtio-fs: cannot register with the event loop: {e:?}");
             }
         }
     }
@@ -498,7 +500,7 @@ impl MutEventSubscriber for Fs {
         } else if fd == self.wake_evt.as_raw_fd() {
             let _ = self.wake_evt.read();
         } else {
-            warn!("virtio-fs: event on an unknown file descriptor {fd}");
+            guest_warn!("virtio-fs: event on an unknown file descriptor {fd}");
             return;
         }
         self.run_queues();

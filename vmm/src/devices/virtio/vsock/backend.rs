@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events};
 use socket2::{Domain, SockAddr, Socket, Type};
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::guest_warn::guest_warn;
 use vmm_sys_util::epoll::EventSet;
 
 use super::connect_line::{LineBuffer, LineStatus};
@@ -118,16 +120,16 @@ impl UnixBackend {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!("vsock: accepting a host connection failed: {e}");
+                    guest_warn!("vsock: accepting a host connection failed: {e}");
                     return;
                 }
             };
             if self.handshakes.len() >= MAX_HANDSHAKES {
-                warn!("vsock: {MAX_HANDSHAKES} host connections are still handshaking; closing a new one");
+                guest_warn!("vsock: {MAX_HANDSHAKES} host connections are still handshaking; closing a new one");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                warn!("vsock: cannot make a host connection nonblocking: {e}");
+                guest_warn!("vsock: cannot make a host connection nonblocking: {e}");
                 continue;
             }
             let hs = Handshake {
@@ -184,7 +186,7 @@ impl UnixBackend {
             Ok(LineStatus::Complete { port, rest }) => self.host_connect(fd, port, rest),
             Ok(LineStatus::Incomplete) => {}
             Err(e) => {
-                warn!("vsock: closing a host connection with a bad handshake: {e}");
+                guest_warn!("vsock: closing a host connection with a bad handshake: {e}");
                 self.close_handshake(fd);
             }
         }
@@ -198,7 +200,7 @@ impl UnixBackend {
         let local_port = match self.allocate_local_port() {
             Some(p) if self.conns.len() < MAX_CONNECTIONS => p,
             _ => {
-                warn!("vsock: {MAX_CONNECTIONS} connections are open; refusing a host connection to port {port}");
+                guest_warn!("vsock: {MAX_CONNECTIONS} connections are open; refusing a host connection to port {port}");
                 self.graveyard.push((hs.stream, hs.registered));
                 return;
             }
@@ -250,7 +252,7 @@ impl UnixBackend {
 
     fn queue_rst(&mut self, local_port: u32, peer_port: u32) {
         if self.orphan_rsts.len() >= 2 * MAX_ORPHAN_RSTS {
-            warn!("vsock: the guest does not drain its RX queue; dropping an RST");
+            guest_warn!("vsock: the guest does not drain its RX queue; dropping an RST");
             return;
         }
         self.orphan_rsts.push_back(PacketHeader {
@@ -322,7 +324,7 @@ impl UnixBackend {
     /// A packet the guest sent, with its payload.
     pub fn guest_packet(&mut self, hdr: &PacketHeader, data: &[u8]) {
         if hdr.src_cid != self.guest_cid {
-            warn!(
+            guest_warn!(
                 "vsock: dropping a guest packet with source CID {} (the guest is CID {})",
                 hdr.src_cid, self.guest_cid
             );
@@ -396,7 +398,7 @@ impl UnixBackend {
     /// The guest connects to host port `key.local_port`: connect to `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: ConnKey, hdr: &PacketHeader) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            warn!("vsock: {MAX_CONNECTIONS} connections are open; refusing the guest's connection to port {}", key.local_port);
+            guest_warn!("vsock: {MAX_CONNECTIONS} connections are open; refusing the guest's connection to port {}", key.local_port);
             self.queue_rst(key.local_port, key.peer_port);
             return;
         }
@@ -500,7 +502,7 @@ impl UnixBackend {
         for (stream, registered) in self.graveyard.drain(..) {
             if registered {
                 if let Err(e) = ops.remove(Events::empty(&stream)) {
-                    warn!("vsock: removing a host stream from the event loop failed: {e:?}");
+                    guest_warn!("vsock: removing a host stream from the event loop failed: {e:?}");
                 }
             }
         }
@@ -509,7 +511,7 @@ impl UnixBackend {
             match ops.add(Events::new(&hs.stream, EventSet::IN)) {
                 Ok(()) => hs.registered = true,
                 Err(e) => {
-                    warn!("vsock: watching a host connection failed: {e:?}");
+                    guest_warn!("vsock: watching a host connection failed: {e:?}");
                     failed_hs.push(fd);
                 }
             }
@@ -529,7 +531,7 @@ impl UnixBackend {
             match res {
                 Ok(()) => conn.registered = want,
                 Err(e) => {
-                    warn!("vsock: updating the watch on a host stream failed: {e:?}");
+                    guest_warn!("vsock: updating the watch on a host stream failed: {e:?}");
                     failed.push(conn.key);
                 }
             }

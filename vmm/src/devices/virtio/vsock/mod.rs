@@ -36,7 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::guest_warn::guest_warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -173,7 +175,7 @@ impl Vsock {
     /// vCPU threads).
     fn wake(&self) {
         if let Err(e) = self.wake_evt.write(1) {
-            warn!("vsock: cannot wake the event loop: {e}");
+            guest_warn!("vsock: cannot wake the event loop: {e}");
         }
     }
 
@@ -213,7 +215,7 @@ impl Vsock {
             if handled >= TX_CHAINS_PER_RUN {
                 // Let other work run; come back on the next loop iteration.
                 if let Err(e) = self.wake_evt.write(1) {
-                    warn!("vsock: cannot wake the event loop: {e}");
+                    guest_warn!("vsock: cannot wake the event loop: {e}");
                 }
                 break;
             }
@@ -221,7 +223,7 @@ impl Vsock {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!("vsock: TX queue is unusable: {e}");
+                    guest_warn!("vsock: TX queue is unusable: {e}");
                     break;
                 }
             };
@@ -229,10 +231,10 @@ impl Vsock {
             let head = chain.head_index();
             match packet::read_tx_packet(mem, chain, &mut self.scratch) {
                 Ok(hdr) => self.backend.guest_packet(&hdr, &self.scratch),
-                Err(e) => warn!("vsock: dropping a malformed TX packet: {e}"),
+                Err(e) => guest_warn!("vsock: dropping a malformed TX packet: {e}"),
             }
             if let Err(e) = q.add_used(&*mem, head, 0) {
-                warn!("vsock: cannot return a TX buffer to the guest: {e}");
+                guest_warn!("vsock: cannot return a TX buffer to the guest: {e}");
             }
             used = true;
         }
@@ -256,7 +258,7 @@ impl Vsock {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!("vsock: RX queue is unusable: {e}");
+                    guest_warn!("vsock: RX queue is unusable: {e}");
                     break;
                 }
             };
@@ -266,14 +268,14 @@ impl Vsock {
                     Some(hdr) => match buf.write(mem, &hdr, &self.scratch) {
                         Ok(len) => len,
                         Err(e) => {
-                            warn!("vsock: writing an RX packet failed, packet lost: {e}");
+                            guest_warn!("vsock: writing an RX packet failed, packet lost: {e}");
                             0
                         }
                     },
                     None if buf.data_capacity() == 0 => {
                         // Only payload is pending and a header-only buffer cannot carry
                         // any: return it empty rather than stall the queue behind it.
-                        warn!("vsock: skipping an RX buffer with no room for payload");
+                        guest_warn!("vsock: skipping an RX buffer with no room for payload");
                         0
                     }
                     None => {
@@ -283,12 +285,12 @@ impl Vsock {
                     }
                 },
                 Err(e) => {
-                    warn!("vsock: skipping a malformed RX buffer: {e}");
+                    guest_warn!("vsock: skipping a malformed RX buffer: {e}");
                     0
                 }
             };
             if let Err(e) = q.add_used(&*mem, head, len) {
-                warn!("vsock: cannot return an RX buffer to the guest: {e}");
+                guest_warn!("vsock: cannot return an RX buffer to the guest: {e}");
             }
             used = true;
         }
@@ -304,7 +306,7 @@ impl Vsock {
         if !self.timer_armed && self.backend.has_deadlines() {
             match self.timer.reset(TICK, Some(TICK)) {
                 Ok(()) => self.timer_armed = true,
-                Err(e) => warn!("vsock: cannot arm the timeout timer: {e}"),
+                Err(e) => guest_warn!("vsock: cannot arm the timeout timer: {e}"),
             }
         }
     }
@@ -314,13 +316,13 @@ impl Vsock {
             return;
         }
         if let Err(e) = self.timer.wait() {
-            warn!("vsock: reading the timeout timer failed: {e}");
+            guest_warn!("vsock: reading the timeout timer failed: {e}");
         }
         self.backend.expire(Instant::now());
         if !self.backend.has_deadlines() {
             match self.timer.clear() {
                 Ok(()) => self.timer_armed = false,
-                Err(e) => warn!("vsock: cannot stop the timeout timer: {e}"),
+                Err(e) => guest_warn!("vsock: cannot stop the timeout timer: {e}"),
             }
         }
     }
@@ -331,11 +333,11 @@ fn notify(q: &mut Queue, mem: &GuestMemory, irq: &IrqTrigger) {
     match q.needs_notification(mem) {
         Ok(true) => {
             if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                warn!("vsock: cannot interrupt the guest: {e}");
+                guest_warn!("vsock: cannot interrupt the guest: {e}");
             }
         }
         Ok(false) => {}
-        Err(e) => warn!("vsock: cannot read the queue's notification state: {e}"),
+        Err(e) => guest_warn!("vsock: cannot read the queue's notification state: {e}"),
     }
 }
 
@@ -416,7 +418,7 @@ impl MutEventSubscriber for Vsock {
         fds.push(self.backend.listener().as_raw_fd());
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                warn!("vsock: cannot register with the event loop: {e:?}");
+                guest_warn!("vsock: cannot register with the event loop: {e:?}");
             }
         }
     }
@@ -464,7 +466,7 @@ impl Drop for Vsock {
             .map(|m| (m.dev(), m.ino()));
         if ours.is_some() && ours == self.uds_id {
             if let Err(e) = fs::remove_file(&self.uds_path) {
-                warn!(
+                guest_warn!(
                     "vsock: cannot remove socket {}: {e}",
                     self.uds_path.display()
                 );
