@@ -13,8 +13,14 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomod
 pub enum ConsoleTarget {
     /// The VMM's stdout.
     Stdout,
-    /// Appended to a file (created if missing).
-    File(PathBuf),
+    /// Appended to a file (created if missing) that never grows past `limit` bytes: the
+    /// newest part is kept (see `console_file`).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its cap in bytes.
+        limit: u64,
+    },
     /// Discarded.
     Off,
 }

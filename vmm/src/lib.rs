@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod config;
 pub mod confine;
+pub mod console_file;
 pub mod devices;
 pub mod guest_warn;
 pub mod privileges;

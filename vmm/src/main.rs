@@ -41,6 +41,10 @@ struct Args {
     /// Guest console (COM1): `stdout`, `off`, or a file path to append to.
     #[arg(long, default_value = "stdout", value_name = "DEST")]
     console: String,
+    /// Cap of a console file in bytes (at least 16384): past it, only the newest half is
+    /// kept, so a guest cannot fill the host's disk or memory through its console.
+    #[arg(long, default_value_t = brig_vmm::console_file::DEFAULT_LIMIT, value_name = "BYTES")]
+    console_limit: u64,
     /// Add a virtio-vsock device whose host side is this Unix socket (hybrid vsock): connect
     /// and write `CONNECT <port>\n` to reach a guest port; guest connections to host port P
     /// go to `<PATH>_<P>`. The path must not exist.
@@ -79,7 +83,7 @@ fn main() -> ExitCode {
     let console = match args.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
         "off" => ConsoleTarget::Off,
-        path => ConsoleTarget::File(path.into()),
+        path => ConsoleTarget::File { path: path.into(), limit: args.console_limit },
     };
     let config = VmConfig {
         kernel: args.kernel,

@@ -90,6 +90,11 @@ const VCPU: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_umask,
+    // The capped console file (console_file.rs): written at its own offsets, and when it
+    // reaches its cap the newest half is read back, moved to the front and the file cut.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
 ];
 
 /// A device's event loop.

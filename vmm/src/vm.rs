@@ -131,11 +131,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let panic_watch = PanicWatch::default();
     let sink: Option<Box<dyn Write + Send>> = match &config.console {
         ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
-        ConsoleTarget::File(path) => {
-            let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+        ConsoleTarget::File { path, limit } => {
+            let bad = |e: std::io::Error| {
                 VmError::Config(crate::config::ConfigError::ConsoleFile { path: path.clone(), reason: e.to_string() })
-            })?;
-            Some(Box::new(file))
+            };
+            // Not O_APPEND: the capped file writes at its own offsets (pwrite), and moves
+            // the newest part to the front when it would pass the cap.
+            let file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path).map_err(bad)?;
+            Some(Box::new(crate::console_file::CappedFile::new(file, *limit).map_err(bad)?))
         }
         ConsoleTarget::Off => None,
     };
