@@ -24,7 +24,6 @@ pub struct CappedFile {
     file: File,
     limit: u64,
     len: u64,
-    keep: Vec<u8>,
 }
 
 impl CappedFile {
@@ -32,7 +31,7 @@ impl CappedFile {
     pub fn new(file: File, limit: u64) -> io::Result<Self> {
         let limit = limit.max(MIN_LIMIT);
         let len = file.metadata()?.len();
-        let mut capped = Self { file, limit, len, keep: Vec::new() };
+        let mut capped = Self { file, limit, len };
         if capped.len > limit {
             capped.cut(0)?;
         }
@@ -55,12 +54,11 @@ impl CappedFile {
         let keep = (self.limit / 2).saturating_sub(incoming).min(self.len);
         let start = self.len - keep;
         let keep_len = usize::try_from(keep).map_err(|_| io::Error::other("console cap too large"))?;
-        self.keep.resize(keep_len, 0);
-        self.file.read_exact_at(&mut self.keep, start)?;
-        self.file.write_all_at(&self.keep, 0)?;
+        let mut kept = vec![0; keep_len];
+        self.file.read_exact_at(&mut kept, start)?;
+        self.file.write_all_at(&kept, 0)?;
         self.file.set_len(keep)?;
         self.len = keep;
-        self.keep = Vec::new();
         Ok(())
     }
 }
