@@ -89,19 +89,25 @@ impl RuntimeConfig {
     /// environment overrides and fill in defaults.
     pub fn load() -> Result<Self, ConfigError> {
         let path = std::env::var_os("BRIG_CONFIG").map(PathBuf::from);
-        let file = match &path {
-            Some(p) => Some(read_file(p)?),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-                Some(read_file(Path::new(DEFAULT_CONFIG_PATH))?)
-            }
-            None => None,
-        };
+        Self::load_from(path.as_deref())
+    }
+
+    /// Load from `path` (a runtime's options name it: the shim's `ConfigPath`), else from
+    /// `/etc/brig/brig.toml` if present; then the environment overrides and defaults.
+    pub fn load_from(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::resolve(
-            file.unwrap_or_default(),
+            config_file(path)?,
             |k| std::env::var_os(k).map(PathBuf::from),
             &share_dirs(),
             &bin_dirs(),
         )
+    }
+
+    /// Only the state root of the configuration at `path` (or the default one): for
+    /// cleaning up, which needs no kernel, initramfs or VMM.
+    pub fn state_root(path: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        let file = config_file(path)?;
+        Ok(root_of(file.root, |k| std::env::var_os(k).map(PathBuf::from)))
     }
 
     fn resolve(
@@ -146,15 +152,30 @@ impl RuntimeConfig {
             kernel,
             initrd,
             vmm,
-            root: env("BRIG_ROOT")
-                .or(file.root)
-                .unwrap_or_else(|| PathBuf::from("/run/brig")),
+            root: root_of(file.root, &env),
             cpus: file.cpus.unwrap_or(1),
             memory_mib: file.memory_mib.unwrap_or(256),
             boot_timeout: Duration::from_secs(file.boot_timeout_secs.unwrap_or(60)),
             fs_cache,
         })
     }
+}
+
+/// The file at `path`, else the default file if it exists, else an empty one.
+fn config_file(path: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+    match path {
+        Some(p) => read_file(p),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            read_file(Path::new(DEFAULT_CONFIG_PATH))
+        }
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+fn root_of(file_root: Option<PathBuf>, env: impl Fn(&str) -> Option<PathBuf>) -> PathBuf {
+    env("BRIG_ROOT")
+        .or(file_root)
+        .unwrap_or_else(|| PathBuf::from("/run/brig"))
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
