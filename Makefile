@@ -12,11 +12,12 @@ export BRIG_CACHE ?= $(HOME)/.cache/brig
 # Where the tests and `make run` find Brig's pieces.
 export BRIG_VMM := $(BIN)/brig-vmm
 export BRIG_BIN := $(BIN)/brig
+export BRIG_SHIM := $(BIN)/containerd-shim-brig-v2
 export BRIG_KERNEL := $(SHARE)/vmlinux
 export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
 
 DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
-	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc
+	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc containerd
 
 # virtiofsd, the peer of `brig-bench fs`, from crates.io into a cached prefix (benchmarks only).
 VIRTIOFSD_ROOT := $(BRIG_CACHE)/virtiofsd
@@ -28,7 +29,9 @@ BENCH_FS_MODES := metadata,auto
 # Run a command where guests can boot: directly with hardware KVM, else in the lab.
 IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.sh -- $(1); else $(1); fi
 
-.PHONY: all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot bench-run bench-deps bench-fs clean-stage
+PREFIX ?= /usr/local
+
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot bench-run bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -54,9 +57,9 @@ initramfs: setup
 
 # Static binaries: they start fast inside the lab (no dynamic loading over 9p).
 binaries: setup
-	cargo build --release --locked --target $(MUSL) -p brig-vmm -p brig-cli
+	cargo build --release --locked --target $(MUSL) -p brig-vmm -p brig-cli -p brig-shim
 	@mkdir -p $(BIN)
-	cp target/$(MUSL)/release/brig-vmm target/$(MUSL)/release/brig $(BIN)/
+	cp target/$(MUSL)/release/brig-vmm target/$(MUSL)/release/brig target/$(MUSL)/release/containerd-shim-brig-v2 $(BIN)/
 
 # A small root filesystem (static busybox) for `make run` and manual tries; no registry needed.
 rootfs-fixture: deps
@@ -116,6 +119,14 @@ bench-fs: stage bench-deps
 	@set -o pipefail; export BRIG_LAB_TIMEOUT=$${BRIG_LAB_TIMEOUT:-2700}; \
 	$(call IN_GUEST_HOST,$(BIN)/brig-bench fs --runs 3 --modes $(BENCH_FS_MODES) --rootfs $(STAGE)/busybox-rootfs --virtiofsd $(VIRTIOFSD)) | grep -v '^bench: ' | tee bench/reports/fs.md.new
 	@mv bench/reports/fs.md.new bench/reports/fs.md
+
+# Brig's binaries into $(PREFIX)/bin (containerd finds containerd-shim-brig-v2 on its PATH),
+# the guest kernel and initramfs into $(PREFIX)/share/brig, and a commented default
+# /etc/brig/brig.toml unless one exists. See configs/ for containerd and Kubernetes.
+install: stage
+	install -D -m 755 -t $(DESTDIR)$(PREFIX)/bin $(BIN)/brig $(BIN)/brig-vmm $(BIN)/containerd-shim-brig-v2
+	install -D -m 644 -t $(DESTDIR)$(PREFIX)/share/brig $(SHARE)/vmlinux $(SHARE)/initramfs.cpio.gz
+	@test -e $(DESTDIR)/etc/brig/brig.toml || install -D -m 644 configs/brig.toml $(DESTDIR)/etc/brig/brig.toml
 
 clean-stage:
 	rm -rf $(STAGE)
