@@ -357,7 +357,7 @@ mod tests {
         // Version: what a host would check after boot.
         let version = client.version(ctx(), &VersionRequest::new()).unwrap();
         assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(version.api_version, 1);
+        assert_eq!(version.api_version, brig_protocols::AGENT_API_VERSION);
         assert!(!version.kernel_release.is_empty());
         assert!(version.cpus_online >= 1);
         assert!(version.mem_total_kib > 0);
