@@ -211,9 +211,12 @@ mod tests {
             cpu_nr_throttled: 2,
             pids_current: 3,
             pids_max: 5,
-            memory_stat: [("inactive_file".to_string(), 4_000), ("anon".to_string(), 6_000)]
-                .into_iter()
-                .collect(),
+            memory_stat: [
+                ("inactive_file".to_string(), 4_000),
+                ("anon".to_string(), 6_000),
+            ]
+            .into_iter()
+            .collect(),
             memory_events: Some(RawEvents {
                 max: 4,
                 oom: 1,
@@ -231,7 +234,13 @@ mod tests {
         assert_eq!(stats.memory.working_set_bytes(), 6_000);
         assert_eq!(stats.memory.events.oom_kill, 1);
         assert_eq!(stats.memory.events.max, 4);
-        assert_eq!(stats.pids, PidsStats { current: 3, limit: 5 });
+        assert_eq!(
+            stats.pids,
+            PidsStats {
+                current: 3,
+                limit: 5
+            }
+        );
     }
 
     #[test]
