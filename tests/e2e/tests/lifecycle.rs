@@ -110,7 +110,8 @@ fn pause_stops_a_counter_resume_lets_it_go_on_and_a_paused_container_can_be_kill
         &[
             "sh",
             "-c",
-            "i=0; while true; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done",
+            // Renamed into place, so the host never reads a half-written count.
+            "i=0; while true; do i=$((i+1)); echo $i > /data/.count; mv /data/.count /data/count; sleep 0.1; done",
         ],
     );
     wait_for("the counter to advance", || count(&counter) >= 3);
