@@ -5,15 +5,17 @@ use std::time::Duration;
 
 use brig_protocols::agent::{
     CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
-    ExecProcessResponse, ListProcessesRequest, ListProcessesResponse, RemoveContainerRequest,
-    ResizeTtyRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest, StatsRequest,
-    StatsResponse, VersionRequest, VersionResponse, VsockSelfTestRequest, VsockSelfTestResponse,
-    WaitProcessRequest, WaitProcessResponse,
+    ExecProcessResponse, ListProcessesRequest, ListProcessesResponse, MemoryEvents,
+    PauseContainerRequest, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StatsRequest, StatsResponse,
+    UpdateContainerRequest, VersionRequest, VersionResponse, VsockSelfTestRequest,
+    VsockSelfTestResponse, WaitOomEventRequest, WaitOomEventResponse, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use brig_protocols::agent_ttrpc;
 use ttrpc::{Code, TtrpcContext};
 
-use crate::container::{ContainerError, Containers};
+use crate::container::{ContainerError, Containers, ResourceUpdate};
 use crate::guest_info;
 use crate::vsock_self_test::{self, SelfTestError, Target};
 
@@ -75,6 +77,7 @@ fn container_error(call: &str, err: ContainerError) -> ttrpc::Error {
         ContainerError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
         ContainerError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         ContainerError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        ContainerError::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
         ContainerError::Unavailable(_) => Code::UNAVAILABLE,
         ContainerError::Internal(_) => Code::INTERNAL,
     };
@@ -205,6 +208,85 @@ impl agent_ttrpc::Agent for AgentService {
             pids_current: stats.pids_current,
             pids_max: stats.pids_max,
             oom_kills: stats.oom_kills,
+            cpu_user_usec: stats.cpu.user_usec,
+            cpu_system_usec: stats.cpu.system_usec,
+            cpu_nr_periods: stats.cpu.nr_periods,
+            cpu_nr_throttled: stats.cpu.nr_throttled,
+            cpu_throttled_usec: stats.cpu.throttled_usec,
+            memory_swap_current_bytes: stats.memory_swap_current,
+            memory_swap_max_bytes: stats.memory_swap_max,
+            memory_stat: stats.memory_stat,
+            memory_events: Some(MemoryEvents {
+                low: stats.memory_events.low,
+                high: stats.memory_events.high,
+                max: stats.memory_events.max,
+                oom: stats.memory_events.oom,
+                oom_kill: stats.memory_events.oom_kill,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!("PauseContainer {}", req.container_id);
+        self.containers
+            .pause(&req.container_id)
+            .map_err(|err| container_error("PauseContainer", err))?;
+        Ok(Empty::new())
+    }
+
+    fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!("ResumeContainer {}", req.container_id);
+        self.containers
+            .resume(&req.container_id)
+            .map_err(|err| container_error("ResumeContainer", err))?;
+        Ok(Empty::new())
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!("UpdateContainer {}", req.container_id);
+        let r = req.resources.clone().unwrap_or_default();
+        let update = ResourceUpdate {
+            memory_limit: r.memory_limit,
+            memory_reservation: r.memory_reservation,
+            memory_swap: r.memory_swap,
+            cpu_shares: r.cpu_shares,
+            cpu_quota: r.cpu_quota,
+            cpu_period: r.cpu_period,
+            cpuset_cpus: r.cpuset_cpus,
+            cpuset_mems: r.cpuset_mems,
+            pids_limit: r.pids_limit,
+        };
+        self.containers
+            .update(&req.container_id, &update)
+            .map_err(|err| container_error("UpdateContainer", err))?;
+        Ok(Empty::new())
+    }
+
+    fn wait_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: WaitOomEventRequest,
+    ) -> ttrpc::Result<WaitOomEventResponse> {
+        let (container_id, oom_kills) = self.containers.wait_oom();
+        crate::info!("OOM kill in container {container_id} (count {oom_kills})");
+        Ok(WaitOomEventResponse {
+            container_id,
+            oom_kills,
             ..Default::default()
         })
     }
@@ -357,7 +439,7 @@ mod tests {
         // Version: what a host would check after boot.
         let version = client.version(ctx(), &VersionRequest::new()).unwrap();
         assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(version.api_version, 1);
+        assert_eq!(version.api_version, brig_protocols::AGENT_API_VERSION);
         assert!(!version.kernel_release.is_empty());
         assert!(version.cpus_online >= 1);
         assert!(version.mem_total_kib > 0);

@@ -2,13 +2,16 @@
 
 mod boot;
 mod check;
+mod events;
 mod exec;
 mod kill;
 mod logs;
+mod pause;
 mod ps;
 mod relay;
 mod rm;
 mod run;
+mod update;
 
 use std::process::ExitCode;
 
@@ -52,6 +55,14 @@ enum Command {
     Kill(kill::KillArgs),
     /// Remove containers (-f: stop them first).
     Rm(rm::RmArgs),
+    /// Freeze every process of a running container.
+    Pause(pause::PauseArgs),
+    /// Thaw a paused container.
+    Resume(pause::PauseArgs),
+    /// Change a container's limits (memory, CPU, cpuset, pids).
+    Update(update::UpdateArgs),
+    /// Print a container's statistics (--stats) or follow its OOM events, as JSON.
+    Events(events::EventsArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +94,10 @@ fn main() -> ExitCode {
         Command::Logs(args) => with_layout(cli.root, |l| logs::run(args, l)),
         Command::Kill(args) => with_layout(cli.root, |l| kill::run(args, l)),
         Command::Rm(args) => with_layout(cli.root, |l| rm::run(args, l)),
+        Command::Pause(args) => with_layout(cli.root, |l| pause::run(args, l, true)),
+        Command::Resume(args) => with_layout(cli.root, |l| pause::run(args, l, false)),
+        Command::Update(args) => with_layout(cli.root, |l| update::run(args, l)),
+        Command::Events(args) => with_layout(cli.root, |l| events::run(args, l)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -19,7 +19,8 @@ pub fn run(args: PsArgs, layout: &Layout) -> anyhow::Result<u8> {
         let Ok(state) = layout.load(&id) else {
             continue;
         };
-        if state.status != Status::Running && !args.all {
+        // Paused containers are live too: docker and podman list them without -a.
+        if !matches!(state.status, Status::Running | Status::Paused) && !args.all {
             continue;
         }
         // As docker says it: a stopped container has "exited".

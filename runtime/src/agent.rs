@@ -4,20 +4,25 @@ use std::path::Path;
 use std::time::Duration;
 
 use brig_protocols::agent::{
-    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, ListProcessesRequest,
-    ProcessInfo, RemoveContainerRequest, ResizeTtyRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StatsRequest, StatsResponse, StdioPorts, VersionRequest,
-    VersionResponse, VsockSelfTestRequest, VsockSelfTestResponse, WaitProcessRequest,
-    WaitProcessResponse,
+    CloseStdinRequest, CreateContainerRequest, ExecProcessRequest, LinuxResources,
+    ListProcessesRequest, PauseContainerRequest, ProcessInfo, RemoveContainerRequest,
+    ResizeTtyRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StatsRequest, StatsResponse, StdioPorts, UpdateContainerRequest,
+    VersionRequest, VersionResponse, VsockSelfTestRequest, VsockSelfTestResponse,
+    WaitOomEventRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use brig_protocols::agent_ttrpc_async::AgentClient as RawClient;
 use brig_protocols::{AGENT_API_VERSION, AGENT_VSOCK_PORT};
 
 use crate::guest_text;
 use crate::hybrid_vsock::{self, ConnectError};
+use crate::resources::Resources;
+use crate::state::validate_id;
 
 /// How long one control call may take before it is an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long PauseContainer may take: the agent itself gives up on a freeze after 10 s.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// What kind of failure an agent call had, in the runtime's own words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +104,8 @@ fn call_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
                     ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
                     ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
                     ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
+                    // DEADLINE_EXCEEDED is ttrpc's timeout, or the agent's own (a freeze
+                    // that did not finish, with its message saying so).
                     ttrpc::Code::DEADLINE_EXCEEDED | ttrpc::Code::UNAVAILABLE => {
                         ErrorKind::Transport
                     }
@@ -336,6 +343,88 @@ impl AgentClient {
         self.raw.stats(ctx(), &req).await.map_err(call_err("Stats"))
     }
 
+    /// Freeze every process of a container; returns once the guest kernel says it is frozen.
+    pub async fn pause_container(&self, id: &str) -> Result<(), AgentError> {
+        let req = PauseContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .pause_container(
+                ttrpc::context::with_timeout(PAUSE_TIMEOUT.as_nanos() as i64),
+                &req,
+            )
+            .await
+            .map(|_| ())
+            .map_err(call_err("PauseContainer"))
+    }
+
+    /// Thaw a paused container.
+    pub async fn resume_container(&self, id: &str) -> Result<(), AgentError> {
+        let req = ResumeContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.raw
+            .resume_container(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("ResumeContainer"))
+    }
+
+    /// Change a container's cgroup limits (what `resources` leaves `None` stays).
+    pub async fn update_container(
+        &self,
+        id: &str,
+        resources: &Resources,
+    ) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest {
+            container_id: id.into(),
+            resources: Some(LinuxResources {
+                memory_limit: resources.memory_limit,
+                memory_reservation: resources.memory_reservation,
+                memory_swap: resources.memory_swap,
+                cpu_shares: resources.cpu_shares,
+                cpu_quota: resources.cpu_quota,
+                cpu_period: resources.cpu_period,
+                cpuset_cpus: resources.cpuset_cpus.clone(),
+                cpuset_mems: resources.cpuset_mems.clone(),
+                pids_limit: resources.pids_limit,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        self.raw
+            .update_container(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("UpdateContainer"))
+    }
+
+    /// Wait (without a timeout) until a container of the sandbox is OOM-killed; returns its
+    /// ID. Each kill is reported once, to one caller. An ID that is not a valid container ID
+    /// (a hostile guest's) is an error, never passed on.
+    pub async fn wait_oom_event(&self) -> Result<String, AgentError> {
+        let reply = self
+            .raw
+            .wait_oom_event(
+                ttrpc::context::Context::default(),
+                &WaitOomEventRequest::new(),
+            )
+            .await
+            .map_err(call_err("WaitOomEvent"))?;
+        validate_id("container", &reply.container_id).map_err(|_| AgentError::Call {
+            call: "WaitOomEvent",
+            kind: ErrorKind::Other,
+            reason: format!(
+                "the agent named an invalid container id: {}",
+                guest_text::line(&reply.container_id.chars().take(80).collect::<String>())
+            ),
+        })?;
+        Ok(reply.container_id)
+    }
+
     /// Kill what is left of a container and forget it.
     pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
         let req = RemoveContainerRequest {
@@ -384,6 +473,58 @@ mod tests {
                 api_version: self.0,
                 ..Default::default()
             })
+        }
+    }
+
+    /// A guest whose WaitOomEvent names whatever it is given.
+    struct OomNamer(String);
+
+    #[async_trait::async_trait]
+    impl Agent for OomNamer {
+        async fn wait_oom_event(
+            &self,
+            _: &::ttrpc::r#async::TtrpcContext,
+            _: brig_protocols::agent::WaitOomEventRequest,
+        ) -> ::ttrpc::Result<brig_protocols::agent::WaitOomEventResponse> {
+            Ok(brig_protocols::agent::WaitOomEventResponse {
+                container_id: self.0.clone(),
+                oom_kills: 1,
+                ..Default::default()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oom_event_naming_a_bad_container_id_is_refused() {
+        for (name, id, ok) in [
+            ("oom-good", "web-1".to_string(), true),
+            ("oom-path", "../../etc".to_string(), false),
+            ("oom-long", "a".repeat(100_000), false),
+            ("oom-esc", "x\x1b]0;t\x07".to_string(), false),
+        ] {
+            let path = std::env::temp_dir().join(format!(
+                "brig-agent-test-{name}-{}.sock",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            let addr = format!("unix://{}", path.display());
+            let mut server = ttrpc::asynchronous::Server::new()
+                .bind(&addr)
+                .unwrap()
+                .register_service(create_agent(Arc::new(OomNamer(id.clone()))));
+            server.start().await.unwrap();
+            let client = ttrpc::asynchronous::Client::connect(&addr).await.unwrap();
+            let agent = AgentClient::from_ttrpc(client);
+            match agent.wait_oom_event().await {
+                Ok(got) => assert!(ok && got == id, "{name}: accepted {got:?}"),
+                Err(e) => {
+                    assert!(!ok, "{name}: {e}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("invalid container id"), "{msg}");
+                    assert!(msg.len() < 400 && !msg.contains('\x1b'), "{name}: {msg}");
+                }
+            }
+            let _ = server.shutdown().await;
         }
     }
 

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use brig_protocols::agent::{StatsResponse, StdioPorts, WaitProcessResponse};
+use brig_protocols::agent::{StdioPorts, WaitProcessResponse};
 use oci_spec::runtime::{MountBuilder, Process, Spec, UserBuilder};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::agent::{AgentClient, AgentError, ErrorKind};
+pub use crate::resources::{Resources, Stats};
 use crate::sandbox::{self, Sandbox, SandboxError};
 use crate::share::{self, ShareError, GUEST_SHARE_DIR};
 use crate::spec::{self as oci, SpecError};
@@ -242,6 +243,13 @@ fn guest_dir(id: &str) -> PathBuf {
 }
 
 impl Sandbox {
+    /// Wait until a container of this sandbox is killed by the OOM killer (its cgroup's
+    /// `memory.events` oom_kill count rose) and return its ID. Each kill is reported once;
+    /// keep one call outstanding to see them all.
+    pub async fn wait_oom(&self) -> Result<String, ContainerError> {
+        Ok(self.agent().wait_oom_event().await?)
+    }
+
     /// Create a container: bind its root filesystem and volumes into the share, open its
     /// stdio streams, and have the agent set it up (its command does not run yet).
     pub async fn create_container(
@@ -275,36 +283,6 @@ impl Sandbox {
                 accepting.abort();
                 Err(e.into())
             }
-        }
-    }
-}
-
-/// cgroup statistics of a container, read in the guest (cgroup v2).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// `memory.current`.
-    pub memory_current_bytes: u64,
-    /// `memory.max` (0 = no limit).
-    pub memory_max_bytes: u64,
-    /// `cpu.stat` usage_usec.
-    pub cpu_usage_usec: u64,
-    /// `pids.current`.
-    pub pids_current: u64,
-    /// `pids.max` (0 = no limit).
-    pub pids_max: u64,
-    /// `memory.events` oom_kill.
-    pub oom_kills: u64,
-}
-
-impl From<StatsResponse> for Stats {
-    fn from(r: StatsResponse) -> Self {
-        Self {
-            memory_current_bytes: r.memory_current_bytes,
-            memory_max_bytes: r.memory_max_bytes,
-            cpu_usage_usec: r.cpu_usage_usec,
-            pids_current: r.pids_current,
-            pids_max: r.pids_max,
-            oom_kills: r.oom_kills,
         }
     }
 }
@@ -539,7 +517,59 @@ impl Container {
 
     /// Its cgroup statistics.
     pub async fn stats(&self, sandbox: &Sandbox) -> Result<Stats, ContainerError> {
+        self.ensure(
+            &[Status::Created, Status::Running, Status::Paused],
+            "it has no cgroup to read",
+        )?;
         Ok(sandbox.agent().stats(&self.state.id).await?.into())
+    }
+
+    /// Freeze every process of a running container (cgroup v2 freezer in the guest); it
+    /// reads as paused once the guest says all are frozen. A paused container can still be
+    /// killed.
+    pub async fn pause(&mut self, sandbox: &Sandbox) -> Result<(), ContainerError> {
+        self.pause_with(sandbox.agent()).await
+    }
+
+    async fn pause_with(&mut self, agent: &AgentClient) -> Result<(), ContainerError> {
+        self.ensure(&[Status::Running], "only a running container can be paused")?;
+        agent.pause_container(&self.state.id).await?;
+        self.state.status = Status::Paused;
+        self.save()
+    }
+
+    /// Thaw a paused container.
+    pub async fn resume(&mut self, sandbox: &Sandbox) -> Result<(), ContainerError> {
+        self.resume_with(sandbox.agent()).await
+    }
+
+    async fn resume_with(&mut self, agent: &AgentClient) -> Result<(), ContainerError> {
+        self.ensure(&[Status::Paused], "only a paused container can be resumed")?;
+        agent.resume_container(&self.state.id).await?;
+        self.state.status = Status::Running;
+        self.save()
+    }
+
+    /// Change its cgroup limits in the guest (what `resources` leaves `None` stays). A bad
+    /// value is refused by the agent, naming the field, before any limit changes.
+    pub async fn update(
+        &self,
+        sandbox: &Sandbox,
+        resources: &Resources,
+    ) -> Result<(), ContainerError> {
+        self.update_with(sandbox.agent(), resources).await
+    }
+
+    async fn update_with(
+        &self,
+        agent: &AgentClient,
+        resources: &Resources,
+    ) -> Result<(), ContainerError> {
+        self.ensure(
+            &[Status::Created, Status::Running, Status::Paused],
+            "only a live container can be updated",
+        )?;
+        Ok(agent.update_container(&self.state.id, resources).await?)
     }
 
     /// Remove it from `sandbox` (the agent kills what is left of it) and unmount its root
@@ -676,4 +706,188 @@ async fn pending_accept(pending: PendingStdio) -> Result<Stdio, ContainerError> 
         let _ = std::fs::remove_file(p);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use brig_protocols::agent::{
+        Empty, PauseContainerRequest, ResumeContainerRequest, UpdateContainerRequest,
+    };
+    use brig_protocols::agent_ttrpc_async::{create_agent, Agent};
+
+    use super::*;
+
+    /// An agent that records the pause/resume/update calls it gets, and refuses updates
+    /// the way brig-agent does.
+    #[derive(Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    #[async_trait::async_trait]
+    impl Agent for Recorder {
+        async fn pause_container(
+            &self,
+            _: &::ttrpc::r#async::TtrpcContext,
+            req: PauseContainerRequest,
+        ) -> ::ttrpc::Result<Empty> {
+            self.0.lock().unwrap().push(format!("pause {}", req.container_id));
+            Ok(Empty::new())
+        }
+
+        async fn resume_container(
+            &self,
+            _: &::ttrpc::r#async::TtrpcContext,
+            req: ResumeContainerRequest,
+        ) -> ::ttrpc::Result<Empty> {
+            self.0.lock().unwrap().push(format!("resume {}", req.container_id));
+            Ok(Empty::new())
+        }
+
+        async fn update_container(
+            &self,
+            _: &::ttrpc::r#async::TtrpcContext,
+            req: UpdateContainerRequest,
+        ) -> ::ttrpc::Result<Empty> {
+            let r = req.resources.clone().unwrap_or_default();
+            if r.pids_limit == Some(-2) {
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    "invalid pids_limit: -2",
+                )));
+            }
+            self.0.lock().unwrap().push(format!(
+                "update {} memory {:?} pids {:?}",
+                req.container_id, r.memory_limit, r.pids_limit
+            ));
+            Ok(Empty::new())
+        }
+    }
+
+    async fn agent(
+        name: &str,
+    ) -> (
+        AgentClient,
+        ttrpc::asynchronous::Server,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let path = std::env::temp_dir().join(format!(
+            "brig-container-test-{name}-{}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let addr = format!("unix://{}", path.display());
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&addr)
+            .unwrap()
+            .register_service(create_agent(Arc::new(Recorder(Arc::clone(&calls)))));
+        server.start().await.unwrap();
+        let client = ttrpc::asynchronous::Client::connect(&addr).await.unwrap();
+        (AgentClient::from_ttrpc(client), server, calls)
+    }
+
+    fn layout(name: &str) -> Layout {
+        let root = std::env::temp_dir().join(format!(
+            "brig-container-test-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        Layout::new(&root)
+    }
+
+    fn container_in(layout: &Layout, status: Status) -> Container {
+        let mut c = Container::claim(layout, "c1", "c1", None).unwrap();
+        c.state.owner = Some(ProcessRef::current());
+        c.state.status = status;
+        c.save().unwrap();
+        c
+    }
+
+    #[tokio::test]
+    async fn pause_and_resume_move_a_running_container_and_persist_it() {
+        let layout = layout("pause");
+        let (agent, mut server, calls) = agent("pause").await;
+        let mut c = container_in(&layout, Status::Running);
+
+        c.pause_with(&agent).await.unwrap();
+        assert_eq!(c.state().status, Status::Paused);
+        // Another process (`brig ps`) sees it paused.
+        assert_eq!(layout.load("c1").unwrap().status, Status::Paused);
+
+        // Pausing twice is a clear error, and the agent is not asked.
+        let err = c.pause_with(&agent).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "container c1 is paused: only a running container can be paused"
+        );
+
+        c.resume_with(&agent).await.unwrap();
+        assert_eq!(layout.load("c1").unwrap().status, Status::Running);
+        let err = c.resume_with(&agent).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "container c1 is running: only a paused container can be resumed"
+        );
+        assert_eq!(*calls.lock().unwrap(), vec!["pause c1", "resume c1"]);
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_dir_all(layout.root());
+    }
+
+    #[tokio::test]
+    async fn only_a_running_container_can_be_paused() {
+        let layout = layout("states");
+        let (agent, mut server, calls) = agent("states").await;
+        for status in [Status::Creating, Status::Created, Status::Stopped] {
+            let _ = std::fs::remove_dir_all(layout.root());
+            let mut c = container_in(&layout, status);
+            let err = c.pause_with(&agent).await.unwrap_err();
+            assert!(
+                matches!(err, ContainerError::WrongState { .. }),
+                "{status:?}: {err}"
+            );
+            assert_eq!(layout.load("c1").unwrap().status, status);
+            let err = c.resume_with(&agent).await.unwrap_err();
+            assert!(matches!(err, ContainerError::WrongState { .. }), "{err}");
+        }
+        assert!(calls.lock().unwrap().is_empty());
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_dir_all(layout.root());
+    }
+
+    #[tokio::test]
+    async fn update_reaches_the_agent_and_its_refusal_comes_back_as_invalid_argument() {
+        let layout = layout("update");
+        let (agent, mut server, calls) = agent("update").await;
+        let c = container_in(&layout, Status::Paused);
+        let resources = Resources {
+            memory_limit: Some(64 << 20),
+            pids_limit: Some(5),
+            ..Default::default()
+        };
+        c.update_with(&agent, &resources).await.unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec!["update c1 memory Some(67108864) pids Some(5)"]
+        );
+        let bad = Resources {
+            pids_limit: Some(-2),
+            ..Default::default()
+        };
+        match c.update_with(&agent, &bad).await.unwrap_err() {
+            ContainerError::Agent(e) => {
+                assert_eq!(e.kind(), Some(ErrorKind::InvalidArgument));
+                assert!(e.to_string().contains("pids_limit"), "{e}");
+            }
+            other => panic!("{other}"),
+        }
+        let _ = std::fs::remove_dir_all(layout.root());
+        let stopped = container_in(&layout, Status::Stopped);
+        assert!(matches!(
+            stopped.update_with(&agent, &resources).await,
+            Err(ContainerError::WrongState { .. })
+        ));
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_dir_all(layout.root());
+    }
 }

@@ -11,6 +11,7 @@ pub mod container;
 pub mod guest_text;
 pub mod host;
 pub mod hybrid_vsock;
+pub mod resources;
 pub mod sandbox;
 pub mod share;
 pub mod signal;

@@ -30,7 +30,7 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use thiserror::Error;
 
 use cgroup::Cgroup;
-pub use cgroup::{is_cgroup2, CgroupStats};
+pub use cgroup::{is_cgroup2, CgroupStats, ResourceUpdate};
 pub use process::ExitInfo;
 use process::{Process, SpawnOptions, Starter};
 use spec::{InitConfig, InitMode};
@@ -42,6 +42,8 @@ use crate::vsock_self_test::Target;
 pub const SHARED_DIR: &str = "/run/brig/shared";
 /// How long RemoveContainer waits for the init to die after SIGKILL.
 const REMOVE_WAIT: Duration = Duration::from_secs(10);
+/// How often WaitOomEvent looks at the containers' memory.events.
+const OOM_POLL: Duration = Duration::from_millis(100);
 
 /// Why a container call failed; each maps to a ttrpc code.
 #[derive(Debug, Error)]
@@ -61,6 +63,9 @@ pub enum ContainerError {
     /// FAILED_PRECONDITION: the call does not fit the container's state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// DEADLINE_EXCEEDED: the kernel did not do it in time (a freeze that never completed).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// UNAVAILABLE: the host side is not there (stdio listener missing).
     #[error("{0}")]
     Unavailable(String),
@@ -95,6 +100,8 @@ pub struct Containers {
     config: RuntimeConfig,
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Per container, the oom_kill count WaitOomEvent last reported.
+    oom_reported: Mutex<HashMap<String, u64>>,
 }
 
 impl Containers {
@@ -104,6 +111,7 @@ impl Containers {
             config,
             reaper,
             containers: Mutex::new(HashMap::new()),
+            oom_reported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -508,6 +516,81 @@ impl Containers {
         Ok(cgroup.stats())
     }
 
+    fn cgroup_of<'a>(container: &'a Container, call: &str) -> Result<&'a Cgroup, ContainerError> {
+        container.cgroup.as_ref().ok_or_else(|| {
+            ContainerError::FailedPrecondition(format!(
+                "{call} needs cgroups, and this agent runs without them (debug run on a cgroup v1 host)"
+            ))
+        })
+    }
+
+    /// PauseContainer: freezes the container's cgroup and waits until it is frozen.
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        let cgroup = Self::cgroup_of(&container, "pause")?;
+        if container.init.exit().is_some() {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {id:?} is not running"
+            )));
+        }
+        cgroup.freeze()?;
+        crate::info!("paused container {id}");
+        Ok(())
+    }
+
+    /// ResumeContainer: thaws the container's cgroup.
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        Self::cgroup_of(&container, "resume")?.thaw()?;
+        crate::info!("resumed container {id}");
+        Ok(())
+    }
+
+    /// UpdateContainer: new cgroup limits.
+    pub fn update(&self, id: &str, update: &ResourceUpdate) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        Self::cgroup_of(&container, "update")?.update(update)?;
+        crate::info!("updated container {id}: {update:?}");
+        Ok(())
+    }
+
+    /// WaitOomEvent: blocks until a container's oom_kill count is above the one last
+    /// reported for it; returns the container and its count.
+    pub fn wait_oom(&self) -> (String, u64) {
+        loop {
+            if let Some(event) = self.next_oom() {
+                return event;
+            }
+            std::thread::sleep(OOM_POLL);
+        }
+    }
+
+    fn next_oom(&self) -> Option<(String, u64)> {
+        let containers: Vec<Arc<Container>> = self
+            .containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut reported = self
+            .oom_reported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for container in containers {
+            let Some(cgroup) = &container.cgroup else {
+                continue;
+            };
+            let count = cgroup.oom_kills();
+            let last = reported.entry(container.id.clone()).or_insert(0);
+            if count > *last {
+                *last = count;
+                return Some((container.id.clone(), count));
+            }
+        }
+        None
+    }
+
     /// RemoveContainer: kills what still runs and forgets the container.
     pub fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id)?;
@@ -533,6 +616,10 @@ impl Containers {
             );
         }
         self.containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        self.oom_reported
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);

@@ -3052,6 +3052,24 @@ pub struct StatsResponse {
     pub pids_max: u64,
     // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.oom_kills)
     pub oom_kills: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_user_usec)
+    pub cpu_user_usec: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_system_usec)
+    pub cpu_system_usec: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_nr_periods)
+    pub cpu_nr_periods: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_nr_throttled)
+    pub cpu_nr_throttled: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.cpu_throttled_usec)
+    pub cpu_throttled_usec: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_swap_current_bytes)
+    pub memory_swap_current_bytes: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_stat)
+    pub memory_stat: ::std::collections::HashMap<::std::string::String, u64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_events)
+    pub memory_events: ::protobuf::MessageField<MemoryEvents>,
+    // @@protoc_insertion_point(field:brig.agent.v1.StatsResponse.memory_swap_max_bytes)
+    pub memory_swap_max_bytes: u64,
     // special fields
     // @@protoc_insertion_point(special_field:brig.agent.v1.StatsResponse.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -3069,7 +3087,7 @@ impl StatsResponse {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(6);
+        let mut fields = ::std::vec::Vec::with_capacity(15);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "memory_current_bytes",
@@ -3100,6 +3118,51 @@ impl StatsResponse {
             "oom_kills",
             |m: &StatsResponse| { &m.oom_kills },
             |m: &mut StatsResponse| { &mut m.oom_kills },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_user_usec",
+            |m: &StatsResponse| { &m.cpu_user_usec },
+            |m: &mut StatsResponse| { &mut m.cpu_user_usec },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_system_usec",
+            |m: &StatsResponse| { &m.cpu_system_usec },
+            |m: &mut StatsResponse| { &mut m.cpu_system_usec },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_nr_periods",
+            |m: &StatsResponse| { &m.cpu_nr_periods },
+            |m: &mut StatsResponse| { &mut m.cpu_nr_periods },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_nr_throttled",
+            |m: &StatsResponse| { &m.cpu_nr_throttled },
+            |m: &mut StatsResponse| { &mut m.cpu_nr_throttled },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "cpu_throttled_usec",
+            |m: &StatsResponse| { &m.cpu_throttled_usec },
+            |m: &mut StatsResponse| { &mut m.cpu_throttled_usec },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "memory_swap_current_bytes",
+            |m: &StatsResponse| { &m.memory_swap_current_bytes },
+            |m: &mut StatsResponse| { &mut m.memory_swap_current_bytes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_map_simpler_accessor_new::<_, _>(
+            "memory_stat",
+            |m: &StatsResponse| { &m.memory_stat },
+            |m: &mut StatsResponse| { &mut m.memory_stat },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, MemoryEvents>(
+            "memory_events",
+            |m: &StatsResponse| { &m.memory_events },
+            |m: &mut StatsResponse| { &mut m.memory_events },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "memory_swap_max_bytes",
+            |m: &StatsResponse| { &m.memory_swap_max_bytes },
+            |m: &mut StatsResponse| { &mut m.memory_swap_max_bytes },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StatsResponse>(
             "StatsResponse",
@@ -3137,6 +3200,45 @@ impl ::protobuf::Message for StatsResponse {
                 48 => {
                     self.oom_kills = is.read_uint64()?;
                 },
+                56 => {
+                    self.cpu_user_usec = is.read_uint64()?;
+                },
+                64 => {
+                    self.cpu_system_usec = is.read_uint64()?;
+                },
+                72 => {
+                    self.cpu_nr_periods = is.read_uint64()?;
+                },
+                80 => {
+                    self.cpu_nr_throttled = is.read_uint64()?;
+                },
+                88 => {
+                    self.cpu_throttled_usec = is.read_uint64()?;
+                },
+                96 => {
+                    self.memory_swap_current_bytes = is.read_uint64()?;
+                },
+                106 => {
+                    let len = is.read_raw_varint32()?;
+                    let old_limit = is.push_limit(len as u64)?;
+                    let mut key = ::std::default::Default::default();
+                    let mut value = ::std::default::Default::default();
+                    while let Some(tag) = is.read_raw_tag_or_eof()? {
+                        match tag {
+                            10 => key = is.read_string()?,
+                            16 => value = is.read_uint64()?,
+                            _ => ::protobuf::rt::skip_field_for_tag(tag, is)?,
+                        };
+                    }
+                    is.pop_limit(old_limit);
+                    self.memory_stat.insert(key, value);
+                },
+                114 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.memory_events)?;
+                },
+                120 => {
+                    self.memory_swap_max_bytes = is.read_uint64()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -3167,6 +3269,37 @@ impl ::protobuf::Message for StatsResponse {
         if self.oom_kills != 0 {
             my_size += ::protobuf::rt::uint64_size(6, self.oom_kills);
         }
+        if self.cpu_user_usec != 0 {
+            my_size += ::protobuf::rt::uint64_size(7, self.cpu_user_usec);
+        }
+        if self.cpu_system_usec != 0 {
+            my_size += ::protobuf::rt::uint64_size(8, self.cpu_system_usec);
+        }
+        if self.cpu_nr_periods != 0 {
+            my_size += ::protobuf::rt::uint64_size(9, self.cpu_nr_periods);
+        }
+        if self.cpu_nr_throttled != 0 {
+            my_size += ::protobuf::rt::uint64_size(10, self.cpu_nr_throttled);
+        }
+        if self.cpu_throttled_usec != 0 {
+            my_size += ::protobuf::rt::uint64_size(11, self.cpu_throttled_usec);
+        }
+        if self.memory_swap_current_bytes != 0 {
+            my_size += ::protobuf::rt::uint64_size(12, self.memory_swap_current_bytes);
+        }
+        for (k, v) in &self.memory_stat {
+            let mut entry_size = 0;
+            entry_size += ::protobuf::rt::string_size(1, &k);
+            entry_size += ::protobuf::rt::uint64_size(2, *v);
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(entry_size) + entry_size
+        };
+        if let Some(v) = self.memory_events.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        if self.memory_swap_max_bytes != 0 {
+            my_size += ::protobuf::rt::uint64_size(15, self.memory_swap_max_bytes);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -3191,6 +3324,39 @@ impl ::protobuf::Message for StatsResponse {
         if self.oom_kills != 0 {
             os.write_uint64(6, self.oom_kills)?;
         }
+        if self.cpu_user_usec != 0 {
+            os.write_uint64(7, self.cpu_user_usec)?;
+        }
+        if self.cpu_system_usec != 0 {
+            os.write_uint64(8, self.cpu_system_usec)?;
+        }
+        if self.cpu_nr_periods != 0 {
+            os.write_uint64(9, self.cpu_nr_periods)?;
+        }
+        if self.cpu_nr_throttled != 0 {
+            os.write_uint64(10, self.cpu_nr_throttled)?;
+        }
+        if self.cpu_throttled_usec != 0 {
+            os.write_uint64(11, self.cpu_throttled_usec)?;
+        }
+        if self.memory_swap_current_bytes != 0 {
+            os.write_uint64(12, self.memory_swap_current_bytes)?;
+        }
+        for (k, v) in &self.memory_stat {
+            let mut entry_size = 0;
+            entry_size += ::protobuf::rt::string_size(1, &k);
+            entry_size += ::protobuf::rt::uint64_size(2, *v);
+            os.write_raw_varint32(106)?; // Tag.
+            os.write_raw_varint32(entry_size as u32)?;
+            os.write_string(1, &k)?;
+            os.write_uint64(2, *v)?;
+        };
+        if let Some(v) = self.memory_events.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(14, v, os)?;
+        }
+        if self.memory_swap_max_bytes != 0 {
+            os.write_uint64(15, self.memory_swap_max_bytes)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -3214,20 +3380,21 @@ impl ::protobuf::Message for StatsResponse {
         self.pids_current = 0;
         self.pids_max = 0;
         self.oom_kills = 0;
+        self.cpu_user_usec = 0;
+        self.cpu_system_usec = 0;
+        self.cpu_nr_periods = 0;
+        self.cpu_nr_throttled = 0;
+        self.cpu_throttled_usec = 0;
+        self.memory_swap_current_bytes = 0;
+        self.memory_stat.clear();
+        self.memory_events.clear();
+        self.memory_swap_max_bytes = 0;
         self.special_fields.clear();
     }
 
     fn default_instance() -> &'static StatsResponse {
-        static instance: StatsResponse = StatsResponse {
-            memory_current_bytes: 0,
-            memory_max_bytes: 0,
-            cpu_usage_usec: 0,
-            pids_current: 0,
-            pids_max: 0,
-            oom_kills: 0,
-            special_fields: ::protobuf::SpecialFields::new(),
-        };
-        &instance
+        static instance: ::protobuf::rt::Lazy<StatsResponse> = ::protobuf::rt::Lazy::new();
+        instance.get(StatsResponse::new)
     }
 }
 
@@ -3245,6 +3412,1094 @@ impl ::std::fmt::Display for StatsResponse {
 }
 
 impl ::protobuf::reflect::ProtobufValue for StatsResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.MemoryEvents)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct MemoryEvents {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.MemoryEvents.low)
+    pub low: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.MemoryEvents.high)
+    pub high: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.MemoryEvents.max)
+    pub max: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.MemoryEvents.oom)
+    pub oom: u64,
+    // @@protoc_insertion_point(field:brig.agent.v1.MemoryEvents.oom_kill)
+    pub oom_kill: u64,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.MemoryEvents.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a MemoryEvents {
+    fn default() -> &'a MemoryEvents {
+        <MemoryEvents as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl MemoryEvents {
+    pub fn new() -> MemoryEvents {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "low",
+            |m: &MemoryEvents| { &m.low },
+            |m: &mut MemoryEvents| { &mut m.low },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "high",
+            |m: &MemoryEvents| { &m.high },
+            |m: &mut MemoryEvents| { &mut m.high },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "max",
+            |m: &MemoryEvents| { &m.max },
+            |m: &mut MemoryEvents| { &mut m.max },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom",
+            |m: &MemoryEvents| { &m.oom },
+            |m: &mut MemoryEvents| { &mut m.oom },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom_kill",
+            |m: &MemoryEvents| { &m.oom_kill },
+            |m: &mut MemoryEvents| { &mut m.oom_kill },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<MemoryEvents>(
+            "MemoryEvents",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for MemoryEvents {
+    const NAME: &'static str = "MemoryEvents";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.low = is.read_uint64()?;
+                },
+                16 => {
+                    self.high = is.read_uint64()?;
+                },
+                24 => {
+                    self.max = is.read_uint64()?;
+                },
+                32 => {
+                    self.oom = is.read_uint64()?;
+                },
+                40 => {
+                    self.oom_kill = is.read_uint64()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.low != 0 {
+            my_size += ::protobuf::rt::uint64_size(1, self.low);
+        }
+        if self.high != 0 {
+            my_size += ::protobuf::rt::uint64_size(2, self.high);
+        }
+        if self.max != 0 {
+            my_size += ::protobuf::rt::uint64_size(3, self.max);
+        }
+        if self.oom != 0 {
+            my_size += ::protobuf::rt::uint64_size(4, self.oom);
+        }
+        if self.oom_kill != 0 {
+            my_size += ::protobuf::rt::uint64_size(5, self.oom_kill);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.low != 0 {
+            os.write_uint64(1, self.low)?;
+        }
+        if self.high != 0 {
+            os.write_uint64(2, self.high)?;
+        }
+        if self.max != 0 {
+            os.write_uint64(3, self.max)?;
+        }
+        if self.oom != 0 {
+            os.write_uint64(4, self.oom)?;
+        }
+        if self.oom_kill != 0 {
+            os.write_uint64(5, self.oom_kill)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> MemoryEvents {
+        MemoryEvents::new()
+    }
+
+    fn clear(&mut self) {
+        self.low = 0;
+        self.high = 0;
+        self.max = 0;
+        self.oom = 0;
+        self.oom_kill = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static MemoryEvents {
+        static instance: MemoryEvents = MemoryEvents {
+            low: 0,
+            high: 0,
+            max: 0,
+            oom: 0,
+            oom_kill: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for MemoryEvents {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("MemoryEvents").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for MemoryEvents {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for MemoryEvents {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.PauseContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct PauseContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.PauseContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.PauseContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a PauseContainerRequest {
+    fn default() -> &'a PauseContainerRequest {
+        <PauseContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl PauseContainerRequest {
+    pub fn new() -> PauseContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &PauseContainerRequest| { &m.container_id },
+            |m: &mut PauseContainerRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<PauseContainerRequest>(
+            "PauseContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for PauseContainerRequest {
+    const NAME: &'static str = "PauseContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> PauseContainerRequest {
+        PauseContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static PauseContainerRequest {
+        static instance: PauseContainerRequest = PauseContainerRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for PauseContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("PauseContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for PauseContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for PauseContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ResumeContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ResumeContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ResumeContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ResumeContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ResumeContainerRequest {
+    fn default() -> &'a ResumeContainerRequest {
+        <ResumeContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ResumeContainerRequest {
+    pub fn new() -> ResumeContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &ResumeContainerRequest| { &m.container_id },
+            |m: &mut ResumeContainerRequest| { &mut m.container_id },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ResumeContainerRequest>(
+            "ResumeContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ResumeContainerRequest {
+    const NAME: &'static str = "ResumeContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ResumeContainerRequest {
+        ResumeContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ResumeContainerRequest {
+        static instance: ResumeContainerRequest = ResumeContainerRequest {
+            container_id: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ResumeContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ResumeContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ResumeContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ResumeContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.LinuxResources)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct LinuxResources {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.memory_limit)
+    pub memory_limit: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.memory_reservation)
+    pub memory_reservation: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.memory_swap)
+    pub memory_swap: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.cpu_shares)
+    pub cpu_shares: ::std::option::Option<u64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.cpu_quota)
+    pub cpu_quota: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.cpu_period)
+    pub cpu_period: ::std::option::Option<u64>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.cpuset_cpus)
+    pub cpuset_cpus: ::std::option::Option<::std::string::String>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.cpuset_mems)
+    pub cpuset_mems: ::std::option::Option<::std::string::String>,
+    // @@protoc_insertion_point(field:brig.agent.v1.LinuxResources.pids_limit)
+    pub pids_limit: ::std::option::Option<i64>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.LinuxResources.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a LinuxResources {
+    fn default() -> &'a LinuxResources {
+        <LinuxResources as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl LinuxResources {
+    pub fn new() -> LinuxResources {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(9);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_limit",
+            |m: &LinuxResources| { &m.memory_limit },
+            |m: &mut LinuxResources| { &mut m.memory_limit },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_reservation",
+            |m: &LinuxResources| { &m.memory_reservation },
+            |m: &mut LinuxResources| { &mut m.memory_reservation },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_swap",
+            |m: &LinuxResources| { &m.memory_swap },
+            |m: &mut LinuxResources| { &mut m.memory_swap },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_shares",
+            |m: &LinuxResources| { &m.cpu_shares },
+            |m: &mut LinuxResources| { &mut m.cpu_shares },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_quota",
+            |m: &LinuxResources| { &m.cpu_quota },
+            |m: &mut LinuxResources| { &mut m.cpu_quota },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_period",
+            |m: &LinuxResources| { &m.cpu_period },
+            |m: &mut LinuxResources| { &mut m.cpu_period },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpuset_cpus",
+            |m: &LinuxResources| { &m.cpuset_cpus },
+            |m: &mut LinuxResources| { &mut m.cpuset_cpus },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpuset_mems",
+            |m: &LinuxResources| { &m.cpuset_mems },
+            |m: &mut LinuxResources| { &mut m.cpuset_mems },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "pids_limit",
+            |m: &LinuxResources| { &m.pids_limit },
+            |m: &mut LinuxResources| { &mut m.pids_limit },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<LinuxResources>(
+            "LinuxResources",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for LinuxResources {
+    const NAME: &'static str = "LinuxResources";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.memory_limit = ::std::option::Option::Some(is.read_int64()?);
+                },
+                16 => {
+                    self.memory_reservation = ::std::option::Option::Some(is.read_int64()?);
+                },
+                24 => {
+                    self.memory_swap = ::std::option::Option::Some(is.read_int64()?);
+                },
+                32 => {
+                    self.cpu_shares = ::std::option::Option::Some(is.read_uint64()?);
+                },
+                40 => {
+                    self.cpu_quota = ::std::option::Option::Some(is.read_int64()?);
+                },
+                48 => {
+                    self.cpu_period = ::std::option::Option::Some(is.read_uint64()?);
+                },
+                58 => {
+                    self.cpuset_cpus = ::std::option::Option::Some(is.read_string()?);
+                },
+                66 => {
+                    self.cpuset_mems = ::std::option::Option::Some(is.read_string()?);
+                },
+                72 => {
+                    self.pids_limit = ::std::option::Option::Some(is.read_int64()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if let Some(v) = self.memory_limit {
+            my_size += ::protobuf::rt::int64_size(1, v);
+        }
+        if let Some(v) = self.memory_reservation {
+            my_size += ::protobuf::rt::int64_size(2, v);
+        }
+        if let Some(v) = self.memory_swap {
+            my_size += ::protobuf::rt::int64_size(3, v);
+        }
+        if let Some(v) = self.cpu_shares {
+            my_size += ::protobuf::rt::uint64_size(4, v);
+        }
+        if let Some(v) = self.cpu_quota {
+            my_size += ::protobuf::rt::int64_size(5, v);
+        }
+        if let Some(v) = self.cpu_period {
+            my_size += ::protobuf::rt::uint64_size(6, v);
+        }
+        if let Some(v) = self.cpuset_cpus.as_ref() {
+            my_size += ::protobuf::rt::string_size(7, &v);
+        }
+        if let Some(v) = self.cpuset_mems.as_ref() {
+            my_size += ::protobuf::rt::string_size(8, &v);
+        }
+        if let Some(v) = self.pids_limit {
+            my_size += ::protobuf::rt::int64_size(9, v);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if let Some(v) = self.memory_limit {
+            os.write_int64(1, v)?;
+        }
+        if let Some(v) = self.memory_reservation {
+            os.write_int64(2, v)?;
+        }
+        if let Some(v) = self.memory_swap {
+            os.write_int64(3, v)?;
+        }
+        if let Some(v) = self.cpu_shares {
+            os.write_uint64(4, v)?;
+        }
+        if let Some(v) = self.cpu_quota {
+            os.write_int64(5, v)?;
+        }
+        if let Some(v) = self.cpu_period {
+            os.write_uint64(6, v)?;
+        }
+        if let Some(v) = self.cpuset_cpus.as_ref() {
+            os.write_string(7, v)?;
+        }
+        if let Some(v) = self.cpuset_mems.as_ref() {
+            os.write_string(8, v)?;
+        }
+        if let Some(v) = self.pids_limit {
+            os.write_int64(9, v)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> LinuxResources {
+        LinuxResources::new()
+    }
+
+    fn clear(&mut self) {
+        self.memory_limit = ::std::option::Option::None;
+        self.memory_reservation = ::std::option::Option::None;
+        self.memory_swap = ::std::option::Option::None;
+        self.cpu_shares = ::std::option::Option::None;
+        self.cpu_quota = ::std::option::Option::None;
+        self.cpu_period = ::std::option::Option::None;
+        self.cpuset_cpus = ::std::option::Option::None;
+        self.cpuset_mems = ::std::option::Option::None;
+        self.pids_limit = ::std::option::Option::None;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static LinuxResources {
+        static instance: LinuxResources = LinuxResources {
+            memory_limit: ::std::option::Option::None,
+            memory_reservation: ::std::option::Option::None,
+            memory_swap: ::std::option::Option::None,
+            cpu_shares: ::std::option::Option::None,
+            cpu_quota: ::std::option::Option::None,
+            cpu_period: ::std::option::Option::None,
+            cpuset_cpus: ::std::option::Option::None,
+            cpuset_mems: ::std::option::Option::None,
+            pids_limit: ::std::option::Option::None,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for LinuxResources {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("LinuxResources").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for LinuxResources {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for LinuxResources {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.UpdateContainerRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct UpdateContainerRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.UpdateContainerRequest.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.UpdateContainerRequest.resources)
+    pub resources: ::protobuf::MessageField<LinuxResources>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.UpdateContainerRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a UpdateContainerRequest {
+    fn default() -> &'a UpdateContainerRequest {
+        <UpdateContainerRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl UpdateContainerRequest {
+    pub fn new() -> UpdateContainerRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &UpdateContainerRequest| { &m.container_id },
+            |m: &mut UpdateContainerRequest| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, LinuxResources>(
+            "resources",
+            |m: &UpdateContainerRequest| { &m.resources },
+            |m: &mut UpdateContainerRequest| { &mut m.resources },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<UpdateContainerRequest>(
+            "UpdateContainerRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for UpdateContainerRequest {
+    const NAME: &'static str = "UpdateContainerRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                18 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.resources)?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if let Some(v) = self.resources.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if let Some(v) = self.resources.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(2, v, os)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> UpdateContainerRequest {
+        UpdateContainerRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.resources.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static UpdateContainerRequest {
+        static instance: UpdateContainerRequest = UpdateContainerRequest {
+            container_id: ::std::string::String::new(),
+            resources: ::protobuf::MessageField::none(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for UpdateContainerRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("UpdateContainerRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for UpdateContainerRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for UpdateContainerRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.WaitOomEventRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct WaitOomEventRequest {
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.WaitOomEventRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a WaitOomEventRequest {
+    fn default() -> &'a WaitOomEventRequest {
+        <WaitOomEventRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl WaitOomEventRequest {
+    pub fn new() -> WaitOomEventRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(0);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<WaitOomEventRequest>(
+            "WaitOomEventRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for WaitOomEventRequest {
+    const NAME: &'static str = "WaitOomEventRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> WaitOomEventRequest {
+        WaitOomEventRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static WaitOomEventRequest {
+        static instance: WaitOomEventRequest = WaitOomEventRequest {
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for WaitOomEventRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("WaitOomEventRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for WaitOomEventRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for WaitOomEventRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.WaitOomEventResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct WaitOomEventResponse {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitOomEventResponse.container_id)
+    pub container_id: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.WaitOomEventResponse.oom_kills)
+    pub oom_kills: u64,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.WaitOomEventResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a WaitOomEventResponse {
+    fn default() -> &'a WaitOomEventResponse {
+        <WaitOomEventResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl WaitOomEventResponse {
+    pub fn new() -> WaitOomEventResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "container_id",
+            |m: &WaitOomEventResponse| { &m.container_id },
+            |m: &mut WaitOomEventResponse| { &mut m.container_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom_kills",
+            |m: &WaitOomEventResponse| { &m.oom_kills },
+            |m: &mut WaitOomEventResponse| { &mut m.oom_kills },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<WaitOomEventResponse>(
+            "WaitOomEventResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for WaitOomEventResponse {
+    const NAME: &'static str = "WaitOomEventResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.container_id = is.read_string()?;
+                },
+                16 => {
+                    self.oom_kills = is.read_uint64()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.container_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.container_id);
+        }
+        if self.oom_kills != 0 {
+            my_size += ::protobuf::rt::uint64_size(2, self.oom_kills);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.container_id.is_empty() {
+            os.write_string(1, &self.container_id)?;
+        }
+        if self.oom_kills != 0 {
+            os.write_uint64(2, self.oom_kills)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> WaitOomEventResponse {
+        WaitOomEventResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.container_id.clear();
+        self.oom_kills = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static WaitOomEventResponse {
+        static instance: WaitOomEventResponse = WaitOomEventResponse {
+            container_id: ::std::string::String::new(),
+            oom_kills: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for WaitOomEventResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("WaitOomEventResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for WaitOomEventResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for WaitOomEventResponse {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
@@ -3415,32 +4670,72 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x01(\rR\x03pid\x12\x18\n\x07cmdline\x18\x02\x20\x01(\tR\x07cmdline\"Q\n\
     \x15ListProcessesResponse\x128\n\tprocesses\x18\x01\x20\x03(\x0b2\x1a.br\
     ig.agent.v1.ProcessInfoR\tprocesses\"1\n\x0cStatsRequest\x12!\n\x0cconta\
-    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xec\x01\n\rStatsResponse\
+    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xf4\x05\n\rStatsResponse\
     \x120\n\x14memory_current_bytes\x18\x01\x20\x01(\x04R\x12memoryCurrentBy\
     tes\x12(\n\x10memory_max_bytes\x18\x02\x20\x01(\x04R\x0ememoryMaxBytes\
     \x12$\n\x0ecpu_usage_usec\x18\x03\x20\x01(\x04R\x0ccpuUsageUsec\x12!\n\
     \x0cpids_current\x18\x04\x20\x01(\x04R\x0bpidsCurrent\x12\x19\n\x08pids_\
     max\x18\x05\x20\x01(\x04R\x07pidsMax\x12\x1b\n\toom_kills\x18\x06\x20\
-    \x01(\x04R\x08oomKills\";\n\x16RemoveContainerRequest\x12!\n\x0ccontaine\
-    r_id\x18\x01\x20\x01(\tR\x0bcontainerId2\x91\x08\n\x05Agent\x12H\n\x07Ve\
-    rsion\x12\x1d.brig.agent.v1.VersionRequest\x1a\x1e.brig.agent.v1.Version\
-    Response\x12@\n\x08Shutdown\x12\x1e.brig.agent.v1.ShutdownRequest\x1a\
-    \x14.brig.agent.v1.Empty\x12Z\n\rVsockSelfTest\x12#.brig.agent.v1.VsockS\
-    elfTestRequest\x1a$.brig.agent.v1.VsockSelfTestResponse\x12`\n\x0fCreate\
-    Container\x12%.brig.agent.v1.CreateContainerRequest\x1a&.brig.agent.v1.C\
-    reateContainerResponse\x12L\n\x0eStartContainer\x12$.brig.agent.v1.Start\
-    ContainerRequest\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bExecProcess\x12!.\
-    brig.agent.v1.ExecProcessRequest\x1a\".brig.agent.v1.ExecProcessResponse\
-    \x12J\n\rSignalProcess\x12#.brig.agent.v1.SignalProcessRequest\x1a\x14.b\
-    rig.agent.v1.Empty\x12T\n\x0bWaitProcess\x12!.brig.agent.v1.WaitProcessR\
-    equest\x1a\".brig.agent.v1.WaitProcessResponse\x12D\n\nCloseStdin\x12\
-    \x20.brig.agent.v1.CloseStdinRequest\x1a\x14.brig.agent.v1.Empty\x12B\n\
-    \tResizeTty\x12\x1f.brig.agent.v1.ResizeTtyRequest\x1a\x14.brig.agent.v1\
-    .Empty\x12Z\n\rListProcesses\x12#.brig.agent.v1.ListProcessesRequest\x1a\
-    $.brig.agent.v1.ListProcessesResponse\x12B\n\x05Stats\x12\x1b.brig.agent\
-    .v1.StatsRequest\x1a\x1c.brig.agent.v1.StatsResponse\x12N\n\x0fRemoveCon\
-    tainer\x12%.brig.agent.v1.RemoveContainerRequest\x1a\x14.brig.agent.v1.E\
-    mptyb\x06proto3\
+    \x01(\x04R\x08oomKills\x12\"\n\rcpu_user_usec\x18\x07\x20\x01(\x04R\x0bc\
+    puUserUsec\x12&\n\x0fcpu_system_usec\x18\x08\x20\x01(\x04R\rcpuSystemUse\
+    c\x12$\n\x0ecpu_nr_periods\x18\t\x20\x01(\x04R\x0ccpuNrPeriods\x12(\n\
+    \x10cpu_nr_throttled\x18\n\x20\x01(\x04R\x0ecpuNrThrottled\x12,\n\x12cpu\
+    _throttled_usec\x18\x0b\x20\x01(\x04R\x10cpuThrottledUsec\x129\n\x19memo\
+    ry_swap_current_bytes\x18\x0c\x20\x01(\x04R\x16memorySwapCurrentBytes\
+    \x12M\n\x0bmemory_stat\x18\r\x20\x03(\x0b2,.brig.agent.v1.StatsResponse.\
+    MemoryStatEntryR\nmemoryStat\x12@\n\rmemory_events\x18\x0e\x20\x01(\x0b2\
+    \x1b.brig.agent.v1.MemoryEventsR\x0cmemoryEvents\x121\n\x15memory_swap_m\
+    ax_bytes\x18\x0f\x20\x01(\x04R\x12memorySwapMaxBytes\x1a=\n\x0fMemorySta\
+    tEntry\x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\
+    \x18\x02\x20\x01(\x04R\x05value:\x028\x01\"s\n\x0cMemoryEvents\x12\x10\n\
+    \x03low\x18\x01\x20\x01(\x04R\x03low\x12\x12\n\x04high\x18\x02\x20\x01(\
+    \x04R\x04high\x12\x10\n\x03max\x18\x03\x20\x01(\x04R\x03max\x12\x10\n\
+    \x03oom\x18\x04\x20\x01(\x04R\x03oom\x12\x19\n\x08oom_kill\x18\x05\x20\
+    \x01(\x04R\x07oomKill\":\n\x15PauseContainerRequest\x12!\n\x0ccontainer_\
+    id\x18\x01\x20\x01(\tR\x0bcontainerId\";\n\x16ResumeContainerRequest\x12\
+    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xff\x03\n\x0eLi\
+    nuxResources\x12&\n\x0cmemory_limit\x18\x01\x20\x01(\x03H\0R\x0bmemoryLi\
+    mit\x88\x01\x01\x122\n\x12memory_reservation\x18\x02\x20\x01(\x03H\x01R\
+    \x11memoryReservation\x88\x01\x01\x12$\n\x0bmemory_swap\x18\x03\x20\x01(\
+    \x03H\x02R\nmemorySwap\x88\x01\x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\
+    \x04H\x03R\tcpuShares\x88\x01\x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\
+    \x03H\x04R\x08cpuQuota\x88\x01\x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\
+    \x04H\x05R\tcpuPeriod\x88\x01\x01\x12$\n\x0bcpuset_cpus\x18\x07\x20\x01(\
+    \tH\x06R\ncpusetCpus\x88\x01\x01\x12$\n\x0bcpuset_mems\x18\x08\x20\x01(\
+    \tH\x07R\ncpusetMems\x88\x01\x01\x12\"\n\npids_limit\x18\t\x20\x01(\x03H\
+    \x08R\tpidsLimit\x88\x01\x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_res\
+    ervationB\x0e\n\x0c_memory_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\
+    \r\n\x0b_cpu_periodB\x0e\n\x0c_cpuset_cpusB\x0e\n\x0c_cpuset_memsB\r\n\
+    \x0b_pids_limit\"x\n\x16UpdateContainerRequest\x12!\n\x0ccontainer_id\
+    \x18\x01\x20\x01(\tR\x0bcontainerId\x12;\n\tresources\x18\x02\x20\x01(\
+    \x0b2\x1d.brig.agent.v1.LinuxResourcesR\tresources\"\x15\n\x13WaitOomEve\
+    ntRequest\"V\n\x14WaitOomEventResponse\x12!\n\x0ccontainer_id\x18\x01\
+    \x20\x01(\tR\x0bcontainerId\x12\x1b\n\toom_kills\x18\x02\x20\x01(\x04R\
+    \x08oomKills\";\n\x16RemoveContainerRequest\x12!\n\x0ccontainer_id\x18\
+    \x01\x20\x01(\tR\x0bcontainerId2\xd8\n\n\x05Agent\x12H\n\x07Version\x12\
+    \x1d.brig.agent.v1.VersionRequest\x1a\x1e.brig.agent.v1.VersionResponse\
+    \x12@\n\x08Shutdown\x12\x1e.brig.agent.v1.ShutdownRequest\x1a\x14.brig.a\
+    gent.v1.Empty\x12Z\n\rVsockSelfTest\x12#.brig.agent.v1.VsockSelfTestRequ\
+    est\x1a$.brig.agent.v1.VsockSelfTestResponse\x12`\n\x0fCreateContainer\
+    \x12%.brig.agent.v1.CreateContainerRequest\x1a&.brig.agent.v1.CreateCont\
+    ainerResponse\x12L\n\x0eStartContainer\x12$.brig.agent.v1.StartContainer\
+    Request\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bExecProcess\x12!.brig.agen\
+    t.v1.ExecProcessRequest\x1a\".brig.agent.v1.ExecProcessResponse\x12J\n\r\
+    SignalProcess\x12#.brig.agent.v1.SignalProcessRequest\x1a\x14.brig.agent\
+    .v1.Empty\x12T\n\x0bWaitProcess\x12!.brig.agent.v1.WaitProcessRequest\
+    \x1a\".brig.agent.v1.WaitProcessResponse\x12D\n\nCloseStdin\x12\x20.brig\
+    .agent.v1.CloseStdinRequest\x1a\x14.brig.agent.v1.Empty\x12B\n\tResizeTt\
+    y\x12\x1f.brig.agent.v1.ResizeTtyRequest\x1a\x14.brig.agent.v1.Empty\x12\
+    Z\n\rListProcesses\x12#.brig.agent.v1.ListProcessesRequest\x1a$.brig.age\
+    nt.v1.ListProcessesResponse\x12B\n\x05Stats\x12\x1b.brig.agent.v1.StatsR\
+    equest\x1a\x1c.brig.agent.v1.StatsResponse\x12N\n\x0fRemoveContainer\x12\
+    %.brig.agent.v1.RemoveContainerRequest\x1a\x14.brig.agent.v1.Empty\x12L\
+    \n\x0ePauseContainer\x12$.brig.agent.v1.PauseContainerRequest\x1a\x14.br\
+    ig.agent.v1.Empty\x12N\n\x0fResumeContainer\x12%.brig.agent.v1.ResumeCon\
+    tainerRequest\x1a\x14.brig.agent.v1.Empty\x12N\n\x0fUpdateContainer\x12%\
+    .brig.agent.v1.UpdateContainerRequest\x1a\x14.brig.agent.v1.Empty\x12W\n\
+    \x0cWaitOomEvent\x12\".brig.agent.v1.WaitOomEventRequest\x1a#.brig.agent\
+    .v1.WaitOomEventResponseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -3458,7 +4753,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(23);
+            let mut messages = ::std::vec::Vec::with_capacity(30);
             messages.push(Empty::generated_message_descriptor_data());
             messages.push(VersionRequest::generated_message_descriptor_data());
             messages.push(VersionResponse::generated_message_descriptor_data());
@@ -3481,6 +4776,13 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
             messages.push(ListProcessesResponse::generated_message_descriptor_data());
             messages.push(StatsRequest::generated_message_descriptor_data());
             messages.push(StatsResponse::generated_message_descriptor_data());
+            messages.push(MemoryEvents::generated_message_descriptor_data());
+            messages.push(PauseContainerRequest::generated_message_descriptor_data());
+            messages.push(ResumeContainerRequest::generated_message_descriptor_data());
+            messages.push(LinuxResources::generated_message_descriptor_data());
+            messages.push(UpdateContainerRequest::generated_message_descriptor_data());
+            messages.push(WaitOomEventRequest::generated_message_descriptor_data());
+            messages.push(WaitOomEventResponse::generated_message_descriptor_data());
             messages.push(RemoveContainerRequest::generated_message_descriptor_data());
             let mut enums = ::std::vec::Vec::with_capacity(0);
             ::protobuf::reflect::GeneratedFileDescriptor::new_generated(

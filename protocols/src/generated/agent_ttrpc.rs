@@ -107,6 +107,30 @@ impl AgentClient {
         ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "RemoveContainer", cres);
         Ok(cres)
     }
+
+    pub fn pause_container(&self, ctx: ttrpc::context::Context, req: &super::agent::PauseContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "PauseContainer", cres);
+        Ok(cres)
+    }
+
+    pub fn resume_container(&self, ctx: ttrpc::context::Context, req: &super::agent::ResumeContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "ResumeContainer", cres);
+        Ok(cres)
+    }
+
+    pub fn update_container(&self, ctx: ttrpc::context::Context, req: &super::agent::UpdateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "UpdateContainer", cres);
+        Ok(cres)
+    }
+
+    pub fn wait_oom_event(&self, ctx: ttrpc::context::Context, req: &super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
+        let mut cres = super::agent::WaitOomEventResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitOomEvent", cres);
+        Ok(cres)
+    }
 }
 
 struct VersionMethod {
@@ -252,6 +276,50 @@ impl ::ttrpc::MethodHandler for RemoveContainerMethod {
     }
 }
 
+struct PauseContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for PauseContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, PauseContainerRequest, pause_container);
+        Ok(())
+    }
+}
+
+struct ResumeContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ResumeContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ResumeContainerRequest, resume_container);
+        Ok(())
+    }
+}
+
+struct UpdateContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for UpdateContainerMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, UpdateContainerRequest, update_container);
+        Ok(())
+    }
+}
+
+struct WaitOomEventMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for WaitOomEventMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, WaitOomEventRequest, wait_oom_event);
+        Ok(())
+    }
+}
+
 pub trait Agent {
     fn version(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/Version is not supported".to_string())))
@@ -291,6 +359,18 @@ pub trait Agent {
     }
     fn remove_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/RemoveContainer is not supported".to_string())))
+    }
+    fn pause_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::PauseContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/PauseContainer is not supported".to_string())))
+    }
+    fn resume_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ResumeContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ResumeContainer is not supported".to_string())))
+    }
+    fn update_container(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::UpdateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/UpdateContainer is not supported".to_string())))
+    }
+    fn wait_oom_event(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitOomEvent is not supported".to_string())))
     }
 }
 
@@ -335,6 +415,18 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, Bo
 
     methods.insert("/brig.agent.v1.Agent/RemoveContainer".to_string(),
                     Box::new(RemoveContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/PauseContainer".to_string(),
+                    Box::new(PauseContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/ResumeContainer".to_string(),
+                    Box::new(ResumeContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/UpdateContainer".to_string(),
+                    Box::new(UpdateContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/WaitOomEvent".to_string(),
+                    Box::new(WaitOomEventMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
 
     methods
 }

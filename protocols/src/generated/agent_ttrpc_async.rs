@@ -95,6 +95,26 @@ impl AgentClient {
         let mut cres = super::agent::Empty::new();
         ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "RemoveContainer", cres);
     }
+
+    pub async fn pause_container(&self, ctx: ttrpc::context::Context, req: &super::agent::PauseContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "PauseContainer", cres);
+    }
+
+    pub async fn resume_container(&self, ctx: ttrpc::context::Context, req: &super::agent::ResumeContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "ResumeContainer", cres);
+    }
+
+    pub async fn update_container(&self, ctx: ttrpc::context::Context, req: &super::agent::UpdateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "UpdateContainer", cres);
+    }
+
+    pub async fn wait_oom_event(&self, ctx: ttrpc::context::Context, req: &super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
+        let mut cres = super::agent::WaitOomEventResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitOomEvent", cres);
+    }
 }
 
 struct VersionMethod {
@@ -240,6 +260,50 @@ impl ::ttrpc::r#async::MethodHandler for RemoveContainerMethod {
     }
 }
 
+struct PauseContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for PauseContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, PauseContainerRequest, pause_container);
+    }
+}
+
+struct ResumeContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ResumeContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ResumeContainerRequest, resume_container);
+    }
+}
+
+struct UpdateContainerMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for UpdateContainerMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, UpdateContainerRequest, update_container);
+    }
+}
+
+struct WaitOomEventMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for WaitOomEventMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, WaitOomEventRequest, wait_oom_event);
+    }
+}
+
 #[async_trait]
 pub trait Agent: Sync {
     async fn version(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
@@ -280,6 +344,18 @@ pub trait Agent: Sync {
     }
     async fn remove_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::RemoveContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/RemoveContainer is not supported".to_string())))
+    }
+    async fn pause_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::PauseContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/PauseContainer is not supported".to_string())))
+    }
+    async fn resume_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ResumeContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ResumeContainer is not supported".to_string())))
+    }
+    async fn update_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::UpdateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/UpdateContainer is not supported".to_string())))
+    }
+    async fn wait_oom_event(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitOomEvent is not supported".to_string())))
     }
 }
 
@@ -326,6 +402,18 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, ::
 
     methods.insert("RemoveContainer".to_string(),
                     Box::new(RemoveContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("PauseContainer".to_string(),
+                    Box::new(PauseContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ResumeContainer".to_string(),
+                    Box::new(ResumeContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("UpdateContainer".to_string(),
+                    Box::new(UpdateContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("WaitOomEvent".to_string(),
+                    Box::new(WaitOomEventMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     ret.insert("brig.agent.v1.Agent".to_string(), ::ttrpc::r#async::Service{ methods, streams });
     ret
