@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use brig_runtime::agent::ErrorKind;
 use brig_runtime::container::{exec_process, Container, ContainerConfig, ContainerError, Volume};
+use brig_runtime::resources::Resources;
 use brig_runtime::sandbox::SandboxSpec;
 use brig_runtime::state::{Layout, ProcessRef, Status};
 use brig_runtime::{RuntimeConfig, Sandbox};
@@ -17,7 +18,8 @@ use containerd_shim::event::Event;
 use containerd_shim::Flags;
 use containerd_shim_protos::api;
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -25,7 +27,7 @@ use containerd_shim_protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::{self, Code};
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 use tokio::sync::{watch, Mutex, Notify};
 
 use crate::bootstrap::namespace_root;
@@ -237,11 +239,7 @@ impl Inner {
             }));
         }
         if oom {
-            self.publish(TaskOOM {
-                container_id: id.into(),
-                ..Default::default()
-            })
-            .await;
+            tracing::debug!(%id, "the process was OOM-killed");
         }
         self.publish(TaskExit {
             container_id: id.into(),
@@ -277,6 +275,25 @@ impl Inner {
             };
             relay.drain().await;
             inner.process_exited(&id, &exec_id, code, oom).await;
+        });
+    }
+}
+
+impl Inner {
+    /// Forward the guest's OOM kills as TaskOOM events for as long as the microVM runs.
+    fn watch_oom(self: &Arc<Self>, sandbox: &Sandbox) {
+        let agent = sandbox.agent().clone();
+        let inner = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Ok(id) = agent.wait_oom_event().await {
+                let Some(inner) = inner.upgrade() else { return };
+                inner
+                    .publish(TaskOOM {
+                        container_id: id,
+                        ..Default::default()
+                    })
+                    .await;
+            }
         });
     }
 }
@@ -521,6 +538,7 @@ impl Service {
                     format!("starting the pod's microVM: {e}"),
                 )
             })?;
+            self.inner.watch_oom(&sandbox);
             pod.sandbox = Some(Arc::new(sandbox));
         }
         let sandbox = sandbox_of(pod)?;
@@ -997,13 +1015,21 @@ impl Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            format!(
-                "pausing {}: not supported by containerd-shim-brig-v2 yet",
-                req.id
-            ),
-        ))
+        let mut pod = self.inner.pod.lock().await;
+        let sandbox = sandbox_of(&pod)?;
+        let ctr = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        ctr.container.pause(&sandbox).await.map_err(runtime_err)?;
+        drop(pod);
+        self.inner
+            .publish(TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            })
+            .await;
+        Ok(api::Empty::new())
     }
 
     async fn resume(
@@ -1011,13 +1037,21 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            format!(
-                "resuming {}: not supported by containerd-shim-brig-v2 yet",
-                req.id
-            ),
-        ))
+        let mut pod = self.inner.pod.lock().await;
+        let sandbox = sandbox_of(&pod)?;
+        let ctr = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        ctr.container.resume(&sandbox).await.map_err(runtime_err)?;
+        drop(pod);
+        self.inner
+            .publish(TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            })
+            .await;
+        Ok(api::Empty::new())
     }
 
     async fn update(
@@ -1025,13 +1059,36 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            format!(
-                "updating {}: not supported by containerd-shim-brig-v2 yet",
-                req.id
-            ),
-        ))
+        // containerd sends the OCI LinuxResources as JSON in an Any.
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        if value.len() > MAX_EXEC_SPEC {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("the resources are larger than {MAX_EXEC_SPEC} bytes"),
+            ));
+        }
+        let linux: LinuxResources = serde_json::from_slice(value).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("the update's resources (OCI LinuxResources JSON): {e}"),
+            )
+        })?;
+        let resources = Resources::from(&linux);
+        let pod = self.inner.pod.lock().await;
+        let sandbox = sandbox_of(&pod)?;
+        let ctr = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        ctr.container
+            .update(&sandbox, &resources)
+            .await
+            .map_err(runtime_err)?;
+        Ok(api::Empty::new())
     }
 
     async fn checkpoint(

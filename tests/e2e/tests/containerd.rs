@@ -372,6 +372,30 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
     );
     let pids = c.ok(&["task", "ps", "task1"]);
     assert!(pids.lines().count() >= 2, "ctr task ps: {pids}");
+    c.ok(&["task", "pause", "task1"]);
+    let tasks = c.ok(&["task", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("task1") && l.contains("PAUSED")),
+        "ctr task ls after pause: {tasks}"
+    );
+    c.ok(&["task", "resume", "task1"]);
+    c.ok(&["task", "update", "--memory-limit", "67108864", "task1"]);
+    let limit = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e3",
+        "task1",
+        "cat",
+        "/sys/fs/cgroup/memory.max",
+    ]);
+    assert_eq!(
+        limit.trim(),
+        "67108864",
+        "memory.max in the guest after ctr task update"
+    );
     c.ok(&["task", "kill", "-s", "SIGKILL", "task1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -387,6 +411,21 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
     }
     c.ok(&["task", "rm", "task1"]);
     c.ok(&["containers", "rm", "task1"]);
+    // A container that outgrows its memory limit is OOM-killed in the guest: 137, TaskOOM.
+    let oom = c.ctr(&[
+        "run",
+        "--rm",
+        "--memory-limit",
+        "33554432",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "oom1",
+        "sh",
+        "-c",
+        "x=aaaaaaaa; while :; do x=$x$x; done",
+    ]);
+    assert_eq!(oom.status.code(), Some(137), "oom1: {}", text(&oom.stderr));
     c.assert_clean();
     let _ = events.kill();
     let out = events.wait_with_output().unwrap();
