@@ -381,21 +381,7 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
         "ctr task ls after pause: {tasks}"
     );
     c.ok(&["task", "resume", "task1"]);
-    c.ok(&["task", "update", "--memory-limit", "67108864", "task1"]);
-    let limit = c.ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e3",
-        "task1",
-        "cat",
-        "/sys/fs/cgroup/memory.max",
-    ]);
-    assert_eq!(
-        limit.trim(),
-        "67108864",
-        "memory.max in the guest after ctr task update"
-    );
+    // (ctr 1.6 has no `task update`: Update is exercised by the CRI client.)
     c.ok(&["task", "kill", "-s", "SIGKILL", "task1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
