@@ -291,7 +291,7 @@ fn brig_boot_prints_the_agent_version_and_boot_time() {
     );
     assert!(
         stdout.contains(&format!(
-            "agent {} (API 1) answering over vsock",
+            "agent {} (API 2) answering over vsock",
             env!("CARGO_PKG_VERSION")
         )),
         "{stdout}"

@@ -381,7 +381,7 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
         "ctr task ls after pause: {tasks}"
     );
     c.ok(&["task", "resume", "task1"]);
-    // (ctr 1.6 has no `task update`: Update is exercised by the CRI client.)
+    // (ctr 1.6 has no `task update`: Update has no test through containerd yet.)
     c.ok(&["task", "kill", "-s", "SIGKILL", "task1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
