@@ -152,6 +152,20 @@ struct Pod {
     containers: HashMap<String, Ctr>,
 }
 
+impl Pod {
+    fn ctr(&self, id: &str) -> TtrpcResult<&Ctr> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+
+    fn ctr_mut(&mut self, id: &str) -> TtrpcResult<&mut Ctr> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+}
+
 struct Inner {
     namespace: String,
     /// The pod's ID: the sandbox's (and the microVM's).
@@ -604,10 +618,7 @@ impl Task for Service {
         let mut pod = inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
         let pid = vmm_pid(&pod);
-        let ctr = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr_mut(&req.id)?;
         if req.exec_id.is_empty() {
             ctr.container.start(&sandbox).await.map_err(runtime_err)?;
             ctr.init.started = true;
@@ -688,10 +699,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::StateResponse> {
         let pod = self.inner.pod.lock().await;
         let pid = vmm_pid(&pod);
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         let proc = ctr.proc(&req.exec_id)?;
         let status = if req.exec_id.is_empty() {
             match ctr.container.state().status {
@@ -724,10 +732,7 @@ impl Task for Service {
         tracing::debug!(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         let proc = ctr.proc(&req.exec_id)?;
         if proc.exited().is_some()
             || (req.exec_id.is_empty() && ctr.container.state().status == Status::Stopped)
@@ -771,10 +776,7 @@ impl Task for Service {
         let mut pod = inner.pod.lock().await;
         let pid = vmm_pid(&pod);
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr_mut(&req.id)?;
         if !req.exec_id.is_empty() {
             let proc = ctr.proc(&req.exec_id)?;
             if proc.started && proc.exited().is_none() {
@@ -861,10 +863,7 @@ impl Task for Service {
             )
         })?;
         let mut pod = self.inner.pod.lock().await;
-        let ctr = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr_mut(&req.id)?;
         if ctr.container.state().status != Status::Running || ctr.init.exited().is_some() {
             return Err(err(
                 Code::FAILED_PRECONDITION,
@@ -897,10 +896,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         let proc = ctr.proc(&req.exec_id)?;
         if !proc.paths.terminal {
             return Err(err(
@@ -922,10 +918,7 @@ impl Task for Service {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         let pod = self.inner.pod.lock().await;
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         let proc = ctr.proc(&req.exec_id)?;
         if req.stdin {
             if let Some(close) = &proc.close_stdin {
@@ -942,10 +935,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut exit = {
             let pod = self.inner.pod.lock().await;
-            let ctr = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let ctr = pod.ctr(&req.id)?;
             ctr.proc(&req.exec_id)?.exit.subscribe()
         };
         let exited = exit
@@ -968,9 +958,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::PidsResponse> {
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        if !pod.containers.contains_key(&req.id) {
-            return Err(not_found(&format!("container {}", req.id)));
-        }
+        pod.ctr(&req.id)?;
         let processes = sandbox
             .agent()
             .list_processes(&req.id)
@@ -995,10 +983,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         let stats = ctr.container.stats(&sandbox).await.map_err(runtime_err)?;
         let metrics = crate::metrics::v2(&stats);
         let value = metrics
@@ -1017,10 +1002,7 @@ impl Task for Service {
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let mut pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr_mut(&req.id)?;
         ctr.container.pause(&sandbox).await.map_err(runtime_err)?;
         drop(pod);
         self.inner
@@ -1039,10 +1021,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let mut pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr_mut(&req.id)?;
         ctr.container.resume(&sandbox).await.map_err(runtime_err)?;
         drop(pod);
         self.inner
@@ -1080,10 +1059,7 @@ impl Task for Service {
         let resources = Resources::from(&linux);
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
-        let ctr = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let ctr = pod.ctr(&req.id)?;
         ctr.container
             .update(&sandbox, &resources)
             .await
