@@ -35,8 +35,9 @@ use crate::io::{Relay, StdioPaths};
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
-/// The largest exec process spec accepted (JSON).
-const MAX_EXEC_SPEC: usize = 1 << 20;
+/// The largest JSON document taken from containerd in one request (an exec's process, an
+/// update's resources).
+const MAX_REQUEST_JSON: usize = 1 << 20;
 /// The exit status reported when the microVM went away under a process.
 const LOST_STATUS: u32 = 255;
 
@@ -850,10 +851,10 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.as_slice())
             .unwrap_or_default();
-        if value.len() > MAX_EXEC_SPEC {
+        if value.len() > MAX_REQUEST_JSON {
             return Err(err(
                 Code::INVALID_ARGUMENT,
-                format!("the exec's process spec is larger than {MAX_EXEC_SPEC} bytes"),
+                format!("the exec's process spec is larger than {MAX_REQUEST_JSON} bytes"),
             ));
         }
         let process: Process = serde_json::from_slice(value).map_err(|e| {
@@ -1044,10 +1045,10 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.as_slice())
             .unwrap_or_default();
-        if value.len() > MAX_EXEC_SPEC {
+        if value.len() > MAX_REQUEST_JSON {
             return Err(err(
                 Code::INVALID_ARGUMENT,
-                format!("the resources are larger than {MAX_EXEC_SPEC} bytes"),
+                format!("the resources are larger than {MAX_REQUEST_JSON} bytes"),
             ));
         }
         let linux: LinuxResources = serde_json::from_slice(value).map_err(|e| {
