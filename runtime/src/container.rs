@@ -251,11 +251,12 @@ impl Sandbox {
     }
 
     /// Create a container: bind its root filesystem and volumes into the share, open its
-    /// stdio streams, and have the agent set it up (its command does not run yet).
+    /// stdio streams, and have the agent set it up (its command does not run yet). Returns the
+    /// streams and the guest PID of its init.
     pub async fn create_container(
         &self,
         config: &ContainerConfig,
-    ) -> Result<Stdio, ContainerError> {
+    ) -> Result<(Stdio, u32), ContainerError> {
         let share = self
             .share_dir()
             .ok_or_else(|| ContainerError::Spec("the sandbox has no share".into()))?;
@@ -276,9 +277,12 @@ impl Sandbox {
         let created = create.await;
         tracing::debug!(id = %config.id, ok = created.is_ok(), "agent answered CreateContainer");
         match created {
-            Ok(_) => accepting
-                .await
-                .map_err(|e| ContainerError::Stdio(e.to_string()))?,
+            Ok(pid) => Ok((
+                accepting
+                    .await
+                    .map_err(|e| ContainerError::Stdio(e.to_string()))??,
+                pid,
+            )),
             Err(e) => {
                 accepting.abort();
                 Err(e.into())
@@ -427,8 +431,9 @@ impl Container {
         self.state.vmm = sandbox.vmm();
         self.state.process = config.spec.process().clone();
         match sandbox.create_container(config).await {
-            Ok(stdio) => {
+            Ok((stdio, guest_pid)) => {
                 self.state.status = Status::Created;
+                self.state.guest_pid = Some(guest_pid);
                 self.save()?;
                 Ok(stdio)
             }

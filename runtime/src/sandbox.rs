@@ -135,6 +135,13 @@ pub enum SandboxError {
     /// A sandbox with this ID exists.
     #[error("sandbox {id} already exists ({dir}); remove it first")]
     Exists { id: String, dir: PathBuf },
+    /// The state root is too long for the VMM's socket paths.
+    #[error("the state root {root} is too long: the VMM's vsock sockets ({uds}_PORT) would not fit in a Unix socket address ({max} bytes); choose a shorter `root` in brig.toml (or --root)")]
+    RootTooLong {
+        root: PathBuf,
+        uds: PathBuf,
+        max: usize,
+    },
     /// The state directory cannot be created.
     #[error("cannot create sandbox directory {dir}: {source}")]
     StateDir {
@@ -201,8 +208,12 @@ impl Sandbox {
             }
             Err(source) => return Err(SandboxError::StateDir { dir, source }),
         }
-        let result = Self::boot(config, spec, layout, &dir).await;
+        let result = match link_vsock(&layout, &spec.id) {
+            Ok(()) => Self::boot(config, spec, layout.clone(), &dir).await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
+            unlink_vsock(&layout, &spec.id);
             if let Err(e) = share::remove(&dir) {
                 tracing::warn!("cleaning up {}: {e}", dir.display());
             }
@@ -216,7 +227,7 @@ impl Sandbox {
         layout: Layout,
         dir: &Path,
     ) -> Result<Self, SandboxError> {
-        let uds = dir.join("vsock.sock");
+        let uds = layout.vsock_uds(&spec.id);
         let console = dir.join("console.log");
         // The VMM's own messages go to a file, never to a pipe: nobody reads a pipe once the
         // VM runs, and a full one would stall the VMM's threads in write().
@@ -377,7 +388,7 @@ impl Sandbox {
         if !record.vmm.alive() {
             return Err(SandboxError::NotRunning { id: id.to_string() });
         }
-        let agent = AgentClient::connect(&dir.join("vsock.sock"), OPEN_TIMEOUT).await?;
+        let agent = AgentClient::connect(&layout.vsock_uds(id), OPEN_TIMEOUT).await?;
         agent.checked_version().await?;
         Ok(Self {
             id: id.to_string(),
@@ -428,12 +439,14 @@ impl Sandbox {
 
     /// The VMM's hybrid vsock socket.
     pub fn vsock_uds(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.layout.vsock_uds(&self.id)
     }
 
     /// Where a host listener must be for guest-initiated connections to host `port`.
     pub fn vsock_listener_path(&self, port: u32) -> PathBuf {
-        self.dir.join(format!("vsock.sock_{port}"))
+        let mut path = self.vsock_uds().into_os_string();
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
     }
 
     /// The host directory exported to the guest over virtio-fs, if the sandbox has one.
@@ -560,6 +573,7 @@ impl Sandbox {
     /// Unmount every bind under the share and remove the sandbox directory; never crosses
     /// into another filesystem, so a user's rootfs or volume is never deleted through a mount.
     fn remove_dir(&self) {
+        unlink_vsock(&self.layout, &self.id);
         if let Err(e) = share::remove(&self.dir) {
             tracing::warn!("cleaning up {}: {e}", self.dir.display());
         }
@@ -571,7 +585,8 @@ impl Sandbox {
 /// a sandbox whose owner died (the shim's `delete`, `brig rm -f`).
 pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
     state::validate_id("sandbox", id)?;
-    let dir = Layout::new(root).sandbox(id);
+    let layout = Layout::new(root);
+    let dir = layout.sandbox(id);
     if let Ok(record) = read_record(&dir) {
         let _ = record.vmm.signal(libc::SIGKILL);
         // Until it is gone from the process table, not only dead: its parent reaps it.
@@ -580,8 +595,56 @@ pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    unlink_vsock(&layout, id);
     share::remove(&dir)?;
     Ok(())
+}
+
+/// Make `v/KEY` link to sandbox `id`'s directory (see [`Layout::vsock_uds`]), replacing a
+/// link a crashed sandbox of the same ID left; and check that its socket paths fit.
+fn link_vsock(layout: &Layout, id: &str) -> Result<(), SandboxError> {
+    let uds = layout.vsock_uds(id);
+    // The longest listener path: `<uds>_<port>` with a 10-digit port.
+    if uds.as_os_str().len() + 11 > state::MAX_SOCKET_PATH {
+        return Err(SandboxError::RootTooLong {
+            root: layout.root().to_path_buf(),
+            uds,
+            max: state::MAX_SOCKET_PATH,
+        });
+    }
+    let link = layout.vsock_link(id);
+    let target = Path::new("../sandboxes").join(id);
+    let dir_err = |source| SandboxError::StateDir {
+        dir: link.clone(),
+        source,
+    };
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(dir_err)?;
+    }
+    if let Ok(old) = std::fs::read_link(&link) {
+        // Another live sandbox's whose ID hashes alike: never take its socket.
+        if old != target && link.exists() {
+            return Err(SandboxError::StateDir {
+                dir: link.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("in use by {}", old.display()),
+                ),
+            });
+        }
+        std::fs::remove_file(&link).map_err(dir_err)?;
+    }
+    std::os::unix::fs::symlink(&target, &link).map_err(dir_err)
+}
+
+/// Remove sandbox `id`'s `v/KEY` link, if it is its own.
+fn unlink_vsock(layout: &Layout, id: &str) {
+    let link = layout.vsock_link(id);
+    if std::fs::read_link(&link).is_ok_and(|t| t == Path::new("../sandboxes").join(id)) {
+        if let Err(e) = std::fs::remove_file(&link) {
+            tracing::warn!("removing {}: {e}", link.display());
+        }
+    }
 }
 
 impl Drop for Sandbox {
@@ -620,6 +683,38 @@ fn console_tail(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cri_pod_s_socket_paths_fit_and_the_link_is_the_sandbox_s_own() {
+        let id = "4e65be0388bd69687333880cefc367ab3ec671d9cd31bd04714081f3057d4a8a";
+        let shim_root = Layout::new(Path::new("/run/brig/containerd/k8s.io"));
+        assert!(shim_root.vsock_uds(id).as_os_str().len() + 11 <= state::MAX_SOCKET_PATH);
+        assert_ne!(shim_root.vsock_link(id), shim_root.vsock_link("other"));
+
+        let root = std::env::temp_dir().join(format!("brig-vsock-link-{}", std::process::id()));
+        let layout = Layout::new(&root);
+        std::fs::create_dir_all(layout.sandbox(id)).unwrap();
+        link_vsock(&layout, id).unwrap();
+        // A stale link of the same sandbox is replaced.
+        link_vsock(&layout, id).unwrap();
+        std::fs::write(layout.sandbox(id).join("vsock.sock"), b"").unwrap();
+        assert!(layout.vsock_uds(id).exists(), "the socket is reached through the link");
+        // A live link of another sandbox is never taken over (as if both IDs hashed alike).
+        let other = "other";
+        std::fs::create_dir_all(layout.sandbox(other)).unwrap();
+        std::fs::create_dir_all(layout.vsock_link(other).parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(Path::new("../sandboxes").join(id), layout.vsock_link(other))
+            .unwrap();
+        assert!(matches!(link_vsock(&layout, other), Err(SandboxError::StateDir { .. })));
+        unlink_vsock(&layout, other);
+        assert!(layout.vsock_link(other).exists(), "not its own link: kept");
+        unlink_vsock(&layout, id);
+        assert!(std::fs::read_link(layout.vsock_link(id)).is_err(), "its own link is gone");
+
+        let long = Layout::new(&PathBuf::from("/").join("r".repeat(80)));
+        assert!(matches!(link_vsock(&long, id), Err(SandboxError::RootTooLong { .. })));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     fn spec_with(memory: Option<i64>, quota: Option<(i64, u64)>) -> Spec {
         let mut resources = oci_spec::runtime::LinuxResources::default();

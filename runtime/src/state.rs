@@ -2,7 +2,9 @@
 //!
 //! - `sandboxes/<id>/`: a microVM's directory (its vsock socket, console and VMM logs, the
 //!   virtio-fs share) with `sandbox.json`, the record [`crate::Sandbox::open`] reads;
-//! - `containers/<id>/`: a container's `state.json` (and, for the CLI, its logs).
+//! - `containers/<id>/`: a container's `state.json` (and, for the CLI, its logs);
+//! - `v/<key>`: a link to `sandboxes/<id>`, a short path to the VMM's vsock sockets (see
+//!   [`Layout::vsock_uds`]).
 //!
 //! Every record is written atomically (a temporary file renamed over the old one), and every
 //! PID in it carries the process's start time, so a PID the kernel reused for another process
@@ -19,6 +21,9 @@ use serde::{Deserialize, Serialize};
 /// The longest ID accepted: containerd's and Kubernetes' IDs are 64 hex digits, and longer
 /// ones would push the sandbox's socket paths past what a Unix socket address holds.
 pub const MAX_ID_LEN: usize = 64;
+
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Errors reading or writing records.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +229,10 @@ pub struct ContainerState {
     /// Its init process as created (user, environment, working directory): what an exec
     /// inherits unless told otherwise.
     pub process: Option<Process>,
+    /// Its init process's PID in the guest, once created: where the guest's `/proc` shows
+    /// the namespaces that other containers of its pod join.
+    #[serde(default)]
+    pub guest_pid: Option<u32>,
 }
 
 impl ContainerState {
@@ -243,6 +252,7 @@ impl ContainerState {
             exit_code: None,
             created: now(),
             process,
+            guest_pid: None,
         }
     }
 
@@ -281,6 +291,24 @@ impl Layout {
     /// A sandbox's directory (`id` must be valid: see [`validate_id`]).
     pub fn sandbox(&self, id: &str) -> PathBuf {
         self.sandboxes().join(id)
+    }
+
+    /// The short link to sandbox `id`'s directory: `v/KEY`, KEY being 16 hex digits of a
+    /// hash of the ID (FNV-1a, stable across builds).
+    pub fn vsock_link(&self, id: &str) -> PathBuf {
+        let key = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        self.root.join("v").join(format!("{key:016x}"))
+    }
+
+    /// The VMM's hybrid vsock socket of sandbox `id`, through [`Self::vsock_link`]: a Unix
+    /// socket address holds at most [`MAX_SOCKET_PATH`] bytes, and
+    /// `sandboxes/<64-character ID>/vsock.sock_<port>` under a root such as the shim's
+    /// `/run/brig/containerd/k8s.io` does not fit. The socket itself is in the sandbox's
+    /// directory (which the VMM sees as its root).
+    pub fn vsock_uds(&self, id: &str) -> PathBuf {
+        self.vsock_link(id).join("vsock.sock")
     }
 
     /// A container's directory (`id` must be valid: see [`validate_id`]).

@@ -48,7 +48,7 @@ fn exit_statuses_propagate_exactly() {
             text(&out.stderr)
         );
     }
-    for dir in ["containers", "sandboxes"] {
+    for dir in ["containers", "sandboxes", "v"] {
         let left = dir_entries(&std::path::Path::new("/run/brig-e2e/exit").join(dir));
         assert_eq!(left, Vec::<String>::new(), "state left in {dir}");
     }
