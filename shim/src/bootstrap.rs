@@ -1,6 +1,7 @@
 //! The shim's three entry points: `start`, `delete` and serving the task API.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -180,14 +181,44 @@ pub fn namespace_root(base: &Path, namespace: &str) -> anyhow::Result<PathBuf> {
     Ok(base.join("containerd").join(namespace))
 }
 
+/// The file in a container's bundle that names the Brig state root its shim used: `delete`
+/// runs without the runtime options (containerd passes them to `start` and Create only), so
+/// it could not tell which brig.toml, and so which root, a pod used.
+const ROOT_FILE: &str = "brig-root";
+
+/// Note in `bundle` the state root (of the namespace) its container's records live under.
+pub fn record_root(bundle: &Path, root: &Path) -> std::io::Result<()> {
+    std::fs::write(bundle.join(ROOT_FILE), root.as_os_str().as_encoded_bytes())
+}
+
+/// The state root noted in `bundle` (see [`record_root`]), else the default configuration's.
+fn recorded_root(bundle: &Path, namespace: &str) -> anyhow::Result<PathBuf> {
+    match std::fs::read(bundle.join(ROOT_FILE)) {
+        Ok(bytes) => {
+            let root = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+            if !root.is_absolute() {
+                bail!(
+                    "{} in {} is not an absolute path",
+                    ROOT_FILE,
+                    bundle.display()
+                );
+            }
+            Ok(root)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            namespace_root(&brig_runtime::RuntimeConfig::state_root(None)?, namespace)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}/{ROOT_FILE}", bundle.display())),
+    }
+}
+
 /// `delete`: clean up what a container left when its shim is gone (containerd calls this
 /// after a shim died or a start failed): its microVM if it owned the pod's, its rootfs
 /// mount, its record. Prints containerd's DeleteResponse.
 pub fn delete(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags)?;
     init_logging(flags, None);
-    let base = brig_runtime::RuntimeConfig::state_root(None)?;
-    let root = namespace_root(&base, &flags.namespace)?;
+    let root = recorded_root(&bundle, &flags.namespace)?;
     brig_runtime::state::validate_id("container", &flags.id)?;
     let layout = Layout::new(&root);
     if let Ok(container) = Container::load(&layout, &flags.id) {
@@ -296,6 +327,22 @@ pub fn serve(flags: &Flags) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn delete_finds_the_state_root_its_pod_used() {
+        let bundle = std::env::temp_dir().join(format!("brig-shim-root-{}", std::process::id()));
+        std::fs::create_dir_all(&bundle).unwrap();
+        let root = Path::new("/var/tmp/some root/containerd/k8s.io");
+        record_root(&bundle, root).unwrap();
+        assert_eq!(recorded_root(&bundle, "k8s.io").unwrap(), root);
+        std::fs::write(bundle.join(ROOT_FILE), "relative/root").unwrap();
+        assert!(recorded_root(&bundle, "k8s.io").is_err());
+        std::fs::remove_file(bundle.join(ROOT_FILE)).unwrap();
+        assert!(recorded_root(&bundle, "k8s.io")
+            .unwrap()
+            .ends_with("containerd/k8s.io"));
+        let _ = std::fs::remove_dir_all(&bundle);
+    }
+
     use super::*;
     use std::collections::HashMap;
 

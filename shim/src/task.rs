@@ -130,6 +130,8 @@ struct Ctr {
     rootfs_mounted: bool,
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// A TaskOOM was published for it.
+    oom_published: bool,
 }
 
 impl Ctr {
@@ -231,6 +233,7 @@ impl Inner {
     async fn process_exited(&self, id: &str, exec_id: &str, code: u32, oom: bool) {
         let at = now();
         let pid;
+        let mut publish_oom = false;
         {
             let mut pod = self.pod.lock().await;
             pid = vmm_pid(&pod);
@@ -241,6 +244,9 @@ impl Inner {
                 if let Err(e) = ctr.container.record_exit(code as i32) {
                     tracing::warn!("recording the exit of {id}: {e}");
                 }
+                // The guest's OOM event may come later than the exit: CRI reads a container
+                // as OOMKilled only if TaskOOM comes first.
+                publish_oom = oom && !std::mem::replace(&mut ctr.oom_published, true);
                 &ctr.init
             } else {
                 match ctr.execs.get(exec_id) {
@@ -255,6 +261,13 @@ impl Inner {
         }
         if oom {
             tracing::debug!(%id, "the process was OOM-killed");
+        }
+        if publish_oom {
+            self.publish(TaskOOM {
+                container_id: id.into(),
+                ..Default::default()
+            })
+            .await;
         }
         self.publish(TaskExit {
             container_id: id.into(),
@@ -302,6 +315,9 @@ impl Inner {
         tokio::spawn(async move {
             while let Ok(id) = agent.wait_oom_event().await {
                 let Some(inner) = inner.upgrade() else { return };
+                if let Some(ctr) = inner.pod.lock().await.containers.get_mut(&id) {
+                    ctr.oom_published = true;
+                }
                 inner
                     .publish(TaskOOM {
                         container_id: id,
@@ -325,19 +341,23 @@ fn sandbox_of(pod: &Pod) -> TtrpcResult<Arc<Sandbox>> {
 
 /// What the guest can use of a container's spec, and the host paths it must be shared.
 ///
-/// Namespaces that name host paths (a pod's network namespace, the sandbox's IPC/UTS
-/// namespaces at /proc/PID/ns/…) mean nothing in the guest, where such a path could even
-/// name an unrelated guest process: they are dropped. Every container of the pod shares the
-/// microVM's network namespace, which is the pod's network. Bind mounts of host files and
-/// directories (CRI's /etc/hosts, /etc/resolv.conf, Kubernetes volumes) become volumes,
-/// shared into the guest over virtio-fs.
-fn guest_spec(mut spec: Spec) -> (Spec, Vec<Volume>) {
+/// Namespaces name host paths: CRI joins a pod's containers to the sandbox's namespaces at
+/// `/proc/PID/ns/…`, PID being the sandbox task's PID as the shim reported it (the VMM's).
+/// In the guest, the sandbox's namespaces are those of the sandbox container's init:
+/// `join` = (VMM's host PID, that init's guest PID) turns such paths into the guest's
+/// `/proc/GUEST_PID/ns/…`, so the containers of a pod share IPC, UTS (and PID, when the pod
+/// asks for it) as they do under runc. Any other path means nothing in the guest, where it
+/// could even name an unrelated process: it is dropped (a new namespace). Every container of
+/// the pod shares the microVM's network namespace, which is the pod's network. Bind mounts of
+/// host files and directories (CRI's /etc/hosts, /etc/resolv.conf, Kubernetes volumes)
+/// become volumes, shared into the guest over virtio-fs.
+fn guest_spec(mut spec: Spec, join: Option<(u32, u32)>) -> (Spec, Vec<Volume>) {
     if let Some(linux) = spec.linux_mut() {
         if let Some(namespaces) = linux.namespaces_mut() {
             namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in namespaces.iter_mut() {
-                if ns.path().is_some() {
-                    ns.set_path(None);
+                if let Some(path) = ns.path().clone() {
+                    ns.set_path(join.and_then(|(host, guest)| guest_namespace(&path, host, guest)));
                 }
             }
         }
@@ -362,6 +382,17 @@ fn guest_spec(mut spec: Spec) -> (Spec, Vec<Volume>) {
         });
     }
     (spec, volumes)
+}
+
+/// `/proc/HOST_PID/ns/NAME` as `/proc/GUEST_PID/ns/NAME` for the namespaces a pod shares;
+/// `None` for any other path.
+fn guest_namespace(path: &Path, host_pid: u32, guest_pid: u32) -> Option<PathBuf> {
+    let name = path
+        .strip_prefix(format!("/proc/{host_pid}/ns"))
+        .ok()?
+        .to_str()?;
+    matches!(name, "ipc" | "uts" | "pid")
+        .then(|| PathBuf::from(format!("/proc/{guest_pid}/ns/{name}")))
 }
 
 /// Mount what containerd gives as the rootfs on `bundle/rootfs`; `false` when containerd gave
@@ -473,8 +504,20 @@ impl Service {
             pod.config = Some(config);
         }
         let config = pod.config.clone().expect("set above");
+        crate::bootstrap::record_root(&bundle, &config.root).map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!("writing the state root into {}: {e}", bundle.display()),
+            )
+        })?;
         let (rootfs, mounted) = mount_rootfs(&req.rootfs, &bundle, &spec).await?;
-        let (spec, volumes) = guest_spec(spec);
+        // The sandbox container (whose ID is the pod's) holds the namespaces the others join.
+        let join = pod
+            .containers
+            .get(&inner.group)
+            .and_then(|c| c.container.state().guest_pid)
+            .map(|guest| (vmm_pid(&pod), guest));
+        let (spec, volumes) = guest_spec(spec, join);
         let result = self
             .create_in_pod(&mut pod, &config, &id, spec, rootfs, volumes, &paths)
             .await;
@@ -505,6 +548,7 @@ impl Service {
                 rootfs_mounted: mounted,
                 init,
                 execs: HashMap::new(),
+                oom_published: false,
             },
         );
         let pid = vmm_pid(&pod);
@@ -1133,8 +1177,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
-        let (spec, volumes) = guest_spec(spec(&format!(
-            r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},
+        let (spec, volumes) = guest_spec(
+            spec(&format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},
             "mounts":[
               {{"destination":"/proc","type":"proc","source":"proc"}},
               {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["rbind","rprivate","ro"]}},
@@ -1147,9 +1192,11 @@ mod tests {
               {{"type":"ipc","path":"/proc/4242/ns/ipc"}},
               {{"type":"mount"}}
             ]}}}}"#,
-            hosts.display(),
-            dir.display()
-        )));
+                hosts.display(),
+                dir.display()
+            )),
+            None,
+        );
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         let kinds: Vec<_> = namespaces
             .iter()
@@ -1187,5 +1234,44 @@ mod tests {
             .collect();
         assert_eq!(left, vec![PathBuf::from("/proc"), PathBuf::from("/gone")]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_sandbox_namespaces_a_pod_shares_become_the_guest_ones() {
+        let (spec, _) = guest_spec(
+            spec(
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+                "linux":{"namespaces":[
+                  {"type":"ipc","path":"/proc/4242/ns/ipc"},
+                  {"type":"uts","path":"/proc/4242/ns/uts"},
+                  {"type":"pid","path":"/proc/4242/ns/pid"},
+                  {"type":"mount","path":"/proc/4242/ns/mnt"},
+                  {"type":"cgroup","path":"/proc/4242/ns/../../1/ns/ipc"},
+                  {"type":"user","path":"/proc/999/ns/user"}
+                ]}}"#,
+            ),
+            Some((4242, 17)),
+        );
+        let paths: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|n| n.path().clone())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                Some(PathBuf::from("/proc/17/ns/ipc")),
+                Some(PathBuf::from("/proc/17/ns/uts")),
+                Some(PathBuf::from("/proc/17/ns/pid")),
+                None,
+                None,
+                None
+            ]
+        );
     }
 }
