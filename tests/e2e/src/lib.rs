@@ -4,6 +4,9 @@
 //! The binaries and guest images come from the environment the Makefile sets:
 //! `BRIG_VMM`, `BRIG_BIN`, `BRIG_KERNEL`, `BRIG_INITRD`.
 
+pub mod containerd;
+pub mod cri;
+
 use std::path::PathBuf;
 use std::process::Command;
 

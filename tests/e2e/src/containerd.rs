@@ -1,0 +1,353 @@
+//! A containerd of one test (Debian's 1.6): its own root on a tmpfs, socket, and Brig state
+//! root, with `containerd-shim-brig-v2` on its PATH. Either as `ctr` users meet it (CRI off),
+//! or as kubelet does (CRI on, Brig behind the runtime handler `sandboxed`, configured with
+//! the snippet users copy from `configs/containerd.toml`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::{busybox_rootfs, dir_entries, env_path, processes_named};
+
+/// The containerd runtime name of Brig's shim.
+pub const RUNTIME: &str = "io.containerd.brig.v2";
+/// The busybox image tests import.
+pub const IMAGE: &str = "docker.io/brig/busybox:e2e";
+/// The pod sandbox ("pause") image of the CRI tests: busybox sleeping until killed.
+pub const PAUSE_IMAGE: &str = "docker.io/brig/pause:e2e";
+/// What users put in containerd's config for Brig (the test uses it as it is, with its own
+/// brig.toml as the ConfigPath).
+const CONFIG_SNIPPET: &str = include_str!("../../../configs/containerd.toml");
+
+/// Bytes as text, lossily.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// An OCI image archive (`ctr images import` reads it) named `name`, of one uncompressed
+/// layer: `rootfs`; `config` is the image config's `config` object (JSON).
+fn image_archive(dir: &Path, rootfs: &Path, name: &str, config: &str) -> PathBuf {
+    let layout = dir.join("oci");
+    let _ = std::fs::remove_dir_all(&layout);
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer = dir.join("layer.tar");
+    let tar = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(rootfs)
+        .args(["-cf"])
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let layer_bytes = std::fs::read(&layer).unwrap();
+    let layer_digest = sha256_hex(&layer_bytes);
+    std::fs::write(blobs.join(&layer_digest), &layer_bytes).unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{config},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
+    );
+    let config_digest = sha256_hex(config.as_bytes());
+    std::fs::write(blobs.join(&config_digest), &config).unwrap();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_digest}","size":{}}}]}}"#,
+        config.len(),
+        layer_bytes.len()
+    );
+    let manifest_digest = sha256_hex(manifest.as_bytes());
+    std::fs::write(blobs.join(&manifest_digest), &manifest).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"annotations":{{"io.containerd.image.name":"{name}","org.opencontainers.image.ref.name":"e2e"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let archive = dir.join(format!("{}.tar", sha256_hex(name.as_bytes())));
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    archive
+}
+
+/// A containerd of one test.
+pub struct Containerd {
+    /// Its directory (a tmpfs): root, state, socket, logs.
+    pub dir: PathBuf,
+    /// Its gRPC socket (CRI too, when on).
+    pub socket: PathBuf,
+    /// Brig's state root for it.
+    pub brig_root: PathBuf,
+    /// The containerd namespace the tests use (`k8s.io` with CRI).
+    pub namespace: String,
+    child: Child,
+}
+
+impl Containerd {
+    /// containerd as `ctr` users meet it: CRI off, Brig's state root from BRIG_ROOT.
+    pub fn start(test: &str) -> Self {
+        Self::launch(test, false)
+    }
+
+    /// containerd as kubelet meets it: CRI on, with `configs/containerd.toml` (runtime handler
+    /// `sandboxed`) whose ConfigPath names a brig.toml of the test that sets the state root.
+    /// The pause image is imported already. There is no CNI: pods use the host's network.
+    pub fn start_cri(test: &str) -> Self {
+        let me = Self::launch(test, true);
+        me.import(
+            PAUSE_IMAGE,
+            r#"{"Env":["PATH=/bin"],"Entrypoint":["/bin/sleep","2147483647"]}"#,
+        );
+        me
+    }
+
+    fn launch(test: &str, cri: bool) -> Self {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/brig-e2e-containerd-{test}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // overlayfs (containerd's snapshotter) needs a real filesystem under it, not L1's root.
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs on {}", dir.display());
+        let socket = dir.join("containerd.sock");
+        let brig_root = PathBuf::from("/run/brig-e2e").join(format!("containerd-{test}"));
+        let config = dir.join("config.toml");
+        let mut toml = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n{2}\
+             [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n",
+            dir.display(),
+            socket.display(),
+            if cri {
+                ""
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+            }
+        );
+        if cri {
+            let brig_toml = dir.join("brig.toml");
+            std::fs::write(&brig_toml, format!("root = \"{}\"\n", brig_root.display())).unwrap();
+            for d in ["cni-conf", "cni-bin"] {
+                std::fs::create_dir_all(dir.join(d)).unwrap();
+            }
+            toml.push_str(&format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n  \
+                 stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  \
+                 restrict_oom_score_adj = true\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"{0}/cni-conf\"\n  \
+                 bin_dir = \"{0}/cni-bin\"\n",
+                dir.display()
+            ));
+            let snippet = CONFIG_SNIPPET
+                .lines()
+                .filter(|l| l.trim() != "version = 2")
+                .map(|l| {
+                    if l.trim_start().starts_with("ConfigPath") {
+                        format!("    ConfigPath = \"{}\"", brig_toml.display())
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                snippet.contains("ConfigPath = \"/var/tmp"),
+                "configs/containerd.toml has no ConfigPath option: {snippet}"
+            );
+            toml.push_str(&snippet);
+            toml.push('\n');
+        }
+        std::fs::write(&config, toml).unwrap();
+        // containerd finds `containerd-shim-brig-v2` for io.containerd.brig.v2 on its PATH;
+        // the shim reads BRIG_* (kernel, initramfs, VMM, state root) from the environment.
+        let shim = env_path("BRIG_SHIM");
+        let path = format!(
+            "{}:{}",
+            shim.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let mut command = Command::new("containerd");
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if cri {
+            command.env_remove("BRIG_ROOT");
+        } else {
+            command.env("BRIG_ROOT", &brig_root);
+        }
+        let child = command
+            .spawn()
+            .expect("containerd (Debian package containerd)");
+        let me = Self {
+            dir,
+            socket,
+            brig_root,
+            namespace: if cri { "k8s.io" } else { "brig-e2e" }.to_string(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while me.ctr(&["version"]).status.code() != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer: {}",
+                me.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if cri {
+            let plugins = me.ok(&["plugins", "ls"]);
+            assert!(
+                plugins.lines().any(|l| l.contains("io.containerd.grpc.v1")
+                    && l.contains(" cri ")
+                    && l.trim_end().ends_with("ok")),
+                "containerd's CRI plugin did not load: {plugins}\ncontainerd: {}",
+                me.log()
+            );
+        }
+        me
+    }
+
+    /// What containerd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr ARGS` against this containerd, in the test namespace.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `ctr ARGS`, run.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args).output().unwrap()
+    }
+
+    /// `ctr ARGS`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {:?}\nstdout: {}\nstderr: {}\ncontainerd: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr),
+            self.log()
+        );
+        text(&out.stdout)
+    }
+
+    /// Import the busybox image as [`IMAGE`].
+    pub fn import_busybox(&self) {
+        self.import(IMAGE, r#"{"Env":["PATH=/bin"],"Cmd":["sh"]}"#);
+    }
+
+    /// Import busybox as the image `name` with the image config `config`.
+    fn import(&self, name: &str, config: &str) {
+        let fixture = self.dir.join("fixture");
+        let rootfs = busybox_rootfs(&fixture);
+        let archive = image_archive(&fixture, &rootfs, name, config);
+        self.ok(&["images", "import", archive.to_str().unwrap()]);
+        let images = self.ok(&["images", "ls", "-q"]);
+        assert!(
+            images.lines().any(|l| l == name),
+            "imported images: {images}"
+        );
+    }
+
+    /// Brig's state directory of this containerd's namespace.
+    pub fn brig_state(&self) -> PathBuf {
+        self.brig_root.join("containerd").join(&self.namespace)
+    }
+
+    /// What a pod leaves on the host once containerd deleted it: nothing.
+    pub fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // (the kernel cuts command names to 15 characters)
+            let shims = processes_named("containerd-shim");
+            let vmms = processes_named("brig-vmm");
+            let sandboxes = dir_entries(&self.brig_state().join("sandboxes"));
+            let containers = dir_entries(&self.brig_state().join("containers"));
+            let links = dir_entries(&self.brig_state().join("v"));
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let ours: Vec<&str> = mounts
+                .lines()
+                .filter(|l| {
+                    l.contains(self.dir.join("state").to_str().unwrap())
+                        || l.contains(self.brig_root.to_str().unwrap())
+                })
+                .collect();
+            if shims.is_empty()
+                && vmms.is_empty()
+                && sandboxes.is_empty()
+                && containers.is_empty()
+                && links.is_empty()
+                && ours.is_empty()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: shims {shims:?}, VMMs {vmms:?}, sandboxes {sandboxes:?}, containers {containers:?}, vsock links {links:?}, mounts {ours:#?}\ncontainerd: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in processes_named("containerd-shim")
+            .into_iter()
+            .chain(processes_named("brig-vmm"))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

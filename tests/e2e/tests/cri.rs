@@ -1,0 +1,374 @@
+//! Kubernetes pods through containerd's CRI, as kubelet drives them: a CRI client built from
+//! the CRI api.proto talks to Debian's containerd 1.6, whose runtime handler `sandboxed` is
+//! Brig (configured with `configs/containerd.toml`). Each pod is one microVM behind one
+//! `containerd-shim-brig-v2`. There is no CNI here: pods use the host's network.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use brig_e2e::containerd::{Containerd, IMAGE};
+use brig_e2e::cri::{api, container_config, pod_config, Cri};
+use brig_e2e::processes_named;
+
+/// The runtime handler of `configs/containerd.toml` (a RuntimeClass's `handler`).
+const HANDLER: &str = "sandboxed";
+
+/// Start a pod and return its ID.
+fn run_pod(cri: &Cri, config: &api::PodSandboxConfig) -> String {
+    let mut rt = cri.runtime.clone();
+    cri.ok(
+        "RunPodSandbox",
+        rt.run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: HANDLER.into(),
+        }),
+    )
+    .pod_sandbox_id
+}
+
+/// Create and start a container in `pod`; returns its ID.
+fn run_container(
+    cri: &Cri,
+    pod: &str,
+    pod_config: &api::PodSandboxConfig,
+    config: api::ContainerConfig,
+) -> String {
+    let mut rt = cri.runtime.clone();
+    let name = config.metadata.as_ref().unwrap().name.clone();
+    let id = cri
+        .ok(
+            &format!("CreateContainer {name}"),
+            rt.create_container(api::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            }),
+        )
+        .container_id;
+    cri.ok(
+        &format!("StartContainer {name}"),
+        rt.start_container(api::StartContainerRequest {
+            container_id: id.clone(),
+        }),
+    );
+    id
+}
+
+fn status(cri: &Cri, id: &str) -> api::ContainerStatus {
+    let mut rt = cri.runtime.clone();
+    cri.ok(
+        "ContainerStatus",
+        rt.container_status(api::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        }),
+    )
+    .status
+    .expect("a container status")
+}
+
+/// Wait until the container has exited; its status then.
+fn wait_exited(cri: &Cri, id: &str, within: Duration) -> api::ContainerStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status(cri, id);
+        if s.state == api::ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} did not exit: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait until the CRI log file `path` has a line of `stream` ("stdout"/"stderr") starting
+/// with `prefix`, in CRI's format (`TIMESTAMP STREAM F TEXT`); returns TEXT.
+fn wait_log_line(path: &Path, stream: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        for line in log.lines() {
+            let mut parts = line.splitn(4, ' ');
+            let (Some(time), Some(s), Some(tag), Some(text)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                panic!("not a CRI log line in {}: {line:?}", path.display());
+            };
+            assert!(
+                time.contains('T') && (tag == "F" || tag == "P"),
+                "not a CRI log line in {}: {line:?}",
+                path.display()
+            );
+            if s == stream && text.starts_with(prefix) {
+                return text.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {stream} line starting with {prefix:?} in {}: {log:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop_and_remove_pod(cri: &Cri, pod: &str) {
+    let mut rt = cri.runtime.clone();
+    cri.ok(
+        "StopPodSandbox",
+        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        }),
+    );
+    cri.ok(
+        "RemovePodSandbox",
+        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        }),
+    );
+}
+
+/// What a container reports about its namespaces and hostname.
+const WHO: &str =
+    "echo ipc=$(readlink /proc/self/ns/ipc) uts=$(readlink /proc/self/ns/uts) host=$(hostname)";
+
+#[test]
+fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
+    let c = Containerd::start_cri("cri-pod");
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config("pod1", &logs);
+    let pod = run_pod(&cri, &config);
+    // The brig.toml that containerd's runtime options name set the state root.
+    assert!(
+        c.brig_state().join("sandboxes").join(&pod).is_dir(),
+        "no sandbox record under {} (was the ConfigPath's root used?)",
+        c.brig_state().display()
+    );
+    let script = format!("{WHO}; echo to-stderr >&2; exec sleep 600");
+    let a = run_container(
+        &cri,
+        &pod,
+        &config,
+        container_config("a", IMAGE, &["sh", "-c", &script]),
+    );
+    let b = run_container(
+        &cri,
+        &pod,
+        &config,
+        container_config("b", IMAGE, &["sleep", "600"]),
+    );
+    assert_eq!(processes_named("brig-vmm").len(), 1, "one microVM per pod");
+    assert_eq!(
+        processes_named("containerd-shim").len(),
+        1,
+        "one shim per pod"
+    );
+
+    // Container logs land in the CRI log file, in CRI's format, per stream.
+    let seen_by_a = wait_log_line(&logs.join("a.log"), "stdout", "ipc=");
+    wait_log_line(&logs.join("a.log"), "stderr", "to-stderr");
+    assert!(
+        seen_by_a.ends_with("host=pod1-host"),
+        "the pod's hostname: {seen_by_a}"
+    );
+
+    // b (and an exec in it) sees a's IPC and UTS namespaces: those of the pod.
+    let mut rt = cri.runtime.clone();
+    let exec = |cmd: &[&str]| {
+        let mut rt = cri.runtime.clone();
+        cri.call(rt.exec_sync(api::ExecSyncRequest {
+            container_id: b.clone(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        }))
+    };
+    let who = exec(&["sh", "-c", WHO]).expect("ExecSync in b");
+    assert_eq!(
+        String::from_utf8_lossy(&who.stdout).trim_end(),
+        seen_by_a,
+        "containers of one pod share IPC and UTS"
+    );
+    let out = exec(&["sh", "-c", "echo out; echo err >&2; exit 7"]).expect("ExecSync");
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], 7)
+    );
+    let started = Instant::now();
+    let missing = exec(&["no-such-binary"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a missing binary fails at once"
+    );
+    match missing {
+        Err(status) => assert!(
+            status.message().contains("no-such-binary"),
+            "the error names the binary: {status:?}"
+        ),
+        Ok(r) => panic!("ExecSync of a missing binary succeeded: {r:?}"),
+    }
+
+    // Stats of both containers, from the guest's cgroups.
+    let stats = cri
+        .ok(
+            "ListContainerStats",
+            rt.list_container_stats(api::ListContainerStatsRequest {
+                filter: Some(api::ContainerStatsFilter {
+                    pod_sandbox_id: pod.clone(),
+                    ..Default::default()
+                }),
+            }),
+        )
+        .stats;
+    let mut ids: Vec<String> = stats
+        .iter()
+        .map(|s| s.attributes.as_ref().unwrap().id.clone())
+        .collect();
+    ids.sort();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(ids, want, "stats: {stats:?}");
+    for s in &stats {
+        let memory = s
+            .memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map(|v| v.value)
+            .unwrap_or(0);
+        assert!(
+            memory > 0 && memory < 256 << 20,
+            "working set of a sleeping busybox: {s:?}"
+        );
+        assert!(
+            s.cpu
+                .as_ref()
+                .and_then(|c| c.usage_core_nano_seconds.as_ref())
+                .is_some(),
+            "CPU usage: {s:?}"
+        );
+    }
+
+    // StopContainer: SIGTERM ends `sleep` at once.
+    cri.ok(
+        "StopContainer",
+        rt.stop_container(api::StopContainerRequest {
+            container_id: a.clone(),
+            timeout: 30,
+        }),
+    );
+    let stopped = wait_exited(&cri, &a, Duration::from_secs(5));
+    assert_eq!(
+        stopped.exit_code, 143,
+        "sleep killed by SIGTERM: {stopped:?}"
+    );
+    assert_eq!(
+        processes_named("brig-vmm").len(),
+        1,
+        "the pod's microVM outlives one container"
+    );
+
+    stop_and_remove_pod(&cri, &pod);
+    c.assert_clean();
+}
+
+#[test]
+fn cri_stop_kills_after_the_grace_period_and_an_oom_kill_reads_oomkilled() {
+    let c = Containerd::start_cri("cri-stop");
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config("pod2", &logs);
+    let pod = run_pod(&cri, &config);
+    let mut rt = cri.runtime.clone();
+
+    // A container that ignores SIGTERM is killed when the grace period is over.
+    let stubborn = run_container(
+        &cri,
+        &pod,
+        &config,
+        container_config(
+            "stubborn",
+            IMAGE,
+            &[
+                "sh",
+                "-c",
+                "trap '' TERM; echo ready; while :; do sleep 1; done",
+            ],
+        ),
+    );
+    wait_log_line(&logs.join("stubborn.log"), "stdout", "ready");
+    let started = Instant::now();
+    cri.ok(
+        "StopContainer",
+        rt.stop_container(api::StopContainerRequest {
+            container_id: stubborn.clone(),
+            timeout: 3,
+        }),
+    );
+    let took = started.elapsed();
+    let stopped = wait_exited(&cri, &stubborn, Duration::from_secs(5));
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(60),
+        "StopContainer took {took:?} with a 3 s grace period"
+    );
+    assert_eq!(
+        stopped.exit_code, 137,
+        "SIGKILL after the grace period: {stopped:?}"
+    );
+
+    // A container past its memory limit is OOM-killed in the guest; CRI says OOMKilled.
+    let mut hog = container_config(
+        "hog",
+        IMAGE,
+        &["sh", "-c", "x=aaaaaaaa; while :; do x=$x$x; done"],
+    );
+    hog.linux.as_mut().unwrap().resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 32 << 20,
+        ..Default::default()
+    });
+    let hog = run_container(&cri, &pod, &config, hog);
+    let oom = wait_exited(&cri, &hog, Duration::from_secs(120));
+    assert_eq!(
+        (oom.exit_code, oom.reason.as_str()),
+        (137, "OOMKilled"),
+        "{oom:?}"
+    );
+
+    stop_and_remove_pod(&cri, &pod);
+    c.assert_clean();
+}
+
+#[test]
+fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
+    let c = Containerd::start_cri("cri-crash");
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config("pod3", &logs);
+    let pod = run_pod(&cri, &config);
+    let ctr = run_container(
+        &cri,
+        &pod,
+        &config,
+        container_config("c", IMAGE, &["sleep", "600"]),
+    );
+    let shims = processes_named("containerd-shim");
+    assert_eq!(shims.len(), 1, "one shim per pod");
+    assert!(Command::new("kill")
+        .args(["-9", &shims[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // containerd sees the shim gone: the pod's containers exit.
+    let gone = wait_exited(&cri, &ctr, Duration::from_secs(60));
+    assert_ne!(gone.exit_code, 0, "{gone:?}");
+    stop_and_remove_pod(&cri, &pod);
+    c.assert_clean();
+}
