@@ -33,7 +33,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot bench-run bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -101,6 +101,16 @@ bench-run: stage bench-fs
 	@mkdir -p bench/reports
 	@set -o pipefail; $(call IN_GUEST_HOST,$(BIN)/brig-bench run --runs 10 --rootfs $(STAGE)/busybox-rootfs) | tee bench/reports/run.md.new
 	@mv bench/reports/run.md.new bench/reports/run.md
+
+# Pods through containerd's CRI, Brig against runc, in one lab boot; the report is committed.
+bench-pods: stage
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_pods --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	test -n "$$exe" || { echo "the pods benchmark did not build"; exit 1; }; \
+	mkdir -p bench/reports; set -o pipefail; \
+	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_pods --nocapture --test-threads=1) | tee bench/reports/pods.log \
+		| sed -n 's/^report: //p' > bench/reports/pods.md.new
+	@test -s bench/reports/pods.md.new && mv bench/reports/pods.md.new bench/reports/pods.md && rm -f bench/reports/pods.log && cat bench/reports/pods.md
 
 # virtiofsd's build needs libseccomp and libcap-ng; it is installed once, outside the tree.
 bench-deps: deps
