@@ -231,6 +231,8 @@ fn bench_pods() {
         x.sort();
         x[x.len() / 2]
     };
+    // (libtest printed "test bench_pods ... " without a newline)
+    println!();
     report("# Pods benchmark: Brig (handler sandboxed) vs runc through containerd's CRI");
     report("");
     report(&format!(
