@@ -229,6 +229,15 @@ pub fn delete(flags: &Flags) -> anyhow::Result<()> {
     if layout.sandbox(&flags.id).exists() {
         brig_runtime::sandbox::remove_sandbox(&root, &flags.id)
             .with_context(|| format!("removing the microVM of {}", flags.id))?;
+        // The pod's host cgroup the dead shim and its VMM were in.
+        let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
+        let path = spec
+            .as_ref()
+            .and_then(|s| s.linux().as_ref())
+            .and_then(|l| l.cgroups_path().clone());
+        if let Some(path) = path.as_deref().and_then(Path::to_str) {
+            crate::cgroup::remove_path(path);
+        }
     }
     task::unmount_rootfs(&bundle.join("rootfs"));
     let mut response = containerd_shim_protos::api::DeleteResponse::new();

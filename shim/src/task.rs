@@ -152,6 +152,8 @@ impl Ctr {
 struct Pod {
     config: Option<RuntimeConfig>,
     sandbox: Option<Arc<Sandbox>>,
+    /// The pod's host cgroup the shim (and so the VMM) joined, if the sandbox named one.
+    cgroup: Option<crate::cgroup::PodCgroup>,
     containers: HashMap<String, Ctr>,
 }
 
@@ -533,6 +535,9 @@ impl Service {
                     {
                         let _ = sandbox.stop().await;
                     }
+                    if let Some(cgroup) = pod.cgroup.take() {
+                        cgroup.leave();
+                    }
                 }
                 return Err(e);
             }
@@ -591,7 +596,18 @@ impl Service {
             let mut sandbox_spec = SandboxSpec::new(inner.group.clone(), config);
             sandbox_spec.share = true;
             sandbox_spec.fit(&spec);
-            let sandbox = Sandbox::start(config, &sandbox_spec).await.map_err(|e| {
+            // Into the pod's cgroup before the VMM starts, which then inherits it.
+            let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+            if let Some(path) = cgroups_path.as_deref().and_then(Path::to_str) {
+                pod.cgroup = crate::cgroup::PodCgroup::enter(path).map_err(|e| {
+                    err(Code::FAILED_PRECONDITION, format!("the pod's cgroup: {e}"))
+                })?;
+            }
+            let started = Sandbox::start(config, &sandbox_spec).await;
+            let sandbox = started.map_err(|e| {
+                if let Some(cgroup) = pod.cgroup.take() {
+                    cgroup.leave();
+                }
                 err(
                     Code::UNAVAILABLE,
                     format!("starting the pod's microVM: {e}"),
@@ -1157,6 +1173,9 @@ impl Task for Service {
                 // A watcher still holds it: dropping the last reference kills the VMM.
                 Err(shared) => drop(shared),
             }
+        }
+        if let Some(cgroup) = pod.cgroup.take() {
+            cgroup.leave();
         }
         self.inner.exit.signal();
         Ok(api::Empty::new())

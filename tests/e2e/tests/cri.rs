@@ -3,7 +3,7 @@
 //! Brig (configured with `configs/containerd.toml`). Each pod is one microVM behind one
 //! `containerd-shim-brig-v2`. There is no CNI here: pods use the host's network.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,41 @@ fn stop_and_remove_pod(cri: &Cri, pod: &str) {
     );
 }
 
+/// A pod-level cgroup as kubelet makes one (`/brig-e2e-pods/NAME`), set as the pod's
+/// cgroup parent: CRI puts the sandbox in `<parent>/<pod id>`.
+fn with_pod_cgroup(config: &mut api::PodSandboxConfig, name: &str) -> PathBuf {
+    let parent = format!("/brig-e2e-pods/{name}");
+    let dir = Path::new("/sys/fs/cgroup").join(parent.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).unwrap();
+    config.linux.as_mut().unwrap().cgroup_parent = parent;
+    dir
+}
+
+/// The cgroup v2 path of process `pid`.
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// After the pod is gone, its cgroup under the parent is gone too; then drop the parent.
+fn assert_cgroup_removed(parent: &Path) {
+    let left = brig_e2e::dir_entries(parent)
+        .into_iter()
+        .filter(|e| parent.join(e).is_dir())
+        .collect::<Vec<_>>();
+    assert!(
+        left.is_empty(),
+        "cgroups left under {}: {left:?}",
+        parent.display()
+    );
+    let _ = std::fs::remove_dir(parent);
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/brig-e2e-pods");
+}
+
 /// What a container reports about its namespaces and hostname.
 const WHO: &str =
     "echo ipc=$(readlink /proc/self/ns/ipc) uts=$(readlink /proc/self/ns/uts) host=$(hostname)";
@@ -142,8 +177,18 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
     let cri = Cri::connect(&c.socket);
     let logs = c.dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let config = pod_config("pod1", &logs);
+    let mut config = pod_config("pod1", &logs);
+    let cgroup = with_pod_cgroup(&mut config, "pod1");
     let pod = run_pod(&cri, &config);
+    // The shim and the VMM are in the pod's cgroup, where CRI puts a runc pod's pause.
+    let want = format!("/brig-e2e-pods/pod1/{pod}");
+    for (name, pids) in [
+        ("shim", processes_named("containerd-shim")),
+        ("VMM", processes_named("brig-vmm")),
+    ] {
+        assert_eq!(pids.len(), 1, "{name}: {pids:?}");
+        assert_eq!(cgroup_of(pids[0]), want, "the {name}'s cgroup");
+    }
     // The brig.toml that containerd's runtime options name set the state root.
     assert!(
         c.brig_state().join("sandboxes").join(&pod).is_dir(),
@@ -274,6 +319,7 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
 
     stop_and_remove_pod(&cri, &pod);
     c.assert_clean();
+    assert_cgroup_removed(&cgroup);
 }
 
 #[test]
@@ -351,7 +397,8 @@ fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
     let cri = Cri::connect(&c.socket);
     let logs = c.dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let config = pod_config("pod3", &logs);
+    let mut config = pod_config("pod3", &logs);
+    let cgroup = with_pod_cgroup(&mut config, "pod3");
     let pod = run_pod(&cri, &config);
     let ctr = run_container(
         &cri,
@@ -371,4 +418,5 @@ fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
     assert_ne!(gone.exit_code, 0, "{gone:?}");
     stop_and_remove_pod(&cri, &pod);
     c.assert_clean();
+    assert_cgroup_removed(&cgroup);
 }
