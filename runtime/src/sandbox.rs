@@ -76,18 +76,26 @@ impl SandboxSpec {
     /// below the configured defaults.
     pub fn fit(&mut self, spec: &Spec) {
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-        let limit = resources
+        let memory = resources
             .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-            .filter(|l| *l > 0);
-        if let Some(bytes) = limit {
+            .and_then(|m| m.limit());
+        let cpu = resources.and_then(|r| r.cpu().as_ref());
+        self.fit_limits(
+            memory,
+            cpu.and_then(|c| c.quota()),
+            cpu.and_then(|c| c.period()),
+        );
+    }
+
+    /// Grow the VM for a memory limit (bytes) and a CPU quota per period (µs), as [`Self::fit`]
+    /// does for a container's; for limits known otherwise, such as a whole pod's. Values
+    /// that are absent, zero or negative mean no limit.
+    pub fn fit_limits(&mut self, memory: Option<i64>, quota: Option<i64>, period: Option<u64>) {
+        if let Some(bytes) = memory.filter(|l| *l > 0) {
             let mib = u64::try_from(bytes).unwrap_or(0) >> 20;
             self.memory_mib = self.memory_mib.max(mib.saturating_add(GUEST_OVERHEAD_MIB));
         }
-        let cpu = resources.and_then(|r| r.cpu().as_ref());
-        if let (Some(quota), Some(period)) =
-            (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
-        {
+        if let (Some(quota), Some(period)) = (quota, period) {
             if quota > 0 && period > 0 {
                 let cpus = u64::try_from(quota)
                     .unwrap_or(0)

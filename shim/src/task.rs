@@ -386,6 +386,24 @@ fn guest_spec(mut spec: Spec, join: Option<(u32, u32)>) -> (Spec, Vec<Volume>) {
     (spec, volumes)
 }
 
+/// The whole pod's limits, which containerd's CRI (1.7 and later) puts on the sandbox as
+/// annotations (the sum of its containers' limits): the VM is sized for all of them.
+fn fit_pod(sandbox: &mut SandboxSpec, spec: &Spec) {
+    let Some(annotations) = spec.annotations().as_ref() else {
+        return;
+    };
+    let number = |key: &str| {
+        annotations
+            .get(key)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    sandbox.fit_limits(
+        number("io.kubernetes.cri.sandbox-memory"),
+        number("io.kubernetes.cri.sandbox-cpu-quota"),
+        number("io.kubernetes.cri.sandbox-cpu-period").and_then(|p| u64::try_from(p).ok()),
+    );
+}
+
 /// `/proc/HOST_PID/ns/NAME` as `/proc/GUEST_PID/ns/NAME` for the namespaces a pod shares;
 /// `None` for any other path.
 fn guest_namespace(path: &Path, host_pid: u32, guest_pid: u32) -> Option<PathBuf> {
@@ -596,6 +614,7 @@ impl Service {
             let mut sandbox_spec = SandboxSpec::new(inner.group.clone(), config);
             sandbox_spec.share = true;
             sandbox_spec.fit(&spec);
+            fit_pod(&mut sandbox_spec, &spec);
             // Into the pod's cgroup before the VMM starts, which then inherits it.
             let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
             if let Some(path) = cgroups_path.as_deref().and_then(Path::to_str) {
@@ -1292,5 +1311,39 @@ mod tests {
                 None
             ]
         );
+    }
+
+    #[test]
+    fn a_pod_s_limits_in_cri_annotations_size_the_vm() {
+        let pod_vm = || SandboxSpec {
+            id: "pod".into(),
+            cpus: 1,
+            memory_mib: 256,
+            cmdline: None,
+            share: true,
+            tie_to_owner: false,
+        };
+        let mut sandbox = pod_vm();
+        fit_pod(
+            &mut sandbox,
+            &spec(
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"annotations":{
+                "io.kubernetes.cri.sandbox-memory":"1073741824",
+                "io.kubernetes.cri.sandbox-cpu-quota":"250000",
+                "io.kubernetes.cri.sandbox-cpu-period":"100000"}}"#,
+            ),
+        );
+        assert_eq!(sandbox.cpus, 3);
+        assert!(sandbox.memory_mib >= 1024, "{}", sandbox.memory_mib);
+        let mut small = pod_vm();
+        fit_pod(
+            &mut small,
+            &spec(
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"annotations":{
+                "io.kubernetes.cri.sandbox-memory":"garbage",
+                "io.kubernetes.cri.sandbox-cpu-quota":"-1"}}"#,
+            ),
+        );
+        assert_eq!((small.cpus, small.memory_mib), (1, 256));
     }
 }
