@@ -420,3 +420,92 @@ fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
     c.assert_clean();
     assert_cgroup_removed(&cgroup);
 }
+
+#[test]
+fn a_pod_whose_vmm_was_killed_shows_its_containers_exited_and_is_removed_cleanly() {
+    let c = Containerd::start_cri("cri-vmm");
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config("pod4", &logs);
+    let pod = run_pod(&cri, &config);
+    let ctr = run_container(
+        &cri,
+        &pod,
+        &config,
+        container_config("c", IMAGE, &["sleep", "600"]),
+    );
+    let vmms = processes_named("brig-vmm");
+    assert_eq!(vmms.len(), 1, "one microVM per pod");
+    assert!(Command::new("kill")
+        .args(["-9", &vmms[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let gone = wait_exited(&cri, &ctr, Duration::from_secs(60));
+    assert_ne!(gone.exit_code, 0, "{gone:?}");
+    let mut rt = cri.runtime.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = cri
+            .ok(
+                "PodSandboxStatus",
+                rt.pod_sandbox_status(api::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                }),
+            )
+            .status
+            .unwrap();
+        // The sandbox task (the pause container in the guest) is gone with the VM.
+        if status.state == api::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod still ready: {status:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_and_remove_pod(&cri, &pod);
+    c.assert_clean();
+}
+
+#[test]
+fn twenty_pod_cycles_leave_nothing_behind() {
+    let c = Containerd::start_cri("cri-cycles");
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut config = pod_config("cycle", &logs);
+    let cgroup = with_pod_cgroup(&mut config, "cycle");
+    let fds_before = brig_e2e::dir_entries(Path::new("/proc/self/fd")).len();
+    for n in 0..20 {
+        config.metadata.as_mut().unwrap().attempt = n;
+        let pod = run_pod(&cri, &config);
+        let ctr = run_container(
+            &cri,
+            &pod,
+            &config,
+            container_config("c", IMAGE, &["sh", "-c", "echo cycle; sleep 600"]),
+        );
+        let mut rt = cri.runtime.clone();
+        let out = cri.ok(
+            "ExecSync",
+            rt.exec_sync(api::ExecSyncRequest {
+                container_id: ctr,
+                cmd: vec!["echo".into(), format!("n={n}")],
+                timeout: 60,
+            }),
+        );
+        assert_eq!(out.stdout, format!("n={n}\n").into_bytes());
+        stop_and_remove_pod(&cri, &pod);
+        c.assert_clean();
+    }
+    assert_cgroup_removed(&cgroup);
+    // The CRI client's own descriptors did not grow either (one connection throughout).
+    let fds_after = brig_e2e::dir_entries(Path::new("/proc/self/fd")).len();
+    assert!(
+        fds_after <= fds_before + 2,
+        "fds {fds_before} → {fds_after}"
+    );
+}
