@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use crate::agent::{AgentClient, AgentError};
 use crate::config::RuntimeConfig;
 use crate::guest_text;
+use crate::host::{self, HostError, KvmKind};
 use crate::share::{self, SHARE_TAG};
 use crate::state::{self, Layout, ProcessRef, StateError};
 
@@ -157,11 +158,16 @@ pub enum SandboxError {
     /// The sandbox directory could not be prepared for the VMM's share.
     #[error(transparent)]
     Share(#[from] share::ShareError),
+    /// This host cannot boot the guest kernel (no KVM, or PVM with a stock kernel).
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// The VMM exited before the agent answered.
-    #[error("the microVM exited during boot ({status}){stderr}{console}")]
+    #[error("the microVM exited during boot ({status}){stderr}{hint}{console}")]
     VmmExited {
         status: String,
         stderr: String,
+        /// What the VMM's words mean on this host, when they have a known cause.
+        hint: String,
         console: String,
     },
     /// The agent did not answer in time.
@@ -191,6 +197,9 @@ impl Sandbox {
     /// Boot a microVM for `spec` and wait until its agent answers.
     pub async fn start(config: &RuntimeConfig, spec: &SandboxSpec) -> Result<Self, SandboxError> {
         state::validate_id("sandbox", &spec.id)?;
+        // What `brig check` checks, before anything is created: a host that cannot run the
+        // guest kernel fails now, not after the boot timeout.
+        let kvm = host::preflight(Path::new("/"), &config.kernel)?;
         let layout = Layout::new(&config.root);
         let dir = layout.sandbox(&spec.id);
         let parent = layout.sandboxes();
@@ -209,7 +218,7 @@ impl Sandbox {
             Err(source) => return Err(SandboxError::StateDir { dir, source }),
         }
         let result = match link_vsock(&layout, &spec.id) {
-            Ok(()) => Self::boot(config, spec, layout.clone(), &dir).await,
+            Ok(()) => Self::boot(config, spec, layout.clone(), &dir, &kvm).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -226,6 +235,7 @@ impl Sandbox {
         spec: &SandboxSpec,
         layout: Layout,
         dir: &Path,
+        kvm: &KvmKind,
     ) -> Result<Self, SandboxError> {
         let uds = layout.vsock_uds(&spec.id);
         let console = dir.join("console.log");
@@ -309,6 +319,9 @@ impl Sandbox {
                 let stderr = guest_text::file_tail(&vmm_log, CONSOLE_TAIL_LINES).join("\n");
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
+                    hint: host::explain_vmm_failure(kvm, &stderr)
+                        .map(|h| format!("\n{h}"))
+                        .unwrap_or_default(),
                     stderr: if stderr.trim().is_empty() {
                         String::new()
                     } else {
@@ -474,7 +487,12 @@ impl Sandbox {
             .find(|l| !l.trim().is_empty())
             .map(|l| format!(": {}", l.trim()))
             .unwrap_or_default();
-        Some(format!("the microVM stopped unexpectedly ({status}){why}"))
+        let hint = host::explain_vmm_failure(&host::kvm_kind(Path::new("/")), &why)
+            .map(|h| format!("; {h}"))
+            .unwrap_or_default();
+        Some(format!(
+            "the microVM stopped unexpectedly ({status}){why}{hint}"
+        ))
     }
 
     /// The guest console log.
