@@ -240,10 +240,17 @@ impl Sandbox {
         let uds = layout.vsock_uds(&spec.id);
         let console = dir.join("console.log");
         // The VMM's own messages go to a file, never to a pipe: nobody reads a pipe once the
-        // VM runs, and a full one would stall the VMM's threads in write().
+        // VM runs, and a full one would stall the VMM's threads in write(). Read-write and
+        // not appending, because the VMM caps it (--log-limit) by moving its newest part to
+        // the front.
         let vmm_log = dir.join("vmm.log");
-        let log_file =
-            std::fs::File::create(&vmm_log).map_err(|source| SandboxError::StateDir {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&vmm_log)
+            .map_err(|source| SandboxError::StateDir {
                 dir: vmm_log.clone(),
                 source,
             })?;
@@ -259,6 +266,10 @@ impl Sandbox {
             .arg(format!("{}M", spec.memory_mib))
             .arg("--console")
             .arg(&console)
+            .arg("--console-limit")
+            .arg(config.console_limit.to_string())
+            .arg("--log-limit")
+            .arg(config.vmm_log_limit.to_string())
             .arg("--vsock-uds")
             .arg(&uds)
             .stdin(Stdio::null())
@@ -772,6 +783,8 @@ mod tests {
             memory_mib: 256,
             boot_timeout: Duration::from_secs(1),
             fs_cache: "auto".into(),
+            console_limit: crate::config::DEFAULT_LOG_LIMIT,
+            vmm_log_limit: crate::config::DEFAULT_LOG_LIMIT,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));
