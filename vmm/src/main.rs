@@ -123,6 +123,7 @@ fn main() -> ExitCode {
     if let (true, Some(uds)) = (created_socket, uds.as_deref().and_then(brig_vmm::confine::visible)) {
         let _ = std::fs::remove_file(uds);
     }
+    brig_vmm::guest_warn::report_unreported();
     let code = match result {
         Ok(VmExit::GuestReset) => 0,
         Ok(VmExit::GuestPanic(line)) => {
