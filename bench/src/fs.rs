@@ -623,10 +623,10 @@ fn with_log(e: anyhow::Error, log: String) -> anyhow::Error {
 }
 
 /// The last lines of a log file, for an error message.
+/// The last lines of a guest's console for an error: only the file's tail is read (a guest
+/// decides how long it is), escaped.
 fn tail(path: &Path, what: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    let tail = brig_runtime::guest_text::file_tail(path, 20).join("\n");
     format!("\n--- {what} ({}) ---\n{tail}", path.display())
 }
 

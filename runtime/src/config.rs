@@ -11,6 +11,8 @@
 //! boot_timeout_secs = 60
 //! fs_cache = "auto"   # what guests cache of the shared root filesystems: auto, metadata,
 //!                     # never, always (brig-vmm --fs-cache; metadata = direct I/O for data)
+//! console_limit = 1048576  # bytes of a sandbox's console.log kept (its newest part)
+//! vmm_log_limit = 1048576  # bytes of a sandbox's vmm.log kept (its newest part)
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
 //! `BRIG_ROOT`, `BRIG_FS_CACHE`.
@@ -45,7 +47,16 @@ pub enum ConfigError {
     /// A value that is not one of the allowed ones.
     #[error("fs_cache (or BRIG_FS_CACHE) is {0:?}: use one of {FS_CACHE_MODES:?}")]
     FsCache(String),
+    /// A log cap too small to hold a kernel panic's lines.
+    #[error("{field} is {value} bytes: it must be at least {MIN_LOG_LIMIT} (16 KiB)")]
+    LogLimit { field: &'static str, value: u64 },
 }
+
+/// Default cap of a sandbox's `console.log` and `vmm.log`, bytes.
+pub const DEFAULT_LOG_LIMIT: u64 = 1024 * 1024;
+
+/// Smallest log cap (brig-vmm's own minimum): room for a kernel panic's lines.
+pub const MIN_LOG_LIMIT: u64 = 16 * 1024;
 
 /// The virtio-fs cache modes brig-vmm knows (`--fs-cache`).
 pub const FS_CACHE_MODES: [&str; 4] = ["auto", "metadata", "never", "always"];
@@ -61,6 +72,8 @@ struct ConfigFile {
     memory_mib: Option<u64>,
     boot_timeout_secs: Option<u64>,
     fs_cache: Option<String>,
+    console_limit: Option<u64>,
+    vmm_log_limit: Option<u64>,
 }
 
 /// Resolved runtime configuration.
@@ -82,6 +95,11 @@ pub struct RuntimeConfig {
     pub boot_timeout: Duration,
     /// What guests may cache of the share (one of [`FS_CACHE_MODES`]).
     pub fs_cache: String,
+    /// Cap of a sandbox's guest console file, bytes (brig-vmm `--console-limit`): the guest
+    /// decides how much it prints, and only the newest part is kept.
+    pub console_limit: u64,
+    /// Cap of a sandbox's VMM log, bytes (brig-vmm `--log-limit`).
+    pub vmm_log_limit: u64,
 }
 
 impl RuntimeConfig {
@@ -148,6 +166,12 @@ impl RuntimeConfig {
         if !FS_CACHE_MODES.contains(&fs_cache.as_str()) {
             return Err(ConfigError::FsCache(fs_cache));
         }
+        let limit = |field: &'static str, value: Option<u64>| match value {
+            Some(value) if value < MIN_LOG_LIMIT => Err(ConfigError::LogLimit { field, value }),
+            value => Ok(value.unwrap_or(DEFAULT_LOG_LIMIT)),
+        };
+        let console_limit = limit("console_limit", file.console_limit)?;
+        let vmm_log_limit = limit("vmm_log_limit", file.vmm_log_limit)?;
         Ok(Self {
             kernel,
             initrd,
@@ -157,6 +181,8 @@ impl RuntimeConfig {
             memory_mib: file.memory_mib.unwrap_or(256),
             boot_timeout: Duration::from_secs(file.boot_timeout_secs.unwrap_or(60)),
             fs_cache,
+            console_limit,
+            vmm_log_limit,
         })
     }
 }
@@ -269,6 +295,24 @@ mod tests {
             .to_string();
         assert!(
             msg.contains("\"sometimes\"") && msg.contains("metadata"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn log_caps_default_to_1_mib_and_can_be_set_but_not_below_16_kib() {
+        let paths = "kernel = \"/k\"\ninitrd = \"/i\"\nvmm = \"/v\"\n";
+        let resolve = |extra: &str| {
+            let file: ConfigFile = toml::from_str(&format!("{paths}{extra}")).unwrap();
+            RuntimeConfig::resolve(file, |_| None, &[], &[])
+        };
+        let cfg = resolve("").unwrap();
+        assert_eq!((cfg.console_limit, cfg.vmm_log_limit), (1 << 20, 1 << 20));
+        let cfg = resolve("console_limit = 65536\nvmm_log_limit = 32768").unwrap();
+        assert_eq!((cfg.console_limit, cfg.vmm_log_limit), (65536, 32768));
+        let msg = resolve("vmm_log_limit = 100").unwrap_err().to_string();
+        assert!(
+            msg.contains("vmm_log_limit") && msg.contains("16384"),
             "{msg}"
         );
     }

@@ -1,6 +1,9 @@
-//! What this host can do for Brig: the facts `brig check` reports.
+//! What this host can do for Brig: the facts `brig check` reports, and the same check made
+//! before every boot ([`preflight`]), so that a host that cannot run the guest kernel says so
+//! at once instead of after a boot timeout.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 /// The kind of KVM this host offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +63,122 @@ pub fn kvm_kind(root: &Path) -> KvmKind {
     } else {
         KvmKind::Unknown
     }
+}
+
+/// What to do on a PVM host, said the same way by [`preflight`] and by boot errors.
+pub const PVM_FIX: &str = "point `kernel =` in brig.toml (or BRIG_KERNEL) at a PVM guest kernel \
+     (CONFIG_PVM_GUEST=y), use a host with hardware virtualization (kvm_intel or kvm_amd), or \
+     run Brig inside the project's nested-KVM lab (tests/lab/run.sh)";
+
+/// Why this host cannot boot the configured guest kernel (found before the VMM starts).
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// PVM runs only PVM-enlightened guests; a stock kernel would hang and then crash.
+    #[error(
+        "cannot boot a microVM on this host: /dev/kvm is PVM (kvm_pvm), which runs only PVM guest \
+         kernels, and the guest kernel {} is a stock one (it has no PVM guest support); {PVM_FIX}",
+        kernel.display()
+    )]
+    PvmStockKernel { kernel: PathBuf },
+    /// No KVM at all.
+    #[error(
+        "cannot boot a microVM on this host: there is no /dev/kvm (KVM is not available); enable \
+         virtualization in the firmware and load kvm_intel or kvm_amd, use a host with hardware \
+         virtualization, or run Brig inside a VM with nested virtualization (the project's lab: \
+         tests/lab/run.sh)"
+    )]
+    NoKvm,
+    /// `/dev/kvm` exists but this process may not use it.
+    #[error(
+        "cannot boot a microVM on this host: /dev/kvm cannot be opened read-write ({source}); run \
+         as root or join the kvm group"
+    )]
+    KvmAccess { source: std::io::Error },
+}
+
+/// Check, before a boot, what `brig check` checks about KVM on the host rooted at `root`:
+/// that `/dev/kvm` exists and opens read-write, and, on a PVM host, that `kernel` is a PVM
+/// guest kernel. Takes milliseconds. A kernel that cannot be read is left for the VMM to
+/// name.
+pub fn preflight(root: &Path, kernel: &Path) -> Result<KvmKind, HostError> {
+    let kvm = kvm_kind(root);
+    match kvm {
+        KvmKind::None => return Err(HostError::NoKvm),
+        KvmKind::Pvm if !is_pvm_guest_kernel(kernel).unwrap_or(true) => {
+            return Err(HostError::PvmStockKernel {
+                kernel: kernel.to_path_buf(),
+            })
+        }
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("dev/kvm"))
+        .map_err(|source| HostError::KvmAccess { source })?;
+    Ok(kvm)
+}
+
+/// Byte strings only a kernel built with `CONFIG_PVM_GUEST=y` holds: the symbol of its early
+/// PVM setup (in the symbol table of an unstripped `vmlinux`) and the prefix of the PVM guest
+/// code's kernel messages.
+const PVM_GUEST_MARKERS: [&[u8]; 2] = [b"pvm_early_setup", b"pvm-guest: "];
+
+/// Whether the kernel image at `path` has PVM guest support (see [`PVM_GUEST_MARKERS`]).
+/// Reads the file once, in chunks, without holding it in memory.
+pub fn is_pvm_guest_kernel(path: &Path) -> std::io::Result<bool> {
+    let mut file = std::fs::File::open(path)?;
+    let overlap = PVM_GUEST_MARKERS.iter().map(|m| m.len()).max().unwrap_or(0) - 1;
+    let mut buf = vec![0u8; 1 << 20];
+    // `kept` bytes of the previous chunk's end sit at the front, so that a marker split
+    // between two reads is still found.
+    let mut kept = 0;
+    loop {
+        let n = file.read(&mut buf[kept..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let window = &buf[..kept + n];
+        if holds_a_marker(window) {
+            return Ok(true);
+        }
+        kept = overlap.min(window.len());
+        let from = window.len() - kept;
+        buf.copy_within(from..from + kept, 0);
+    }
+}
+
+/// Whether `bytes` holds one of [`PVM_GUEST_MARKERS`] (which all begin with `pvm`): only
+/// the places of a `p` are compared, which keeps a 20 MB kernel's scan short even unoptimized.
+fn holds_a_marker(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(i) = bytes[at..].iter().position(|b| *b == b'p') {
+        let rest = &bytes[at + i..];
+        if PVM_GUEST_MARKERS.iter().any(|m| rest.starts_with(m)) {
+            return true;
+        }
+        at += i + 1;
+    }
+    false
+}
+
+/// An explanation for a VMM that stopped (during boot or later), from its own last words: a KVM
+/// internal error is what a stock kernel on PVM ends in, and what KVM reports for a guest it
+/// cannot run. `None` when the words say nothing of the kind.
+pub fn explain_vmm_failure(kvm: &KvmKind, vmm_says: &str) -> Option<String> {
+    if !vmm_says.contains("KVM internal error") {
+        return None;
+    }
+    Some(match kvm {
+        KvmKind::Pvm => format!(
+            "KVM could not run the guest kernel: /dev/kvm on this host is PVM (kvm_pvm), which \
+             runs only PVM guest kernels; {PVM_FIX}"
+        ),
+        _ => format!(
+            "KVM could not run the guest kernel (a KVM internal error): check that the kernel is \
+             built for this host's KVM (`brig check`); on a PVM host, {PVM_FIX}"
+        ),
+    })
 }
 
 /// Look at the host rooted at `root` (`/` in production).
@@ -178,5 +297,84 @@ mod tests {
         for d in [pvm, amd, none] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    /// A kernel image of `len` bytes with `marker` at `at`.
+    fn kernel_with(root: &Path, marker: &[u8], at: usize, len: usize) -> PathBuf {
+        let mut image = vec![b'p'; len];
+        image[at..at + marker.len()].copy_from_slice(marker);
+        let path = root.join("vmlinux");
+        std::fs::write(&path, image).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_pvm_host_refuses_a_stock_kernel_at_once_and_names_the_fix() {
+        let pvm = fake_host(&["dev/kvm", "sys/module/kvm_pvm/x"]);
+        let stock = kernel_with(&pvm, b"stock", 0, 3 << 20);
+        let err = preflight(&pvm, &stock).unwrap_err();
+        assert!(matches!(err, HostError::PvmStockKernel { .. }), "{err}");
+        let msg = err.to_string();
+        for needed in [
+            "PVM",
+            "kernel =",
+            "brig.toml",
+            "hardware virtualization",
+            "tests/lab/run.sh",
+        ] {
+            assert!(msg.contains(needed), "{needed:?} missing: {msg}");
+        }
+        std::fs::remove_dir_all(pvm).unwrap();
+    }
+
+    #[test]
+    fn a_pvm_guest_kernel_passes_wherever_its_marker_sits() {
+        let pvm = fake_host(&["dev/kvm", "sys/module/kvm_pvm/x"]);
+        // Across the boundary of the 1 MiB reads, and at the very end.
+        for at in [0, (1 << 20) - 5, (3 << 20) - 15] {
+            let kernel = kernel_with(&pvm, b"pvm_early_setup", at, 3 << 20);
+            assert!(is_pvm_guest_kernel(&kernel).unwrap(), "marker at {at}");
+            assert_eq!(preflight(&pvm, &kernel).unwrap(), KvmKind::Pvm);
+        }
+        let kernel = kernel_with(&pvm, b"\x016pvm-guest: ", 12345, 1 << 16);
+        assert!(is_pvm_guest_kernel(&kernel).unwrap());
+        // A kernel that cannot be read is the VMM's to name (with the path it was given).
+        assert!(preflight(&pvm, &pvm.join("missing")).is_ok());
+        std::fs::remove_dir_all(pvm).unwrap();
+    }
+
+    #[test]
+    fn no_kvm_is_refused_and_hardware_kvm_boots_any_kernel() {
+        let none = fake_host(&["sys/module/kvm/x"]);
+        let stock = kernel_with(&none, b"stock", 0, 4096);
+        let msg = preflight(&none, &stock).unwrap_err().to_string();
+        assert!(
+            msg.contains("no /dev/kvm") && msg.contains("tests/lab/run.sh"),
+            "{msg}"
+        );
+        let amd = fake_host(&["dev/kvm", "sys/module/kvm_amd/x"]);
+        assert_eq!(
+            preflight(&amd, &stock).unwrap(),
+            KvmKind::Hardware("kvm_amd")
+        );
+        for d in [none, amd] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_kvm_internal_error_is_explained() {
+        let says = "brig-vmm: guest crashed: vCPU 0: KVM internal error";
+        let on_pvm = explain_vmm_failure(&KvmKind::Pvm, says).unwrap();
+        assert!(
+            on_pvm.contains("PVM") && on_pvm.contains("kernel ="),
+            "{on_pvm}"
+        );
+        let elsewhere = explain_vmm_failure(&KvmKind::Hardware("kvm_intel"), says).unwrap();
+        assert!(elsewhere.contains("brig check"), "{elsewhere}");
+        assert_eq!(
+            explain_vmm_failure(&KvmKind::Pvm, "brig-vmm: guest kernel panicked"),
+            None
+        );
     }
 }

@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use crate::agent::{AgentClient, AgentError};
 use crate::config::RuntimeConfig;
 use crate::guest_text;
+use crate::host::{self, HostError, KvmKind};
 use crate::share::{self, SHARE_TAG};
 use crate::state::{self, Layout, ProcessRef, StateError};
 
@@ -165,11 +166,16 @@ pub enum SandboxError {
     /// The sandbox directory could not be prepared for the VMM's share.
     #[error(transparent)]
     Share(#[from] share::ShareError),
+    /// This host cannot boot the guest kernel (no KVM, or PVM with a stock kernel).
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// The VMM exited before the agent answered.
-    #[error("the microVM exited during boot ({status}){stderr}{console}")]
+    #[error("the microVM exited during boot ({status}){stderr}{hint}{console}")]
     VmmExited {
         status: String,
         stderr: String,
+        /// What the VMM's words mean on this host, when they have a known cause.
+        hint: String,
         console: String,
     },
     /// The agent did not answer in time.
@@ -199,6 +205,9 @@ impl Sandbox {
     /// Boot a microVM for `spec` and wait until its agent answers.
     pub async fn start(config: &RuntimeConfig, spec: &SandboxSpec) -> Result<Self, SandboxError> {
         state::validate_id("sandbox", &spec.id)?;
+        // What `brig check` checks, before anything is created: a host that cannot run the
+        // guest kernel fails now, not after the boot timeout.
+        let kvm = host::preflight(Path::new("/"), &config.kernel)?;
         let layout = Layout::new(&config.root);
         let dir = layout.sandbox(&spec.id);
         let parent = layout.sandboxes();
@@ -217,7 +226,7 @@ impl Sandbox {
             Err(source) => return Err(SandboxError::StateDir { dir, source }),
         }
         let result = match link_vsock(&layout, &spec.id) {
-            Ok(()) => Self::boot(config, spec, layout.clone(), &dir).await,
+            Ok(()) => Self::boot(config, spec, layout.clone(), &dir, &kvm).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -234,14 +243,22 @@ impl Sandbox {
         spec: &SandboxSpec,
         layout: Layout,
         dir: &Path,
+        kvm: &KvmKind,
     ) -> Result<Self, SandboxError> {
         let uds = layout.vsock_uds(&spec.id);
         let console = dir.join("console.log");
         // The VMM's own messages go to a file, never to a pipe: nobody reads a pipe once the
-        // VM runs, and a full one would stall the VMM's threads in write().
+        // VM runs, and a full one would stall the VMM's threads in write(). Read-write and
+        // not appending, because the VMM caps it (--log-limit) by moving its newest part to
+        // the front.
         let vmm_log = dir.join("vmm.log");
-        let log_file =
-            std::fs::File::create(&vmm_log).map_err(|source| SandboxError::StateDir {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&vmm_log)
+            .map_err(|source| SandboxError::StateDir {
                 dir: vmm_log.clone(),
                 source,
             })?;
@@ -257,6 +274,10 @@ impl Sandbox {
             .arg(format!("{}M", spec.memory_mib))
             .arg("--console")
             .arg(&console)
+            .arg("--console-limit")
+            .arg(config.console_limit.to_string())
+            .arg("--log-limit")
+            .arg(config.vmm_log_limit.to_string())
             .arg("--vsock-uds")
             .arg(&uds)
             .stdin(Stdio::null())
@@ -317,6 +338,9 @@ impl Sandbox {
                 let stderr = guest_text::file_tail(&vmm_log, CONSOLE_TAIL_LINES).join("\n");
                 return Err(SandboxError::VmmExited {
                     status: status.to_string(),
+                    hint: host::explain_vmm_failure(kvm, &stderr)
+                        .map(|h| format!("\n{h}"))
+                        .unwrap_or_default(),
                     stderr: if stderr.trim().is_empty() {
                         String::new()
                     } else {
@@ -482,7 +506,12 @@ impl Sandbox {
             .find(|l| !l.trim().is_empty())
             .map(|l| format!(": {}", l.trim()))
             .unwrap_or_default();
-        Some(format!("the microVM stopped unexpectedly ({status}){why}"))
+        let hint = host::explain_vmm_failure(&host::kvm_kind(Path::new("/")), &why)
+            .map(|h| format!("; {h}"))
+            .unwrap_or_default();
+        Some(format!(
+            "the microVM stopped unexpectedly ({status}){why}{hint}"
+        ))
     }
 
     /// The guest console log.
@@ -762,6 +791,8 @@ mod tests {
             memory_mib: 256,
             boot_timeout: Duration::from_secs(1),
             fs_cache: "auto".into(),
+            console_limit: crate::config::DEFAULT_LOG_LIMIT,
+            vmm_log_limit: crate::config::DEFAULT_LOG_LIMIT,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

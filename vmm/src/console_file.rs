@@ -48,26 +48,42 @@ impl CappedFile {
         self.len == 0
     }
 
-    /// Make room for `incoming` more bytes: keep the newest half of the limit (less what
-    /// comes in) at the front of the file.
+    /// Make room for `incoming` more bytes (see [`keep_newest`]).
     fn cut(&mut self, incoming: u64) -> io::Result<()> {
-        let keep = (self.limit / 2).saturating_sub(incoming).min(self.len);
-        let start = self.len - keep;
-        let keep_len = usize::try_from(keep).map_err(|_| io::Error::other("console cap too large"))?;
-        let mut kept = vec![0; keep_len];
-        self.file.read_exact_at(&mut kept, start)?;
-        self.file.write_all_at(&kept, 0)?;
-        self.file.set_len(keep)?;
-        self.len = keep;
+        self.len = keep_newest(&self.file, self.len, self.limit, incoming)?;
         Ok(())
+    }
+}
+
+/// Make room in `file` (`len` bytes long, capped at `limit`) for `incoming` more bytes: move
+/// the newest half of the limit (less what comes in) to the front and cut the file there.
+/// Returns the new length. Uses `pread64`, `pwrite64` and `ftruncate` only.
+pub fn keep_newest(file: &File, len: u64, limit: u64, incoming: u64) -> io::Result<u64> {
+    let keep = (limit / 2).saturating_sub(incoming).min(len);
+    let start = len - keep;
+    let keep_len = usize::try_from(keep).map_err(|_| io::Error::other("log cap too large"))?;
+    let mut kept = vec![0; keep_len];
+    file.read_exact_at(&mut kept, start)?;
+    file.write_all_at(&kept, 0)?;
+    file.set_len(keep)?;
+    Ok(keep)
+}
+
+/// The part of one write worth keeping in a file capped at `limit`: all of it, or its end
+/// when it is more than half the cap.
+pub fn kept_part(buf: &[u8], limit: u64) -> &[u8] {
+    let half = usize::try_from(limit / 2).unwrap_or(usize::MAX);
+    if buf.len() > half {
+        &buf[buf.len() - half..]
+    } else {
+        buf
     }
 }
 
 impl Write for CappedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // More than half the cap at once: only its end is worth keeping.
-        let half = usize::try_from(self.limit / 2).unwrap_or(usize::MAX);
-        let buf_kept = if buf.len() > half { &buf[buf.len() - half..] } else { buf };
+        let buf_kept = kept_part(buf, self.limit);
         let incoming = buf_kept.len() as u64;
         if self.len + incoming > self.limit {
             self.cut(incoming)?;

@@ -13,3 +13,4 @@ pub mod guest_warn;
 pub mod privileges;
 pub mod seccomp;
 pub mod vm;
+pub mod vmm_log;

@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 use brig_vmm::seccomp::SeccompMode;
 use brig_vmm::vm::{self, VmError, VmExit};
+use brig_vmm::vmm_log::CappedLog;
 use clap::Parser;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Exit status when the guest crashed (panic, triple fault, KVM error).
 const EXIT_GUEST_CRASH: u8 = 1;
@@ -45,6 +48,10 @@ struct Args {
     /// kept, so a guest cannot fill the host's disk or memory through its console.
     #[arg(long, default_value_t = brig_vmm::console_file::DEFAULT_LIMIT, value_name = "BYTES")]
     console_limit: u64,
+    /// Cap of this VMM's own log in bytes (at least 16384) when stderr is a file: past it,
+    /// only the newest half is kept, so warnings a guest triggers cannot fill the host.
+    #[arg(long, default_value_t = brig_vmm::vmm_log::DEFAULT_LIMIT, value_name = "BYTES")]
+    log_limit: u64,
     /// Add a virtio-vsock device whose host side is this Unix socket (hybrid vsock): connect
     /// and write `CONNECT <port>\n` to reach a guest port; guest connections to host port P
     /// go to `<PATH>_<P>`. The path must not exist.
@@ -73,13 +80,23 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    // A file on stderr (the runtime's vmm.log) is capped: the guest can make us warn.
+    let (writer, ansi) = match CappedLog::for_stderr(args.log_limit) {
+        Ok(Some(log)) => (BoxMakeWriter::new(Mutex::new(log)), false),
+        Ok(None) => (BoxMakeWriter::new(std::io::stderr), true),
+        Err(e) => {
+            eprintln!("brig-vmm: cannot cap the log on stderr, writing it uncapped: {e}");
+            (BoxMakeWriter::new(std::io::stderr), false)
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BRIG_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .with_ansi(ansi)
         .init();
-    let args = Args::parse();
     let console = match args.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
         "off" => ConsoleTarget::Off,
@@ -106,6 +123,7 @@ fn main() -> ExitCode {
     if let (true, Some(uds)) = (created_socket, uds.as_deref().and_then(brig_vmm::confine::visible)) {
         let _ = std::fs::remove_file(uds);
     }
+    brig_vmm::guest_warn::report_unreported();
     let code = match result {
         Ok(VmExit::GuestReset) => 0,
         Ok(VmExit::GuestPanic(line)) => {

@@ -50,7 +50,7 @@ pub enum SeccompError {
 }
 
 /// What every thread needs: memory (musl's malloc), locks, its own exit, signal returns,
-/// time, and writing diagnostics to stderr.
+/// time, and writing diagnostics to stderr (the capped VMM log).
 const COMMON: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -78,6 +78,13 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_lseek,
+    // The capped files (console_file.rs, vmm_log.rs): the VMM's log is written from every
+    // thread, and when a capped file reaches its cap the newest half is read back, moved to
+    // the front and the file cut. With write and lseek allowed, the positioned calls add
+    // nothing; ftruncate only shortens files the VMM already holds open.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
 ];
 
 /// vCPUs: KVM_RUN and friends, eventfd writes (interrupts), and device activation, which
@@ -90,11 +97,6 @@ const VCPU: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_umask,
-    // The capped console file (console_file.rs): written at its own offsets, and when it
-    // reaches its cap the newest half is read back, moved to the front and the file cut.
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_ftruncate,
 ];
 
 /// A device's event loop.

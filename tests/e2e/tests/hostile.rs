@@ -126,3 +126,91 @@ fn a_title_setting_sequence_in_an_agent_error_reaches_the_terminal_escaped() {
         "{stderr}"
     );
 }
+
+/// The console cap set in brig.toml for the flood test: brig-vmm's smallest.
+const FLOOD_CAP: u64 = 16 * 1024;
+
+#[test]
+fn a_container_flooding_the_guest_console_stays_under_the_cap_and_the_sandbox_keeps_working() {
+    let t = "console-flood";
+    let dir = brig_e2e::scratch(t);
+    brig_e2e::busybox_rootfs(&dir);
+    // Root in a container that was given the guest's serial port (c 4:64) writes 3 caps' worth
+    // straight to the console, then stays up.
+    let script = format!(
+        "head -c {} /dev/zero | tr '\\000' x > /dev/ttyS0; echo; echo flooded; sleep 300",
+        3 * FLOOD_CAP
+    );
+    let config = format!(
+        r#"{{
+  "ociVersion": "1.0.2",
+  "process": {{
+    "args": ["sh", "-c", {script:?}],
+    "cwd": "/",
+    "user": {{"uid": 0, "gid": 0}},
+    "env": ["PATH=/bin:/sbin:/usr/bin"]
+  }},
+  "root": {{"path": "rootfs"}},
+  "mounts": [
+    {{"destination": "/proc", "type": "proc", "source": "proc"}},
+    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}}
+  ],
+  "linux": {{
+    "namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "ipc"}}, {{"type": "uts"}}],
+    "devices": [{{"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64, "fileMode": 438}}],
+    "resources": {{"devices": [{{"allow": true, "type": "c", "major": 4, "minor": 64, "access": "rw"}}]}}
+  }}
+}}"#
+    );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let brig_toml = dir.join("brig.toml");
+    std::fs::write(
+        &brig_toml,
+        format!("console_limit = {FLOOD_CAP}\nvmm_log_limit = {FLOOD_CAP}\n"),
+    )
+    .unwrap();
+    let brig = |args: &[&str]| {
+        brig(t)
+            .env("BRIG_CONFIG", &brig_toml)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = brig(&["run", "-d", "--name", "flood", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let logs = loop {
+        let logs = text(&brig(&["logs", "flood"]).stdout);
+        if logs.contains("flooded") || Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let sandbox = PathBuf::from("/run/brig-e2e")
+        .join(t)
+        .join("sandboxes/flood");
+    let console = std::fs::read(sandbox.join("console.log")).unwrap_or_default();
+    let vmm_log = std::fs::metadata(sandbox.join("vmm.log")).map(|m| m.len());
+    let exec = brig(&["exec", "flood", "echo", "alive"]);
+    let _ = brig(&["rm", "-f", "flood"]);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(logs.contains("flooded"), "the flood did not finish: {logs}");
+    assert!(
+        console.len() as u64 <= FLOOD_CAP,
+        "console.log holds {} bytes, past its cap of {FLOOD_CAP}",
+        console.len()
+    );
+    // The newest part is what was kept: the flood's end.
+    let xs = console.iter().filter(|b| **b == b'x').count() as u64;
+    assert!(
+        xs >= FLOOD_CAP / 4,
+        "only {xs} bytes of the flood kept: {:?}",
+        String::from_utf8_lossy(&console[console.len().saturating_sub(200)..])
+    );
+    assert!(vmm_log.unwrap() <= FLOOD_CAP);
+    assert!(exec.status.success(), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout), "alive\n");
+}
