@@ -99,6 +99,8 @@ pub struct Containerd {
     /// The containerd namespace the tests use (`k8s.io` with CRI).
     pub namespace: String,
     child: Child,
+    config: PathBuf,
+    cri: bool,
 }
 
 impl Containerd {
@@ -181,58 +183,52 @@ impl Containerd {
             toml.push('\n');
         }
         std::fs::write(&config, toml).unwrap();
-        // containerd finds `containerd-shim-brig-v2` for io.containerd.brig.v2 on its PATH;
-        // the shim reads BRIG_* (kernel, initramfs, VMM, state root) from the environment.
-        let shim = env_path("BRIG_SHIM");
-        let path = format!(
-            "{}:{}",
-            shim.parent().unwrap().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let mut command = Command::new("containerd");
-        command
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        if cri {
-            command.env_remove("BRIG_ROOT");
-        } else {
-            command.env("BRIG_ROOT", &brig_root);
-        }
-        let child = command
-            .spawn()
-            .expect("containerd (Debian package containerd)");
+        let child = spawn(&dir, &config, cri, &brig_root);
         let me = Self {
             dir,
             socket,
             brig_root,
             namespace: if cri { "k8s.io" } else { "brig-e2e" }.to_string(),
             child,
+            config,
+            cri,
         };
+        me.wait_ready();
+        me
+    }
+
+    /// Stop containerd (SIGTERM, as systemd does) and start it again on the same state, with
+    /// the pods' shims left running.
+    pub fn restart(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        self.child = spawn(&self.dir, &self.config, self.cri, &self.brig_root);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while me.ctr(&["version"]).status.code() != Some(0) {
+        while self.ctr(&["version"]).status.code() != Some(0) {
             assert!(
                 Instant::now() < deadline,
                 "containerd did not answer: {}",
-                me.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        if cri {
-            let plugins = me.ok(&["plugins", "ls"]);
+        if self.cri {
+            let plugins = self.ok(&["plugins", "ls"]);
             assert!(
                 plugins.lines().any(|l| l.contains("io.containerd.grpc.v1")
                     && l.contains(" cri ")
                     && l.trim_end().ends_with("ok")),
                 "containerd's CRI plugin did not load: {plugins}\ncontainerd: {}",
-                me.log()
+                self.log()
             );
         }
-        me
     }
 
     /// What containerd logged so far.
@@ -328,6 +324,40 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// containerd on `config`, logging to `dir/containerd.log` (appended).
+fn spawn(dir: &Path, config: &Path, cri: bool, brig_root: &Path) -> Child {
+    // containerd finds `containerd-shim-brig-v2` for io.containerd.brig.v2 on its PATH;
+    // the shim reads BRIG_* (kernel, initramfs, VMM) from the environment, and the state root
+    // from BRIG_ROOT (ctr) or the runtime options' brig.toml (CRI).
+    let shim = env_path("BRIG_SHIM");
+    let path = format!(
+        "{}:{}",
+        shim.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    let mut command = Command::new("containerd");
+    command
+        .arg("--config")
+        .arg(config)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if cri {
+        command.env_remove("BRIG_ROOT");
+    } else {
+        command.env("BRIG_ROOT", brig_root);
+    }
+    command
+        .spawn()
+        .expect("containerd (Debian package containerd)")
 }
 
 impl Drop for Containerd {

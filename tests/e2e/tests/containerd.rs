@@ -174,3 +174,57 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
         );
     }
 }
+
+#[test]
+fn ctr_run_with_a_terminal_gives_the_container_a_tty() {
+    let c = Containerd::start("tty");
+    c.import_busybox();
+    // `ctr run -t` needs a terminal of its own: script(1) gives it one, fed by our stdin.
+    let ctr = format!(
+        "ctr --address {} --namespace {} run -t --rm --runtime {RUNTIME} {IMAGE} tty1 sh",
+        c.socket.display(),
+        c.namespace
+    );
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &ctr, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (Debian package bsdutils)");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // Typed into the container's terminal: its shell answers through it.
+        stdin
+            .write_all(b"tty; test -t 0 && echo stdin-is-a-tty; echo tty-$((6*7)); exit 4\n")
+            .unwrap();
+        // (stdin stays open until the shell is done: EOF would end the session early)
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "ctr run -t did not end: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        drop(stdin);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "stdout {stdout}\nstderr {}\ncontainerd: {}",
+        text(&out.stderr),
+        c.log()
+    );
+    assert!(stdout.contains("/dev/pts/"), "tty: {stdout}");
+    assert!(stdout.contains("stdin-is-a-tty"), "stdin: {stdout}");
+    assert!(
+        stdout.contains("tty-42"),
+        "the shell ran what was typed: {stdout}"
+    );
+    c.assert_clean();
+}

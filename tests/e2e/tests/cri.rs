@@ -509,3 +509,47 @@ fn twenty_pod_cycles_leave_nothing_behind() {
         "fds {fds_before} → {fds_after}"
     );
 }
+
+#[test]
+fn a_pod_keeps_running_across_a_containerd_restart() {
+    let mut c = Containerd::start_cri("cri-restart");
+    c.import_busybox();
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let config = pod_config("pod5", &logs);
+    let (pod, ctr) = {
+        let cri = Cri::connect(&c.socket);
+        let pod = run_pod(&cri, &config);
+        let ctr = run_container(
+            &cri,
+            &pod,
+            &config,
+            container_config("c", IMAGE, &["sleep", "600"]),
+        );
+        (pod, ctr)
+    };
+    let shims = processes_named("containerd-shim");
+    let vmms = processes_named("brig-vmm");
+    c.restart();
+    // containerd found the running shim again (its address in the task's bundle): the same
+    // shim and microVM serve the pod, and nothing was cleaned up behind it.
+    let cri = Cri::connect(&c.socket);
+    assert_eq!(processes_named("containerd-shim"), shims);
+    assert_eq!(processes_named("brig-vmm"), vmms);
+    assert_eq!(
+        status(&cri, &ctr).state,
+        api::ContainerState::ContainerRunning as i32
+    );
+    let mut rt = cri.runtime.clone();
+    let out = cri.ok(
+        "ExecSync after the restart",
+        rt.exec_sync(api::ExecSyncRequest {
+            container_id: ctr.clone(),
+            cmd: vec!["echo".into(), "still-here".into()],
+            timeout: 60,
+        }),
+    );
+    assert_eq!(out.stdout, b"still-here\n");
+    stop_and_remove_pod(&cri, &pod);
+    c.assert_clean();
+}
