@@ -30,13 +30,39 @@ pub struct StdioPaths {
 enum Sink {
     Fifo(PathBuf),
     File(PathBuf),
+    /// A logger program (`binary:///path?arg=value`), which reads stdout on fd 3 and stderr
+    /// on fd 4, and closes fd 5 when it is ready, as containerd's loggers do.
+    Binary {
+        path: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+/// How long a logger program gets to say it is ready (close fd 5).
+const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who a process's logger logs for: `CONTAINER_ID` and `CONTAINER_NAMESPACE` in its
+/// environment.
+pub struct LogFor<'a> {
+    pub container: &'a str,
+    pub namespace: &'a str,
 }
 
 impl StdioPaths {
     /// Refuse what this shim cannot serve, before anything is created.
     pub fn check(&self) -> Result<(), String> {
         for uri in [&self.stdout, &self.stderr] {
-            sink(uri)?;
+            if let Some(Sink::Binary { .. }) = sink(uri)? {
+                // One logger takes both streams (containerd gives it as both).
+                if ![&self.stdout, &self.stderr]
+                    .iter()
+                    .all(|u| u.is_empty() || u == &uri)
+                {
+                    return Err(format!(
+                        "log URI {uri:?}: a binary:// logger must take both stdout and stderr"
+                    ));
+                }
+            }
         }
         if let Some(rest) = self
             .stdin
@@ -59,11 +85,30 @@ fn sink(uri: &str) -> Result<Option<Sink>, String> {
         }
         return Ok(Some(Sink::File(path.into())));
     }
-    if uri.starts_with("binary://") {
-        return Err(format!(
-            "log URI {uri:?}: binary:// loggers are not supported by containerd-shim-brig-v2 yet; \
-             use FIFOs (the default) or file://"
-        ));
+    if let Some(rest) = uri.strip_prefix("binary://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = percent_decode(path)
+            .ok_or_else(|| format!("log URI {uri:?}: bad %-escape in the path"))?;
+        if !path.starts_with('/') {
+            return Err(format!(
+                "log URI {uri:?}: the logger's path must be absolute (binary:///path/to/logger)"
+            ));
+        }
+        let mut args = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            for part in [key, value] {
+                let part = percent_decode(&part.replace('+', " "))
+                    .ok_or_else(|| format!("log URI {uri:?}: bad %-escape in {pair:?}"))?;
+                if !part.is_empty() {
+                    args.push(part);
+                }
+            }
+        }
+        return Ok(Some(Sink::Binary {
+            path: path.into(),
+            args,
+        }));
     }
     if let Some((scheme, _)) = uri.split_once("://") {
         return Err(format!(
@@ -71,6 +116,24 @@ fn sink(uri: &str) -> Result<Option<Sink>, String> {
         ));
     }
     Ok(Some(Sink::Fifo(uri.into())))
+}
+
+/// `%XX` escapes of a URI component decoded; `None` for a bad escape or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The copying of one process's stdio.
@@ -81,7 +144,7 @@ pub struct Relay {
 
 impl Relay {
     /// Start copying between `paths` and the process's `stdio`.
-    pub fn start(paths: &StdioPaths, stdio: Stdio) -> std::io::Result<Self> {
+    pub async fn start(paths: &StdioPaths, stdio: Stdio, who: LogFor<'_>) -> std::io::Result<Self> {
         let Stdio {
             stdin,
             stdout,
@@ -97,6 +160,24 @@ impl Relay {
             tokio::spawn(copy_stdin(from_client, to_process, close_stdin.clone()));
         }
         let mut outputs = Vec::new();
+        let binary = [&paths.stdout, &paths.stderr]
+            .into_iter()
+            .find_map(|uri| match sink(uri) {
+                Ok(Some(Sink::Binary { path, args })) => Some((path, args)),
+                _ => None,
+            });
+        if let Some((path, args)) = binary {
+            let (to_stdout, to_stderr) = start_logger(&path, &args, &who).await?;
+            for (stream, to) in [(stdout, to_stdout), (stderr, to_stderr)] {
+                if let Some(stream) = stream {
+                    outputs.push(tokio::spawn(copy_out(stream, Box::new(to))));
+                }
+            }
+            return Ok(Self {
+                outputs,
+                close_stdin,
+            });
+        }
         for (stream, uri) in [(stdout, &paths.stdout), (stderr, &paths.stderr)] {
             let (Some(stream), Ok(Some(sink))) = (stream, sink(uri)) else {
                 continue;
@@ -135,6 +216,96 @@ impl Drop for Relay {
     }
 }
 
+/// Start the logger program `path ARGS` with the read ends of two pipes as fds 3 (stdout)
+/// and 4 (stderr) and the write end of a third as fd 5; wait until it closes fd 5. Returns
+/// the write ends of the stdout and stderr pipes. The logger runs until both reach EOF.
+async fn start_logger(
+    path: &std::path::Path,
+    args: &[String],
+    who: &LogFor<'_>,
+) -> std::io::Result<(pipe::Sender, pipe::Sender)> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let child_fds: [(OwnedFd, i32); 3] = [(out_r, 3), (err_r, 4), (ready_w, 5)];
+    let raw: Vec<(i32, i32)> = child_fds
+        .iter()
+        .map(|(fd, n)| (fd.as_raw_fd(), *n))
+        .collect();
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(args)
+        .env("CONTAINER_ID", who.container)
+        .env("CONTAINER_NAMESPACE", who.namespace)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls dup2 and
+    // fcntl and close, which are async-signal-safe; `raw` was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Each source first goes above 5, so that placing one cannot clobber another.
+            let mut high = Vec::with_capacity(raw.len());
+            for (fd, _) in &raw {
+                let moved = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                if moved < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(moved);
+            }
+            for (moved, (_, target)) in high.iter().zip(&raw) {
+                if libc::dup2(*moved, *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*moved);
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("starting the logger {}: {e}", path.display()),
+            )
+        })?;
+    // Our copies of the child's ends: the logger's EOF on fd 5 must come from it alone.
+    drop(child_fds);
+    let mut ready = pipe::Receiver::from_owned_fd(ready_r)?;
+    let mut byte = [0u8; 1];
+    let waited = tokio::time::timeout(LOGGER_READY_TIMEOUT, async {
+        loop {
+            match ready.read(&mut byte).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let _ = child.start_kill();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the logger {} did not close fd 5 (its ready signal) within {} s",
+                path.display(),
+                LOGGER_READY_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    // Reap it whenever it ends.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok((
+        pipe::Sender::from_owned_fd(out_w)?,
+        pipe::Sender::from_owned_fd(err_w)?,
+    ))
+}
+
 fn open_sink(sink: &Sink) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
     Ok(match sink {
         // Read-write: opening never fails or waits for lack of a reader, and a reader that
@@ -153,6 +324,12 @@ fn open_sink(sink: &Sink) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>>
                 .append(true)
                 .open(path)?;
             Box::new(tokio::fs::File::from_std(file))
+        }
+        Sink::Binary { path, .. } => {
+            return Err(std::io::Error::other(format!(
+                "the logger {} takes both streams at once",
+                path.display()
+            )))
         }
     })
 }
@@ -198,4 +375,30 @@ async fn copy_stdin(mut from: pipe::Receiver, mut to: tokio::net::UnixStream, cl
     }
     // EOF for the process.
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_log_uris_give_the_logger_and_its_arguments() {
+        match sink("binary:///usr/bin/my%20logger?--dir=/var/log/x&verbose").unwrap() {
+            Some(Sink::Binary { path, args }) => {
+                assert_eq!(path, PathBuf::from("/usr/bin/my logger"));
+                assert_eq!(args, vec!["--dir", "/var/log/x", "verbose"]);
+            }
+            _ => panic!("not a binary sink"),
+        }
+        assert!(sink("binary://relative/logger").is_err());
+        assert!(sink("binary:///bad%zzescape").is_err());
+        let both = |out: &str, err: &str| StdioPaths {
+            stdout: out.into(),
+            stderr: err.into(),
+            ..Default::default()
+        };
+        assert!(both("binary:///l", "binary:///l").check().is_ok());
+        assert!(both("binary:///l", "").check().is_ok());
+        assert!(both("binary:///l", "/run/fifo").check().is_err());
+    }
 }

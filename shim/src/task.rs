@@ -663,7 +663,11 @@ impl Service {
                 return Err(reply);
             }
         };
-        match Relay::start(paths, stdio) {
+        let who = crate::io::LogFor {
+            container: id,
+            namespace: &inner.namespace,
+        };
+        match Relay::start(paths, stdio, who).await {
             Ok(relay) => Ok((container, relay)),
             Err(e) => {
                 let _ = sandbox.agent().remove_container(id).await;
@@ -747,7 +751,11 @@ impl Task for Service {
                     return Err(runtime_err(e));
                 }
             };
-            let relay = Relay::start(&proc.paths, stdio).map_err(|e| {
+            let who = crate::io::LogFor {
+                container: &req.id,
+                namespace: &inner.namespace,
+            };
+            let relay = Relay::start(&proc.paths, stdio, who).await.map_err(|e| {
                 err(
                     Code::INTERNAL,
                     format!("opening the stdio of exec {}: {e}", req.exec_id),

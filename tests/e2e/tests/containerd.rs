@@ -228,3 +228,61 @@ fn ctr_run_with_a_terminal_gives_the_container_a_tty() {
     );
     c.assert_clean();
 }
+
+#[test]
+fn a_binary_logger_gets_both_streams_of_a_task() {
+    let c = Containerd::start("logger");
+    c.import_busybox();
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // A logger as containerd defines them: stdout on fd 3, stderr on fd 4, ready = close fd 5.
+    let logger = c.dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$1/who\"\n\
+         exec 5>&-\ncat <&3 > \"$1/out\" &\ncat <&4 > \"$1/err\" &\nwait\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&logger)
+        .status()
+        .unwrap();
+    let uri = format!("binary://{}?{}", logger.display(), logs.display());
+    c.ok(&[
+        "run",
+        "-d",
+        "--log-uri",
+        &uri,
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "log1",
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tasks = c.ok(&["task", "ls"]);
+        if tasks
+            .lines()
+            .any(|l| l.starts_with("log1") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "log1 did not stop: {tasks}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (read("out").is_empty() || read("err").is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(read("who"), format!("{}/log1\n", c.namespace));
+    assert_eq!(read("out"), "to-out\n");
+    assert_eq!(read("err"), "to-err\n");
+    c.ok(&["task", "rm", "log1"]);
+    c.ok(&["containers", "rm", "log1"]);
+    c.assert_clean();
+}
