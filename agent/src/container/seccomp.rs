@@ -287,11 +287,9 @@ mod tests {
         body: impl FnOnce() -> T + Send + 'static,
     ) -> T {
         std::thread::spawn(move || {
-            // SAFETY: prctl with integer arguments.
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            // SAFETY: prctl with integer arguments only; it changes this thread alone.
+            let set = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(set, 0);
             install(&programs).expect("install the filters");
             body()
         })
