@@ -69,7 +69,11 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// A transport for `device` in `mem`, raising interrupts through `irq`.
-    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemory, irq: Arc<IrqTrigger>) -> Self {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        irq: Arc<IrqTrigger>,
+    ) -> Self {
         let queues = Self::fresh_queues(&device);
         Self {
             device,
@@ -128,8 +132,14 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            reg::QUEUE_NUM_MAX => self.queues.get(self.queue_select as usize).map_or(0, |q| q.max_size().into()),
-            reg::QUEUE_READY => self.queues.get(self.queue_select as usize).map_or(0, |q| q.ready().into()),
+            reg::QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| q.max_size().into()),
+            reg::QUEUE_READY => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| q.ready().into()),
             reg::INTERRUPT_STATUS => self.irq.status(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -145,7 +155,10 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!("virtio-mmio: ignoring {}-byte write at {offset:#x}", data.len());
+            tracing::debug!(
+                "virtio-mmio: ignoring {}-byte write at {offset:#x}",
+                data.len()
+            );
             return;
         };
         let v = u32::from_le_bytes(bytes);
@@ -163,12 +176,18 @@ impl MmioTransport {
                     _ => return,
                 };
                 let mask = 0xffff_ffffu64 << shift;
-                self.acked_features = (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
+                self.acked_features =
+                    (self.acked_features & !mask) | ((u64::from(v) << shift) & offered);
             }
             reg::QUEUE_SEL => self.queue_select = v,
             reg::QUEUE_NUM => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                // A size past u16 is invalid, not a smaller size (as a truncation would make it).
+                match (self.selected_queue(), u16::try_from(v)) {
+                    (Some(q), Ok(size)) => q.set_size(size),
+                    (Some(_), Err(_)) => {
+                        crate::guest_warn::guest_warn!("virtio-mmio: queue size {v} is past 65535")
+                    }
+                    (None, _) => {}
                 }
             }
             reg::QUEUE_READY => {
@@ -218,7 +237,9 @@ impl MmioTransport {
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
             if !q.is_valid(&self.mem) {
-                crate::guest_warn::guest_warn!("virtio-mmio: the driver set up an invalid virtqueue {i}");
+                crate::guest_warn::guest_warn!(
+                    "virtio-mmio: the driver set up an invalid virtqueue {i}"
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
                 return;
@@ -228,12 +249,16 @@ impl MmioTransport {
         // reset (queue registers are read-only after DRIVER_OK anyway).
         let fresh = Self::fresh_queues(&self.device);
         let queues = std::mem::replace(&mut self.queues, fresh);
-        let result = self.device.lock().unwrap_or_else(|p| p.into_inner()).activate(
-            self.mem.clone(),
-            queues,
-            self.irq.clone(),
-            self.acked_features,
-        );
+        let result = self
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .activate(
+                self.mem.clone(),
+                queues,
+                self.irq.clone(),
+                self.acked_features,
+            );
         if let Err(e) = result {
             crate::guest_warn::guest_warn!("virtio-mmio: device activation failed: {e}");
             self.status |= status::DEVICE_NEEDS_RESET;
