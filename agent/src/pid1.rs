@@ -117,14 +117,8 @@ pub fn leave_initramfs() -> anyhow::Result<bool> {
     )
     .with_context(|| format!("cannot mount a tmpfs on {NEW_ROOT}"))?;
     nix::unistd::chdir(NEW_ROOT).with_context(|| format!("cannot chdir to {NEW_ROOT}"))?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .context("cannot move the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("cannot move the new root onto /")?;
     nix::unistd::chroot(".").context("cannot chroot into the new root")?;
     nix::unistd::chdir("/").context("cannot chdir to the new /")?;
     Ok(true)

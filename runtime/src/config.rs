@@ -125,7 +125,9 @@ impl RuntimeConfig {
     /// cleaning up, which needs no kernel, initramfs or VMM.
     pub fn state_root(path: Option<&Path>) -> Result<PathBuf, ConfigError> {
         let file = config_file(path)?;
-        Ok(root_of(file.root, |k| std::env::var_os(k).map(PathBuf::from)))
+        Ok(root_of(file.root, |k| {
+            std::env::var_os(k).map(PathBuf::from)
+        }))
     }
 
     fn resolve(

@@ -736,7 +736,10 @@ mod tests {
             _: &::ttrpc::r#async::TtrpcContext,
             req: PauseContainerRequest,
         ) -> ::ttrpc::Result<Empty> {
-            self.0.lock().unwrap().push(format!("pause {}", req.container_id));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("pause {}", req.container_id));
             Ok(Empty::new())
         }
 
@@ -745,7 +748,10 @@ mod tests {
             _: &::ttrpc::r#async::TtrpcContext,
             req: ResumeContainerRequest,
         ) -> ::ttrpc::Result<Empty> {
-            self.0.lock().unwrap().push(format!("resume {}", req.container_id));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("resume {}", req.container_id));
             Ok(Empty::new())
         }
 
@@ -793,10 +799,8 @@ mod tests {
     }
 
     fn layout(name: &str) -> Layout {
-        let root = std::env::temp_dir().join(format!(
-            "brig-container-test-{name}-{}",
-            std::process::id()
-        ));
+        let root =
+            std::env::temp_dir().join(format!("brig-container-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         Layout::new(&root)
     }

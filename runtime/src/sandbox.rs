@@ -735,21 +735,33 @@ mod tests {
         // A stale link of the same sandbox is replaced.
         link_vsock(&layout, id).unwrap();
         std::fs::write(layout.sandbox(id).join("vsock.sock"), b"").unwrap();
-        assert!(layout.vsock_uds(id).exists(), "the socket is reached through the link");
+        assert!(
+            layout.vsock_uds(id).exists(),
+            "the socket is reached through the link"
+        );
         // A live link of another sandbox is never taken over (as if both IDs hashed alike).
         let other = "other";
         std::fs::create_dir_all(layout.sandbox(other)).unwrap();
         std::fs::create_dir_all(layout.vsock_link(other).parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(Path::new("../sandboxes").join(id), layout.vsock_link(other))
             .unwrap();
-        assert!(matches!(link_vsock(&layout, other), Err(SandboxError::StateDir { .. })));
+        assert!(matches!(
+            link_vsock(&layout, other),
+            Err(SandboxError::StateDir { .. })
+        ));
         unlink_vsock(&layout, other);
         assert!(layout.vsock_link(other).exists(), "not its own link: kept");
         unlink_vsock(&layout, id);
-        assert!(std::fs::read_link(layout.vsock_link(id)).is_err(), "its own link is gone");
+        assert!(
+            std::fs::read_link(layout.vsock_link(id)).is_err(),
+            "its own link is gone"
+        );
 
         let long = Layout::new(&PathBuf::from("/").join("r".repeat(80)));
-        assert!(matches!(link_vsock(&long, id), Err(SandboxError::RootTooLong { .. })));
+        assert!(matches!(
+            link_vsock(&long, id),
+            Err(SandboxError::RootTooLong { .. })
+        ));
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -124,7 +124,11 @@ impl VmConfig {
     /// (guest connections go to sockets next to it), else the share; canonical.
     pub fn confinement_root(&self) -> Option<PathBuf> {
         let dir = match (&self.vsock, &self.fs) {
-            (Some(vsock), _) => vsock.uds.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")),
+            (Some(vsock), _) => vsock
+                .uds
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
             (None, Some(fs)) => fs.shared_dir.as_path(),
             (None, None) => return None,
         };
@@ -160,7 +164,8 @@ impl VmConfig {
                 return Err(ConfigError::FsDir(fs.shared_dir.clone()));
             }
             if let (true, Some(root)) = (self.confine, self.confinement_root()) {
-                let dir = std::fs::canonicalize(&fs.shared_dir).map_err(|_| ConfigError::FsDir(fs.shared_dir.clone()))?;
+                let dir = std::fs::canonicalize(&fs.shared_dir)
+                    .map_err(|_| ConfigError::FsDir(fs.shared_dir.clone()))?;
                 if !dir.starts_with(&root) {
                     return Err(ConfigError::OutsideRoot(fs.shared_dir.clone(), root));
                 }
@@ -173,10 +178,14 @@ impl VmConfig {
 /// Parse `TAG=DIR` (the `--fs` flag).
 pub fn parse_fs(s: &str) -> Result<FsConfig, String> {
     match s.split_once('=') {
-        Some((tag, dir)) if !tag.is_empty() && tag.len() <= 36 && !dir.is_empty() => {
-            Ok(FsConfig { tag: tag.to_string(), shared_dir: dir.into(), cache: FsCache::Auto })
-        }
-        _ => Err(format!("'{s}' is not TAG=DIR (a tag of 1 to 36 bytes, then the host directory)")),
+        Some((tag, dir)) if !tag.is_empty() && tag.len() <= 36 && !dir.is_empty() => Ok(FsConfig {
+            tag: tag.to_string(),
+            shared_dir: dir.into(),
+            cache: FsCache::Auto,
+        }),
+        _ => Err(format!(
+            "'{s}' is not TAG=DIR (a tag of 1 to 36 bytes, then the host directory)"
+        )),
     }
 }
 
@@ -185,7 +194,9 @@ pub fn parse_mem_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a memory size (try 256M or 1G)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a memory size (try 256M or 1G)"))?;
     let mib = match unit.to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => Some(n),
         "g" | "gb" | "gib" => n.checked_mul(1024),
@@ -237,14 +248,28 @@ mod tests {
         c.mem_mib = 1 << 20;
         assert_eq!(c.validate(), Err(ConfigError::Memory(1 << 20)));
         c = config("/nonexistent/vmlinux".into());
-        assert!(c.validate().unwrap_err().to_string().contains("/nonexistent/vmlinux"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/vmlinux"));
         c = config(exe.clone());
-        c.vsock = Some(VsockConfig { guest_cid: 2, uds: "/nonexistent/v.sock".into() });
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds: "/nonexistent/v.sock".into(),
+        });
         assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
-        c.vsock = Some(VsockConfig { guest_cid: 3, uds: exe.clone() });
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds: exe.clone(),
+        });
         assert_eq!(c.validate(), Err(ConfigError::VsockPathInUse(exe.clone())));
         c = config(exe.clone());
-        c.fs = Some(FsConfig { tag: "brig".into(), shared_dir: exe.clone(), cache: FsCache::Auto });
+        c.fs = Some(FsConfig {
+            tag: "brig".into(),
+            shared_dir: exe.clone(),
+            cache: FsCache::Auto,
+        });
         assert_eq!(c.validate(), Err(ConfigError::FsDir(exe)));
     }
 
@@ -252,7 +277,11 @@ mod tests {
     fn fs_flags_parse() {
         assert_eq!(
             parse_fs("brig=/run/x"),
-            Ok(FsConfig { tag: "brig".into(), shared_dir: "/run/x".into(), cache: FsCache::Auto })
+            Ok(FsConfig {
+                tag: "brig".into(),
+                shared_dir: "/run/x".into(),
+                cache: FsCache::Auto
+            })
         );
         assert!(parse_fs("nodir").is_err());
         assert!(parse_fs("=/x").is_err());

@@ -29,20 +29,42 @@ pub struct ConfineError {
 /// Move the calling process (before it starts threads) into its own mount namespace with
 /// `root` as `/`. `root` must be a canonical directory path.
 pub fn enter(root: &Path) -> Result<(), ConfineError> {
-    let err = |step| move |source| ConfineError { root: root.to_path_buf(), step, source };
+    let err = |step| {
+        move |source| ConfineError {
+            root: root.to_path_buf(),
+            step,
+            source,
+        }
+    };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(err("unshare"))?;
     // Receive the host's mount events, send none back.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
-        .map_err(err("making mounts slaves"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(err("making mounts slaves"))?;
     // pivot_root needs a mount point; binding the directory onto itself makes one (a slave
     // again if it was the runtime's shared mount).
-    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(err("binding the root"))?;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("binding the root"))?;
     let proc = root.join("proc");
     match std::fs::create_dir(&proc) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err("creating /proc")(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))),
+        Err(e) => {
+            return Err(err("creating /proc")(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )))
+        }
     }
     nix::unistd::chdir(root).map_err(err("chdir"))?;
     nix::unistd::pivot_root(".", ".").map_err(err("pivot_root"))?;
@@ -80,7 +102,10 @@ pub fn canonical(path: &Path) -> PathBuf {
 pub fn visible(path: &Path) -> Option<PathBuf> {
     match ROOT.get() {
         None => Some(path.to_path_buf()),
-        Some(root) => path.strip_prefix(root).ok().map(|rest| Path::new("/").join(rest)),
+        Some(root) => path
+            .strip_prefix(root)
+            .ok()
+            .map(|rest| Path::new("/").join(rest)),
     }
 }
 
@@ -90,7 +115,10 @@ mod tests {
 
     #[test]
     fn paths_are_unchanged_until_confined() {
-        assert_eq!(visible(Path::new("/run/brig/x/vsock.sock")), Some(PathBuf::from("/run/brig/x/vsock.sock")));
+        assert_eq!(
+            visible(Path::new("/run/brig/x/vsock.sock")),
+            Some(PathBuf::from("/run/brig/x/vsock.sock"))
+        );
     }
 
     #[test]
@@ -99,6 +127,9 @@ mod tests {
         let real = std::fs::canonicalize(dir.path()).unwrap();
         let sub = real.join("sub");
         std::fs::create_dir(&sub).unwrap();
-        assert_eq!(canonical(&sub.join("../missing.sock")), real.join("missing.sock"));
+        assert_eq!(
+            canonical(&sub.join("../missing.sock")),
+            real.join("missing.sock")
+        );
     }
 }

@@ -123,7 +123,11 @@ mod tests {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.len() as u64 <= MIN_LIMIT);
-        assert!(text.ends_with("line 99999\n"), "{}", &text[text.len() - 40..]);
+        assert!(
+            text.ends_with("line 99999\n"),
+            "{}",
+            &text[text.len() - 40..]
+        );
         // What is kept is a contiguous run of the newest lines.
         let lines: Vec<&str> = text.lines().skip(1).collect();
         let first: u32 = lines[0].trim_start_matches("line ").parse().unwrap();
@@ -137,7 +141,11 @@ mod tests {
     fn one_huge_write_keeps_its_end_and_an_old_big_file_is_cut_at_open() {
         let path = temp("huge");
         std::fs::write(&path, vec![b'o'; 3 * MIN_LIMIT as usize]).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut log = CappedFile::new(file, MIN_LIMIT).unwrap();
         assert!(log.len() <= MIN_LIMIT / 2);
         let mut big = vec![b'x'; 5 * MIN_LIMIT as usize];

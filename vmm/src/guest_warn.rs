@@ -24,7 +24,9 @@ static UNREPORTED: AtomicU64 = AtomicU64::new(0);
 pub fn report_unreported() -> u64 {
     let n = UNREPORTED.swap(0, Ordering::Relaxed);
     if n > 0 {
-        tracing::warn!("{n} guest-triggered warnings were dropped (rate limit) and not reported before");
+        tracing::warn!(
+            "{n} guest-triggered warnings were dropped (rate limit) and not reported before"
+        );
     }
     n
 }
@@ -73,7 +75,9 @@ impl RateLimit {
         s.in_window += 1;
         let dropped = std::mem::take(&mut s.dropped);
         // Reported by this line now. (Saturating: a report at exit may have taken them.)
-        let _ = UNREPORTED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(dropped)));
+        let _ = UNREPORTED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+            Some(u.saturating_sub(dropped))
+        });
         Some(dropped)
     }
 }
@@ -108,8 +112,13 @@ mod tests {
         let limit = RateLimit::new();
         let t0 = Instant::now();
         let admitted: Vec<Option<u64>> = (0..1000).map(|_| limit.admit(t0)).collect();
-        assert_eq!(admitted.iter().filter(|a| a.is_some()).count(), PER_SECOND as usize);
-        assert!(admitted[..PER_SECOND as usize].iter().all(|a| *a == Some(0)));
+        assert_eq!(
+            admitted.iter().filter(|a| a.is_some()).count(),
+            PER_SECOND as usize
+        );
+        assert!(admitted[..PER_SECOND as usize]
+            .iter()
+            .all(|a| *a == Some(0)));
         // The next window logs again and first reports what the last one dropped.
         let later = t0 + WINDOW;
         assert_eq!(limit.admit(later), Some(1000 - u64::from(PER_SECOND)));

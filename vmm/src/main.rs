@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use brig_vmm::config::{parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use brig_vmm::config::{
+    parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE,
+};
 use brig_vmm::seccomp::SeccompMode;
 use brig_vmm::vm::{self, VmError, VmExit};
 use brig_vmm::vmm_log::CappedLog;
@@ -92,7 +95,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BRIG_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BRIG_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(writer)
         .with_ansi(ansi)
@@ -100,7 +104,10 @@ fn main() -> ExitCode {
     let console = match args.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
         "off" => ConsoleTarget::Off,
-        path => ConsoleTarget::File { path: path.into(), limit: args.console_limit },
+        path => ConsoleTarget::File {
+            path: path.into(),
+            limit: args.console_limit,
+        },
     };
     let config = VmConfig {
         kernel: args.kernel,
@@ -109,18 +116,30 @@ fn main() -> ExitCode {
         vcpus: u8::try_from(args.cpus).unwrap_or(u8::MAX),
         mem_mib: args.memory,
         console,
-        vsock: args.vsock_uds.map(|uds| VsockConfig { guest_cid: args.vsock_cid, uds }),
-        fs: args.fs.map(|fs| FsConfig { cache: args.fs_cache, ..fs }),
+        vsock: args.vsock_uds.map(|uds| VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds,
+        }),
+        fs: args.fs.map(|fs| FsConfig {
+            cache: args.fs_cache,
+            ..fs
+        }),
         seccomp: args.seccomp,
         confine: !args.no_confine,
     };
     // Where the socket is, resolved while host paths still resolve (the VMM confines itself).
-    let uds = config.vsock.as_ref().map(|v| brig_vmm::confine::canonical(&v.uds));
+    let uds = config
+        .vsock
+        .as_ref()
+        .map(|v| brig_vmm::confine::canonical(&v.uds));
     let result = vm::run(&config);
     // The vsock device owns its socket, but vCPU threads may still hold the device when we
     // exit: remove the socket here so that no exit path leaves it behind.
     let created_socket = !matches!(result, Err(VmError::Config(_)) | Err(VmError::Vsock(_)));
-    if let (true, Some(uds)) = (created_socket, uds.as_deref().and_then(brig_vmm::confine::visible)) {
+    if let (true, Some(uds)) = (
+        created_socket,
+        uds.as_deref().and_then(brig_vmm::confine::visible),
+    ) {
         let _ = std::fs::remove_file(uds);
     }
     brig_vmm::guest_warn::report_unreported();

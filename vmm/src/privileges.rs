@@ -40,7 +40,12 @@ pub fn kept(fs: bool) -> CapsHashSet {
 /// unprivileged) only the other sets are lowered, which is always allowed.
 pub fn drop_unneeded(fs: bool) -> Result<(), PrivilegeError> {
     let keep = kept(fs);
-    let err = |what| move |e: caps::errors::CapsError| PrivilegeError { what, reason: e.to_string() };
+    let err = |what| {
+        move |e: caps::errors::CapsError| PrivilegeError {
+            what,
+            reason: e.to_string(),
+        }
+    };
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
         for cap in caps::all().difference(&keep) {
             // Capabilities this kernel does not know cannot be dropped (nor held).
@@ -53,7 +58,8 @@ pub fn drop_unneeded(fs: bool) -> Result<(), PrivilegeError> {
     }
     caps::clear(None, CapSet::Ambient).map_err(err("ambient set"))?;
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err("inheritable set"))?;
-    let permitted = caps::read(None, CapSet::Permitted).map_err(err("reading the permitted set"))?;
+    let permitted =
+        caps::read(None, CapSet::Permitted).map_err(err("reading the permitted set"))?;
     let now: CapsHashSet = permitted.intersection(&keep).copied().collect();
     caps::set(None, CapSet::Effective, &now).map_err(err("effective set"))?;
     caps::set(None, CapSet::Permitted, &now).map_err(err("permitted set"))?;
@@ -72,8 +78,15 @@ mod tests {
     #[test]
     fn the_fs_server_keeps_only_file_capabilities() {
         let keep = kept(true);
-        assert!(keep.contains(&Capability::CAP_DAC_OVERRIDE) && keep.contains(&Capability::CAP_SETUID));
-        for cap in [Capability::CAP_SYS_ADMIN, Capability::CAP_NET_ADMIN, Capability::CAP_SYS_PTRACE, Capability::CAP_SYS_MODULE] {
+        assert!(
+            keep.contains(&Capability::CAP_DAC_OVERRIDE) && keep.contains(&Capability::CAP_SETUID)
+        );
+        for cap in [
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_NET_ADMIN,
+            Capability::CAP_SYS_PTRACE,
+            Capability::CAP_SYS_MODULE,
+        ] {
             assert!(!keep.contains(&cap), "{cap} is kept");
         }
     }
@@ -83,7 +96,10 @@ mod tests {
         // Capabilities are per thread: do it in one and read the result there.
         let left = std::thread::spawn(|| {
             drop_unneeded(true).unwrap();
-            (caps::read(None, CapSet::Effective).unwrap(), caps::read(None, CapSet::Permitted).unwrap())
+            (
+                caps::read(None, CapSet::Effective).unwrap(),
+                caps::read(None, CapSet::Permitted).unwrap(),
+            )
         })
         .join()
         .unwrap();

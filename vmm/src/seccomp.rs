@@ -100,7 +100,11 @@ const VCPU: &[libc::c_long] = &[
 ];
 
 /// A device's event loop.
-const EVENT_LOOP: &[libc::c_long] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl];
+const EVENT_LOOP: &[libc::c_long] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+];
 
 /// The vsock device: accept host connections, connect guest connections to <uds>_<port>,
 /// time out silent peers. No file system calls.
@@ -194,11 +198,14 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, Seccom
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind).map(|nr| (nr, Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        allowed(kind).map(|nr| (nr, Vec::new())).collect();
     let build = |reason: String| SeccompError::Build { kind, reason };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| build(e.to_string()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| build(e.to_string()))
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| build(e.to_string()))
 }
 
 thread_local! {
@@ -217,14 +224,21 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
 /// Install an already built program for `kind` on the calling thread. Does not allocate.
 pub fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     KIND.with(|k| k.set(Some(kind)));
-    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install { kind, reason: e.to_string() })
+    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install {
+        kind,
+        reason: e.to_string(),
+    })
 }
 
 /// Catch SIGSYS (a filtered call in Enforce mode) to say which call it was before exiting.
 /// Call once, before any filter is installed.
 pub fn install_sigsys_handler() -> Result<(), SeccompError> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::SigAction(on_sigsys), SaFlags::SA_SIGINFO, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::SigAction(on_sigsys),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
     // SAFETY: `on_sigsys` only makes async-signal-safe calls (write, _exit) on stack data.
     unsafe { sigaction(Signal::SIGSYS, &action) }.map_err(SeccompError::Handler)?;
     Ok(())
@@ -238,7 +252,12 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // faulting call's address (8 bytes), then the syscall number (int).
     // SAFETY: the kernel hands a valid siginfo_t for SA_SIGINFO handlers; for SIGSYS raised by
     // seccomp the syscall number lives at this offset inside it.
-    let nr = unsafe { (info as *const u8).add(24).cast::<libc::c_int>().read_unaligned() };
+    let nr = unsafe {
+        (info as *const u8)
+            .add(24)
+            .cast::<libc::c_int>()
+            .read_unaligned()
+    };
     let kind = KIND.with(|k| k.get());
     let mut buf = [0u8; 128];
     let mut len = 0;
@@ -283,9 +302,19 @@ mod tests {
 
     #[test]
     fn every_thread_kind_gets_a_program() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Vsock, ThreadKind::Fs, ThreadKind::Signals, ThreadKind::Main] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::Vsock,
+            ThreadKind::Fs,
+            ThreadKind::Signals,
+            ThreadKind::Main,
+        ] {
             let prog = program(kind, SeccompMode::Enforce).unwrap();
-            assert!(prog.len() > allowed(kind).count(), "{kind:?}: {} instructions", prog.len());
+            assert!(
+                prog.len() > allowed(kind).count(),
+                "{kind:?}: {} instructions",
+                prog.len()
+            );
         }
     }
 
@@ -305,10 +334,12 @@ mod tests {
                 // SAFETY: leaving the forked child at once.
                 unsafe { libc::_exit(code) }
             }
-            nix::unistd::ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None).unwrap() {
-                nix::sys::wait::WaitStatus::Exited(_, code) => Some(code),
-                _ => None,
-            },
+            nix::unistd::ForkResult::Parent { child } => {
+                match nix::sys::wait::waitpid(child, None).unwrap() {
+                    nix::sys::wait::WaitStatus::Exited(_, code) => Some(code),
+                    _ => None,
+                }
+            }
         }
     }
 

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,9 +24,11 @@ use crate::arch::layout::*;
 use crate::arch::{cpu, mptable, pvh};
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::legacy::{ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET};
-use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::legacy::{
+    ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET,
+};
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqTrigger, VirtioDevice};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
@@ -52,11 +56,16 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// /dev/kvm is missing or unusable.
-    #[error("cannot use /dev/kvm: {0} (is KVM available? `brig check` tells what this host can do)")]
+    #[error(
+        "cannot use /dev/kvm: {0} (is KVM available? `brig check` tells what this host can do)"
+    )]
     Kvm(kvm_ioctls::Error),
     /// A KVM VM-level ioctl failed.
     #[error("{what} failed: {source}")]
-    KvmOp { what: &'static str, source: kvm_ioctls::Error },
+    KvmOp {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     /// Guest memory could not be allocated.
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Memory { mib: u64, reason: String },
@@ -86,7 +95,10 @@ pub enum VmError {
     Privileges(#[from] crate::privileges::PrivilegeError),
     /// Some other OS resource (eventfd, thread, signal mask) failed.
     #[error("{what}: {source}")]
-    Os { what: &'static str, source: std::io::Error },
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
@@ -120,10 +132,15 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, config.mem_mib)?;
 
-    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
     // Console sink first: files the VMM creates must exist before the virtio-fs server
@@ -133,12 +150,23 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
         ConsoleTarget::File { path, limit } => {
             let bad = |e: std::io::Error| {
-                VmError::Config(crate::config::ConfigError::ConsoleFile { path: path.clone(), reason: e.to_string() })
+                VmError::Config(crate::config::ConfigError::ConsoleFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
             };
             // Not O_APPEND: the capped file writes at its own offsets (pwrite), and moves
             // the newest part to the front when it would pass the cap.
-            let file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path).map_err(bad)?;
-            Some(Box::new(crate::console_file::CappedFile::new(file, *limit).map_err(bad)?))
+            let file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .write(true)
+                .truncate(false)
+                .open(path)
+                .map_err(bad)?;
+            Some(Box::new(
+                crate::console_file::CappedFile::new(file, *limit).map_err(bad)?,
+            ))
         }
         ConsoleTarget::Off => None,
     };
@@ -153,7 +181,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let mut vsock_dev = None;
     let mut fs_dev = None;
     if let Some(vsock_cfg) = &config.vsock {
-        let vsock = Arc::new(Mutex::new(Vsock::new(vsock_cfg.guest_cid, vsock_cfg.uds.clone())?));
+        let vsock = Arc::new(Mutex::new(Vsock::new(
+            vsock_cfg.guest_cid,
+            vsock_cfg.uds.clone(),
+        )?));
         let transport = attach_mmio_device(&vm, &mem, vsock.clone(), mmio.len(), &mut cmdline)?;
         let mut events = new_event_loop()?;
         events.add_subscriber(vsock.clone());
@@ -163,7 +194,11 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     }
     if let Some(fs_cfg) = &config.fs {
         raise_open_file_limit();
-        let fs = Arc::new(Mutex::new(Fs::with_cache(&fs_cfg.tag, fs_cfg.shared_dir.clone(), fs_cfg.cache)?));
+        let fs = Arc::new(Mutex::new(Fs::with_cache(
+            &fs_cfg.tag,
+            fs_cfg.shared_dir.clone(),
+            fs_cfg.cache,
+        )?));
         let transport = attach_mmio_device(&vm, &mem, fs.clone(), mmio.len(), &mut cmdline)?;
         let mut events = new_event_loop()?;
         events.add_subscriber(fs.clone());
@@ -184,17 +219,32 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     cpu::write_descriptor_tables(&mem)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os("creating the serial eventfd"))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_op("KVM_IRQFD (serial)"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_op("KVM_IRQFD (serial)"))?;
     let serial = SerialConsole::new(serial_irq, ConsoleOutput::new(sink, panic_watch.clone()));
-    let bus = Arc::new(Bus { serial: Mutex::new(serial), mmio });
+    let bus = Arc::new(Bus {
+        serial: Mutex::new(serial),
+        mmio,
+    });
 
     // vCPUs.
-    let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(config.vcpus.into());
     for id in 0..config.vcpus {
-        let vcpu = vm.create_vcpu(id.into()).map_err(kvm_op("KVM_CREATE_VCPU"))?;
-        cpu::configure(&vcpu, id, config.vcpus, entry.pvh_entry.0, &base_cpuid, tsc_deadline)?;
+        let vcpu = vm
+            .create_vcpu(id.into())
+            .map_err(kvm_op("KVM_CREATE_VCPU"))?;
+        cpu::configure(
+            &vcpu,
+            id,
+            config.vcpus,
+            entry.pvh_entry.0,
+            &base_cpuid,
+            tsc_deadline,
+        )?;
         vcpus.push(vcpu);
     }
 
@@ -211,12 +261,22 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
 
     // From here on the VM runs. Termination signals are taken by one thread only.
     let signals = termination_signals();
-    signals.thread_block().map_err(|e| VmError::Os { what: "blocking signals", source: e.into() })?;
-    spawn_filtered("signals".into(), filters.get(ThreadKind::Signals), &exit_tx, move || {
-        signals.wait().ok().map(|sig| VmExit::Signal(sig as i32))
+    signals.thread_block().map_err(|e| VmError::Os {
+        what: "blocking signals",
+        source: e.into(),
     })?;
+    spawn_filtered(
+        "signals".into(),
+        filters.get(ThreadKind::Signals),
+        &exit_tx,
+        move || signals.wait().ok().map(|sig| VmExit::Signal(sig as i32)),
+    )?;
     for (kind, mut events) in loops {
-        let name = if kind == ThreadKind::Fs { "virtio-fs" } else { "vsock" };
+        let name = if kind == ThreadKind::Fs {
+            "virtio-fs"
+        } else {
+            "vsock"
+        };
         spawn_filtered(name.into(), filters.get(kind), &exit_tx, move || loop {
             if let Err(e) = events.run() {
                 tracing::error!("{kind:?} event loop: {e}");
@@ -226,12 +286,19 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
-        spawn_filtered(format!("vcpu{id}"), filters.get(ThreadKind::Vcpu), &exit_tx, move || Some(run_vcpu(id, vcpu, &bus)))?;
+        spawn_filtered(
+            format!("vcpu{id}"),
+            filters.get(ThreadKind::Vcpu),
+            &exit_tx,
+            move || Some(run_vcpu(id, vcpu, &bus)),
+        )?;
     }
     drop(exit_tx);
     filters.get(ThreadKind::Main).install()?;
 
-    let exit = exit_rx.recv().unwrap_or_else(|_| VmExit::GuestCrash("every vCPU thread ended".into()));
+    let exit = exit_rx
+        .recv()
+        .unwrap_or_else(|_| VmExit::GuestCrash("every vCPU thread ended".into()));
     if let Ok(mut serial) = bus.serial.lock() {
         serial.flush();
     }
@@ -325,16 +392,28 @@ fn spawn_filtered(
 
 /// Enter the VMM's own root (see `crate::confine`) and tell the devices where their paths
 /// are seen from there.
-fn confine_devices(root: &Path, vsock: Option<&Arc<Mutex<Vsock>>>, fs: Option<&Arc<Mutex<Fs>>>) -> Result<(), VmError> {
+fn confine_devices(
+    root: &Path,
+    vsock: Option<&Arc<Mutex<Vsock>>>,
+    fs: Option<&Arc<Mutex<Fs>>>,
+) -> Result<(), VmError> {
     // Resolved before entering: host paths do not resolve afterwards.
-    let uds = vsock.map(|v| crate::confine::canonical(v.lock().unwrap_or_else(|p| p.into_inner()).uds_path()));
+    let uds = vsock
+        .map(|v| crate::confine::canonical(v.lock().unwrap_or_else(|p| p.into_inner()).uds_path()));
     crate::confine::enter(root)?;
     let moved = |what: &Path| {
-        crate::confine::visible(what)
-            .ok_or_else(|| VmError::Config(crate::config::ConfigError::OutsideRoot(what.to_path_buf(), root.to_path_buf())))
+        crate::confine::visible(what).ok_or_else(|| {
+            VmError::Config(crate::config::ConfigError::OutsideRoot(
+                what.to_path_buf(),
+                root.to_path_buf(),
+            ))
+        })
     };
     if let (Some(vsock), Some(uds)) = (vsock, uds) {
-        vsock.lock().unwrap_or_else(|p| p.into_inner()).rebase(moved(&uds)?);
+        vsock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rebase(moved(&uds)?);
     }
     if let Some(fs) = fs {
         let mut fs = fs.lock().unwrap_or_else(|p| p.into_inner());
@@ -347,7 +426,10 @@ fn confine_devices(root: &Path, vsock: Option<&Arc<Mutex<Vsock>>>, fs: Option<&A
 type EventLoop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 fn new_event_loop() -> Result<EventLoop, VmError> {
-    EventManager::new().map_err(|e| VmError::Os { what: "creating an event loop", source: std::io::Error::other(e.to_string()) })
+    EventManager::new().map_err(|e| VmError::Os {
+        what: "creating an event loop",
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 fn termination_signals() -> nix::sys::signal::SigSet {
@@ -361,12 +443,18 @@ fn termination_signals() -> nix::sys::signal::SigSet {
 
 fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
     let size = (mib << 20) as usize;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-        .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| VmError::Memory {
+            mib,
+            reason: e.to_string(),
+        })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+            .map_err(|e| VmError::Memory {
+                mib,
+                reason: e.to_string(),
+            })?;
         let region_info = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
@@ -377,7 +465,8 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
         // SAFETY: the region is a live mapping owned by `mem` of exactly `memory_size`
         // bytes; `mem` is kept alive (cloned into devices and boot code) for as long as the
         // VM runs, and the process exits when the VM ends.
-        unsafe { vm.set_user_memory_region(region_info) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region_info) }
+            .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }
@@ -394,20 +483,31 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
     let base = MMIO_BASE + MMIO_SIZE * index as u64;
     let irq = MMIO_IRQ_BASE + index as u32;
     if irq > IRQ_MAX {
-        return Err(VmError::Os { what: "attaching a virtio-mmio device", source: std::io::Error::other("out of IRQs") });
+        return Err(VmError::Os {
+            what: "attaching a virtio-mmio device",
+            source: std::io::Error::other("out of IRQs"),
+        });
     }
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(os("creating a device IRQ eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq).map_err(kvm_op("KVM_IRQFD (virtio-mmio)"))?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(kvm_op("KVM_IRQFD (virtio-mmio)"))?;
     {
         let dev = device.lock().unwrap_or_else(|p| p.into_inner());
         for (i, evt) in dev.queue_events().iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY), i as u32)
-                .map_err(kvm_op("KVM_IOEVENTFD (virtio-mmio queue notify)"))?;
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                i as u32,
+            )
+            .map_err(kvm_op("KVM_IOEVENTFD (virtio-mmio queue notify)"))?;
         }
     }
     let trigger = Arc::new(IrqTrigger::new(irq_evt));
     cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-    Ok((base, Mutex::new(MmioTransport::new(device, mem.clone(), trigger))))
+    Ok((
+        base,
+        Mutex::new(MmioTransport::new(device, mem.clone(), trigger)),
+    ))
 }
 
 /// The virtio-fs server keeps one open descriptor per file the guest has looked up, so with
@@ -417,8 +517,12 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
 /// limit still works for small containers.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok());
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     let wanted = nr_open.unwrap_or(1 << 20).min(1 << 20).max(hard);
     if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

@@ -367,7 +367,10 @@ pub fn update_writes(
     let bytes_or_max = |field: &str, v: i64| match v {
         -1 => Ok("max".to_string()),
         v if v > 0 => Ok(v.to_string()),
-        v => Err(invalid(field, format!("{v} (use a positive number of bytes, or -1 for none)"))),
+        v => Err(invalid(
+            field,
+            format!("{v} (use a positive number of bytes, or -1 for none)"),
+        )),
     };
     let mut writes = Vec::new();
     if let Some(limit) = update.memory_limit {
@@ -384,7 +387,10 @@ pub fn update_writes(
         let value = match (swap, update.memory_limit) {
             (-1, _) => "max".to_string(),
             (swap, _) if swap <= 0 => {
-                return Err(invalid("memory_swap", format!("{swap} (use -1 or memory plus swap in bytes)")))
+                return Err(invalid(
+                    "memory_swap",
+                    format!("{swap} (use -1 or memory plus swap in bytes)"),
+                ))
             }
             (_, None) | (_, Some(-1)) => {
                 return Err(invalid(
@@ -409,7 +415,10 @@ pub fn update_writes(
         writes.push(("cpu.weight", shares_to_weight(shares).to_string()));
     }
     if update.cpu_quota.is_some() || update.cpu_period.is_some() {
-        writes.push(("cpu.max", cpu_max(update.cpu_quota, update.cpu_period, current_cpu_max)?));
+        writes.push((
+            "cpu.max",
+            cpu_max(update.cpu_quota, update.cpu_period, current_cpu_max)?,
+        ));
     }
     for (field, file, list) in [
         ("cpuset_cpus", "cpuset.cpus", &update.cpuset_cpus),
@@ -424,7 +433,12 @@ pub fn update_writes(
         let value = match limit {
             -1 | 0 => "max".to_string(),
             v if v > 0 => v.to_string(),
-            v => return Err(invalid("pids_limit", format!("{v} (use a positive count, or -1 for none)"))),
+            v => {
+                return Err(invalid(
+                    "pids_limit",
+                    format!("{v} (use a positive count, or -1 for none)"),
+                ))
+            }
         };
         writes.push(("pids.max", value));
     }
@@ -471,7 +485,10 @@ fn check_cpuset_list(list: &str) -> Result<(), String> {
     if list.is_empty() {
         return Ok(());
     }
-    let number = |n: &str| n.parse::<u32>().map_err(|_| format!("{list:?} is not a list like 0-2,4"));
+    let number = |n: &str| {
+        n.parse::<u32>()
+            .map_err(|_| format!("{list:?} is not a list like 0-2,4"))
+    };
     for part in list.split(',') {
         match part.split_once('-') {
             Some((a, b)) => {
@@ -601,7 +618,13 @@ mod tests {
         let text = "low 1\nhigh 2\nmax 3\noom 4\noom_kill 5\noom_group_kill 6\n";
         assert_eq!(
             parse_memory_events(text),
-            MemoryEvents { low: 1, high: 2, max: 3, oom: 4, oom_kill: 5 }
+            MemoryEvents {
+                low: 1,
+                high: 2,
+                max: 3,
+                oom: 4,
+                oom_kill: 5
+            }
         );
         assert_eq!(parse_memory_events("oom_kill 2").oom_kill, 2);
         assert_eq!(parse_memory_events("").oom_kill, 0);
@@ -631,14 +654,30 @@ mod tests {
 
     #[test]
     fn cpu_max_keeps_the_half_not_given() {
-        assert_eq!(cpu_max(Some(50_000), Some(100_000), "max 100000").unwrap(), "50000 100000");
-        assert_eq!(cpu_max(Some(20_000), None, "max 250000").unwrap(), "20000 250000");
-        assert_eq!(cpu_max(None, Some(50_000), "30000 100000").unwrap(), "30000 50000");
-        assert_eq!(cpu_max(Some(-1), None, "30000 100000").unwrap(), "max 100000");
+        assert_eq!(
+            cpu_max(Some(50_000), Some(100_000), "max 100000").unwrap(),
+            "50000 100000"
+        );
+        assert_eq!(
+            cpu_max(Some(20_000), None, "max 250000").unwrap(),
+            "20000 250000"
+        );
+        assert_eq!(
+            cpu_max(None, Some(50_000), "30000 100000").unwrap(),
+            "30000 50000"
+        );
+        assert_eq!(
+            cpu_max(Some(-1), None, "30000 100000").unwrap(),
+            "max 100000"
+        );
         assert_eq!(cpu_max(Some(10_000), None, "").unwrap(), "10000 100000");
-        let err = cpu_max(Some(5), None, "max 100000").unwrap_err().to_string();
+        let err = cpu_max(Some(5), None, "max 100000")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cpu_quota"), "{err}");
-        let err = cpu_max(None, Some(10), "max 100000").unwrap_err().to_string();
+        let err = cpu_max(None, Some(10), "max 100000")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cpu_period"), "{err}");
     }
 
@@ -683,31 +722,100 @@ mod tests {
                 ("pids.max", "max".to_string()),
             ]
         );
-        assert!(update_writes(&ResourceUpdate::default(), "").unwrap().is_empty());
+        assert!(update_writes(&ResourceUpdate::default(), "")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn bad_updates_name_their_field_and_write_nothing() {
         let cases = [
-            (ResourceUpdate { memory_limit: Some(0), ..Default::default() }, "memory_limit"),
-            (ResourceUpdate { memory_limit: Some(-5), ..Default::default() }, "memory_limit"),
-            (ResourceUpdate { memory_swap: Some(1 << 30), ..Default::default() }, "memory_swap"),
             (
-                ResourceUpdate { memory_limit: Some(1 << 30), memory_swap: Some(1 << 20), ..Default::default() },
+                ResourceUpdate {
+                    memory_limit: Some(0),
+                    ..Default::default()
+                },
+                "memory_limit",
+            ),
+            (
+                ResourceUpdate {
+                    memory_limit: Some(-5),
+                    ..Default::default()
+                },
+                "memory_limit",
+            ),
+            (
+                ResourceUpdate {
+                    memory_swap: Some(1 << 30),
+                    ..Default::default()
+                },
                 "memory_swap",
             ),
-            (ResourceUpdate { cpu_shares: Some(1), ..Default::default() }, "cpu_shares"),
-            (ResourceUpdate { cpu_shares: Some(300_000), ..Default::default() }, "cpu_shares"),
-            (ResourceUpdate { cpuset_cpus: Some("0-x".into()), ..Default::default() }, "cpuset_cpus"),
-            (ResourceUpdate { cpuset_mems: Some("3-1".into()), ..Default::default() }, "cpuset_mems"),
-            (ResourceUpdate { cpuset_cpus: Some("0,".repeat(200)), ..Default::default() }, "cpuset_cpus"),
-            (ResourceUpdate { pids_limit: Some(-2), ..Default::default() }, "pids_limit"),
+            (
+                ResourceUpdate {
+                    memory_limit: Some(1 << 30),
+                    memory_swap: Some(1 << 20),
+                    ..Default::default()
+                },
+                "memory_swap",
+            ),
+            (
+                ResourceUpdate {
+                    cpu_shares: Some(1),
+                    ..Default::default()
+                },
+                "cpu_shares",
+            ),
+            (
+                ResourceUpdate {
+                    cpu_shares: Some(300_000),
+                    ..Default::default()
+                },
+                "cpu_shares",
+            ),
+            (
+                ResourceUpdate {
+                    cpuset_cpus: Some("0-x".into()),
+                    ..Default::default()
+                },
+                "cpuset_cpus",
+            ),
+            (
+                ResourceUpdate {
+                    cpuset_mems: Some("3-1".into()),
+                    ..Default::default()
+                },
+                "cpuset_mems",
+            ),
+            (
+                ResourceUpdate {
+                    cpuset_cpus: Some("0,".repeat(200)),
+                    ..Default::default()
+                },
+                "cpuset_cpus",
+            ),
+            (
+                ResourceUpdate {
+                    pids_limit: Some(-2),
+                    ..Default::default()
+                },
+                "pids_limit",
+            ),
             // A bad value late in the list fails the whole update, good ones included.
-            (ResourceUpdate { memory_limit: Some(1 << 30), pids_limit: Some(-7), ..Default::default() }, "pids_limit"),
+            (
+                ResourceUpdate {
+                    memory_limit: Some(1 << 30),
+                    pids_limit: Some(-7),
+                    ..Default::default()
+                },
+                "pids_limit",
+            ),
         ];
         for (update, field) in cases {
             match update_writes(&update, "max 100000") {
-                Err(ContainerError::InvalidArgument(msg)) => assert!(msg.contains(field), "{field}: {msg}"),
+                Err(ContainerError::InvalidArgument(msg)) => {
+                    assert!(msg.contains(field), "{field}: {msg}")
+                }
                 other => panic!("{field}: {other:?}"),
             }
         }

@@ -63,11 +63,13 @@ pub fn rules(spec_rules: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
             // Pipes are not device nodes: the kernel never asks about them.
             Some(LinuxDeviceType::P) => continue,
         };
-        let number = |n: Option<i64>, what: &str| match n {
+        let number = |n: Option<i64>, what: &str| {
+            match n {
             None | Some(-1) => Ok(None),
             Some(n) => u32::try_from(n).map(Some).map_err(|_| {
                 format!("linux.resources.devices: {what} number {n} is not valid (use -1 or omit it for any)")
             }),
+        }
         };
         let access = match r.access().as_deref() {
             None | Some("") => ACC_ALL,
@@ -89,10 +91,22 @@ pub fn rules(spec_rules: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
         });
     }
     for kind in [DEV_CHAR, DEV_BLOCK] {
-        rules.push(Rule { allow: true, kind: Some(kind), major: None, minor: None, access: ACC_MKNOD });
+        rules.push(Rule {
+            allow: true,
+            kind: Some(kind),
+            major: None,
+            minor: None,
+            access: ACC_MKNOD,
+        });
     }
     for (major, minor) in ALWAYS_ALLOWED {
-        rules.push(Rule { allow: true, kind: Some(DEV_CHAR), major: Some(major), minor, access: ACC_ALL });
+        rules.push(Rule {
+            allow: true,
+            kind: Some(DEV_CHAR),
+            major: Some(major),
+            minor,
+            access: ACC_ALL,
+        });
     }
     Ok(rules)
 }
@@ -109,7 +123,12 @@ pub struct Insn {
 }
 
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn { code, regs: (src << 4) | dst, off, imm }
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
 }
 
 // Opcodes used (classic eBPF encoding).
@@ -244,7 +263,9 @@ pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<(), String> {
     };
     if fd < 0 {
         let err = std::io::Error::last_os_error();
-        let verifier = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
+        let verifier =
+            String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)])
+                .into_owned();
         return Err(format!(
             "cannot load the device filter ({err}); the guest kernel needs CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF{}",
             if verifier.is_empty() { String::new() } else { format!("; verifier: {verifier}") }
@@ -252,7 +273,8 @@ pub fn apply(cgroup: &Path, rules: &[Rule]) -> Result<(), String> {
     }
     // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
     let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let dir = std::fs::File::open(cgroup).map_err(|e| format!("cannot open {}: {e}", cgroup.display()))?;
+    let dir = std::fs::File::open(cgroup)
+        .map_err(|e| format!("cannot open {}: {e}", cgroup.display()))?;
     let attach = ProgAttachAttr {
         target_fd: dir.as_raw_fd() as u32,
         attach_bpf_fd: prog_fd.as_raw_fd() as u32,
@@ -308,8 +330,17 @@ mod tests {
         }
     }
 
-    fn rule(allow: bool, typ: LinuxDeviceType, major: Option<i64>, minor: Option<i64>, access: &str) -> LinuxDeviceCgroup {
-        let mut b = LinuxDeviceCgroupBuilder::default().allow(allow).typ(typ).access(access);
+    fn rule(
+        allow: bool,
+        typ: LinuxDeviceType,
+        major: Option<i64>,
+        minor: Option<i64>,
+        access: &str,
+    ) -> LinuxDeviceCgroup {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(allow)
+            .typ(typ)
+            .access(access);
         if let Some(m) = major {
             b = b.major(m);
         }
@@ -327,9 +358,21 @@ mod tests {
         assert_eq!(verdict(&prog, DEV_CHAR, rw, 136, 7), 1, "a pty slave");
         assert_eq!(verdict(&prog, DEV_CHAR, rw, 1, 1), 0, "/dev/mem");
         assert_eq!(verdict(&prog, DEV_CHAR, ACC_WRITE, 4, 64), 0, "ttyS0");
-        assert_eq!(verdict(&prog, DEV_BLOCK, ACC_READ, 1, 3), 0, "block 1:3 is not /dev/null");
-        assert_eq!(verdict(&prog, DEV_BLOCK, ACC_MKNOD, 8, 0), 1, "making a node is allowed");
-        assert_eq!(verdict(&prog, DEV_BLOCK, ACC_MKNOD | ACC_READ, 8, 0), 0, "opening it is not");
+        assert_eq!(
+            verdict(&prog, DEV_BLOCK, ACC_READ, 1, 3),
+            0,
+            "block 1:3 is not /dev/null"
+        );
+        assert_eq!(
+            verdict(&prog, DEV_BLOCK, ACC_MKNOD, 8, 0),
+            1,
+            "making a node is allowed"
+        );
+        assert_eq!(
+            verdict(&prog, DEV_BLOCK, ACC_MKNOD | ACC_READ, 8, 0),
+            0,
+            "opening it is not"
+        );
     }
 
     #[test]
@@ -343,10 +386,22 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(verdict(&prog, DEV_CHAR, ACC_READ | ACC_WRITE, 4, 64), 1);
-        assert_eq!(verdict(&prog, DEV_CHAR, ACC_MKNOD, 4, 65), 1, "making any node is allowed");
+        assert_eq!(
+            verdict(&prog, DEV_CHAR, ACC_MKNOD, 4, 65),
+            1,
+            "making any node is allowed"
+        );
         assert_eq!(verdict(&prog, DEV_CHAR, ACC_READ, 4, 65), 0);
-        assert_eq!(verdict(&prog, DEV_BLOCK, ACC_READ, 8, 17), 1, "any minor of major 8");
-        assert_eq!(verdict(&prog, DEV_BLOCK, ACC_READ | ACC_WRITE, 8, 17), 0, "w was not granted");
+        assert_eq!(
+            verdict(&prog, DEV_BLOCK, ACC_READ, 8, 17),
+            1,
+            "any minor of major 8"
+        );
+        assert_eq!(
+            verdict(&prog, DEV_BLOCK, ACC_READ | ACC_WRITE, 8, 17),
+            0,
+            "w was not granted"
+        );
         let prog = compile(
             &rules(&[
                 rule(true, LinuxDeviceType::C, Some(4), None, "rwm"),
@@ -354,7 +409,11 @@ mod tests {
             ])
             .unwrap(),
         );
-        assert_eq!(verdict(&prog, DEV_CHAR, ACC_READ, 4, 64), 0, "the later deny wins");
+        assert_eq!(
+            verdict(&prog, DEV_CHAR, ACC_READ, 4, 64),
+            0,
+            "the later deny wins"
+        );
         assert_eq!(verdict(&prog, DEV_CHAR, ACC_READ, 4, 65), 1);
     }
 
@@ -367,9 +426,20 @@ mod tests {
         .unwrap();
         let prog = compile(&rules);
         // The deny-all block (verdict, exit) is the last one: nothing after it.
-        assert_eq!(&prog[prog.len() - 2..], &[insn(ALU64_MOV_K, 0, 0, 0, 0), insn(JMP_EXIT, 0, 0, 0, 0)]);
-        assert_eq!(prog, compile(&rules[1..]), "a rule before deny-all can never decide");
-        assert_eq!(verdict(&prog, DEV_CHAR, ACC_WRITE, 4, 64), 0, "the later deny-all wins");
+        assert_eq!(
+            &prog[prog.len() - 2..],
+            &[insn(ALU64_MOV_K, 0, 0, 0, 0), insn(JMP_EXIT, 0, 0, 0, 0)]
+        );
+        assert_eq!(
+            prog,
+            compile(&rules[1..]),
+            "a rule before deny-all can never decide"
+        );
+        assert_eq!(
+            verdict(&prog, DEV_CHAR, ACC_WRITE, 4, 64),
+            0,
+            "the later deny-all wins"
+        );
     }
 
     #[test]

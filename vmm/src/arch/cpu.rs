@@ -12,7 +12,11 @@ use super::layout::{GDT_ADDR, IDT_ADDR, PVH_START_INFO_ADDR};
 pub enum CpuError {
     /// A KVM vCPU ioctl failed.
     #[error("configuring vCPU {cpu}: {what} failed: {source}")]
-    Kvm { cpu: u8, what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        cpu: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     /// Writing the GDT or IDT failed.
     #[error("cannot write the GDT/IDT into guest memory: {0}")]
     Tables(#[from] vm_memory::GuestMemoryError),
@@ -40,7 +44,11 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 fn segment(entry: u64, selector: u16) -> kvm_segment {
     let granular = (entry >> 55) & 1;
     let raw_limit = ((entry >> 32) & 0x000f_0000) | (entry & 0xffff);
-    let limit = if granular == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if granular == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
@@ -97,7 +105,14 @@ fn kvm_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Cpu
 /// KVM emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): KVM does not report
 /// it in its supported CPUID, and without it the guest calibrates its local APIC timer
 /// against the PIT at boot, which costs more than a second under nested virtualization.
-pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuId, tsc_deadline: bool) -> Result<(), CpuError> {
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    count: u8,
+    entry: u64,
+    base_cpuid: &CpuId,
+    tsc_deadline: bool,
+) -> Result<(), CpuError> {
     // CPUID: each vCPU reports its own APIC ID and the topology; we are a hypervisor guest.
     let mut cpuid = base_cpuid.clone();
     for e in cpuid.as_mut_slice().iter_mut() {
@@ -116,7 +131,8 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuI
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
 
     let msrs = Msrs::from_entries(&[
         msr(MSR_IA32_SYSENTER_CS, 0),
@@ -131,17 +147,26 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuI
         msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ])
-    .map_err(|_| CpuError::Kvm { cpu: id, what: "building the MSR list", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+    .map_err(|_| CpuError::Kvm {
+        cpu: id,
+        what: "building the MSR list",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
     vcpu.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm_err(id, "KVM_SET_FPU"))?;
 
     // Local APIC: LINT0 takes the PIC's ExtINT, LINT1 NMI (as the MP table says).
     let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
     set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
 
     // Only the boot vCPU gets the PVH entry state; the others wait for INIT/SIPI.
     if id == 0 {
@@ -162,16 +187,26 @@ pub fn configure(vcpu: &VcpuFd, id: u8, count: u8, entry: u64, base_cpuid: &CpuI
         sregs.cr0 = 0x1 | 0x10; // PE, ET
         sregs.cr4 = 0;
         sregs.efer = 0;
-        vcpu.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&sregs)
+            .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
 
-        let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_START_INFO_ADDR, ..Default::default() };
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rbx: PVH_START_INFO_ADDR,
+            ..Default::default()
+        };
         vcpu.set_regs(&regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
     }
     Ok(())
 }
 
 fn msr(index: u32, data: u64) -> kvm_msr_entry {
-    kvm_msr_entry { index, data, ..Default::default() }
+    kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
 }
 
 fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {

@@ -75,8 +75,26 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
         count += 1;
     }
     // LINT0 of every local APIC takes the PIC's ExtINT, LINT1 takes NMI.
-    entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, BUS_ID_ISA, 0, 0xff, 0]);
-    entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, BUS_ID_ISA, 0, 0xff, 1]);
+    entries.extend_from_slice(&[
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_EXTINT,
+        0,
+        0,
+        BUS_ID_ISA,
+        0,
+        0xff,
+        0,
+    ]);
+    entries.extend_from_slice(&[
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_NMI,
+        0,
+        0,
+        BUS_ID_ISA,
+        0,
+        0xff,
+        1,
+    ]);
     count += 2;
 
     let table_len = 44 + entries.len();

@@ -51,7 +51,11 @@ pub struct ConsoleOutput {
 impl ConsoleOutput {
     /// `sink` = None discards output (the panic watch still works).
     pub fn new(sink: Option<Box<dyn Write + Send>>, watch: PanicWatch) -> Self {
-        Self { sink, line: Vec::with_capacity(LINE_MAX), watch }
+        Self {
+            sink,
+            line: Vec::with_capacity(LINE_MAX),
+            watch,
+        }
     }
 
     fn scan(&mut self, byte: u8) {
@@ -100,7 +104,9 @@ pub struct SerialConsole {
 impl SerialConsole {
     /// A UART that raises `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
-        Self { uart: Serial::new(IrqEvent(irq), out) }
+        Self {
+            uart: Serial::new(IrqEvent(irq), out),
+        }
     }
 
     /// Guest read of register `offset`.
@@ -129,9 +135,11 @@ mod tests {
     fn panic_banner_is_caught_across_writes() {
         let watch = PanicWatch::default();
         let mut out = ConsoleOutput::new(None, watch.clone());
-        out.write_all(b"[    1.0] Run /init as init process\r\n[ 1.2] Kernel pan").unwrap();
+        out.write_all(b"[    1.0] Run /init as init process\r\n[ 1.2] Kernel pan")
+            .unwrap();
         assert!(watch.panic_line().is_none());
-        out.write_all(b"ic - not syncing: No working init found.\r\n").unwrap();
+        out.write_all(b"ic - not syncing: No working init found.\r\n")
+            .unwrap();
         assert_eq!(
             watch.panic_line().as_deref(),
             Some("Kernel panic - not syncing: No working init found.")

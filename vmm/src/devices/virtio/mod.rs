@@ -54,7 +54,10 @@ pub struct IrqTrigger {
 impl IrqTrigger {
     /// A trigger that raises its interrupt by writing `evt` (registered as an irqfd).
     pub fn new(evt: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), evt }
+        Self {
+            status: AtomicU32::new(0),
+            evt,
+        }
     }
 
     /// Set `bit` (`VIRTIO_MMIO_INT_VRING` or `VIRTIO_MMIO_INT_CONFIG`) and raise the IRQ.

@@ -215,8 +215,13 @@ impl Fs {
     /// see `crate::confine`): the server is rebuilt from there (it opens its root by path
     /// again at FUSE_INIT and at every reset). Call it before the guest runs.
     pub fn rebase(&mut self, shared_dir: PathBuf) -> Result<(), FsError> {
-        let root = shared_dir.to_str().ok_or_else(|| FsError::NonUtf8Path(shared_dir.clone()))?;
-        self.server = new_server(root, self.cache).map_err(|source| FsError::Server { path: shared_dir.clone(), source })?;
+        let root = shared_dir
+            .to_str()
+            .ok_or_else(|| FsError::NonUtf8Path(shared_dir.clone()))?;
+        self.server = new_server(root, self.cache).map_err(|source| FsError::Server {
+            path: shared_dir.clone(),
+            source,
+        })?;
         self.shared_dir = shared_dir;
         Ok(())
     }
@@ -316,7 +321,10 @@ const FUSE_INIT: u32 = 26;
 const MAX_REQUEST_PAGES: u16 = fuse_backend_rs::api::server::MAX_REQ_PAGES;
 
 /// The flags the guest's FUSE_INIT offers, if `chain` holds a FUSE_INIT.
-fn init_flags_offered<'m>(mem: &'m GuestMemory, chain: &virtio_queue::DescriptorChain<&'m GuestMemory>) -> Option<u32> {
+fn init_flags_offered<'m>(
+    mem: &'m GuestMemory,
+    chain: &virtio_queue::DescriptorChain<&'m GuestMemory>,
+) -> Option<u32> {
     let mut r = Reader::from_descriptor_chain(mem, chain.clone()).ok()?;
     let header: InHeader = r.read_obj().ok()?;
     if header.opcode != FUSE_INIT {
@@ -343,9 +351,15 @@ fn widen_init_reply<'m>(
     if written < want {
         return Ok(()); // an error reply, or the short answer of an old protocol version
     }
-    let buffers: Vec<_> = chain.clone().writable().map(|d| (d.addr(), d.len() as usize)).collect();
+    let buffers: Vec<_> = chain
+        .clone()
+        .writable()
+        .map(|d| (d.addr(), d.len() as usize))
+        .collect();
     let mut reply = vec![0u8; want];
-    copy_chain(&buffers, &mut reply, |addr, part| mem.read_slice(part, addr))?;
+    copy_chain(&buffers, &mut reply, |addr, part| {
+        mem.read_slice(part, addr)
+    })?;
     let mut init = InitOut::default();
     init.as_mut_slice().copy_from_slice(&reply[HEADER..]);
     let wanted = (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() as u32;
@@ -357,7 +371,9 @@ fn widen_init_reply<'m>(
         init.max_write = u32::from(MAX_REQUEST_PAGES) * 4096;
     }
     reply[HEADER..].copy_from_slice(init.as_slice());
-    copy_chain(&buffers, &mut reply, |addr, part| mem.write_slice(part, addr))
+    copy_chain(&buffers, &mut reply, |addr, part| {
+        mem.write_slice(part, addr)
+    })
 }
 
 /// Walk `buffers` (guest address, length) over the first `bytes.len()` bytes, calling `io`
@@ -471,7 +487,11 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.active = None;
         // Forget every inode and open file the guest had: a fresh server for the next driver.
-        match self.shared_dir.to_str().map(|root| new_server(root, self.cache)) {
+        match self
+            .shared_dir
+            .to_str()
+            .map(|root| new_server(root, self.cache))
+        {
             Some(Ok(server)) => self.server = server,
             Some(Err(e)) => guest_warn!(
                 "virtio-fs: cannot restart the file server for {}, keeping the old one: {e}",

@@ -237,7 +237,10 @@ fn init_turns_on_one_mebibyte_requests_when_the_guest_offers_them() {
     let max_pages = FsOptions::MAX_PAGES.bits() as u32;
     let dir = tempfile::tempdir().unwrap();
     let init = Guest::new(dir.path()).init_offering(big_writes | max_pages);
-    assert_eq!(init.flags & (big_writes | max_pages), big_writes | max_pages);
+    assert_eq!(
+        init.flags & (big_writes | max_pages),
+        big_writes | max_pages
+    );
     assert_eq!((init.max_pages, init.max_write), (256, 1 << 20));
 
     // Nothing the guest did not offer.
@@ -415,7 +418,10 @@ fn config_space_holds_the_tag_and_one_request_queue() {
     let fs = Fs::new("rootfs", dir.path().to_path_buf()).unwrap();
     assert_eq!(fs.device_type(), 26);
     assert_eq!(fs.queue_max_sizes(), &[1024, 1024]);
-    assert_eq!(fs.avail_features(), VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    assert_eq!(
+        fs.avail_features(),
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    );
 
     let mut config = [0xffu8; 44];
     fs.read_config(0, &mut config);
@@ -484,8 +490,15 @@ fn symlinks_in_the_share_are_not_followed_on_the_host() {
         let entry = guest.lookup(ROOT_ID, name).unwrap();
         // The server hands out the link itself (the guest kernel resolves it inside the
         // guest), never what it points to on the host.
-        assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{name} is seen as a symlink");
-        assert_eq!(entry.attr.size, std::fs::symlink_metadata(shared.join(name)).unwrap().len());
+        assert_eq!(
+            entry.attr.mode & libc::S_IFMT,
+            libc::S_IFLNK,
+            "{name} is seen as a symlink"
+        );
+        assert_eq!(
+            entry.attr.size,
+            std::fs::symlink_metadata(shared.join(name)).unwrap().len()
+        );
         assert!(
             guest.lookup(entry.nodeid, "host-secret").is_err(),
             "looking up through the link {name} must not reach the host directory"

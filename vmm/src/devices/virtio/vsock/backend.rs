@@ -326,7 +326,8 @@ impl UnixBackend {
         if hdr.src_cid != self.guest_cid {
             guest_warn!(
                 "vsock: dropping a guest packet with source CID {} (the guest is CID {})",
-                hdr.src_cid, self.guest_cid
+                hdr.src_cid,
+                self.guest_cid
             );
             return;
         }
