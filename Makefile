@@ -33,7 +33,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -73,7 +73,14 @@ stage: kernel initramfs binaries rootfs-fixture
 run: stage
 	@$(call IN_GUEST_HOST,$(CURDIR)/scripts/demo.sh)
 
-test: unit-test e2e-test
+test: lint unit-test e2e-test
+
+# The workspace lints mean something only if they run: clippy with warnings as errors, and
+# rustfmt's layout.
+lint: setup
+	@cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 || rustup component add rustfmt clippy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 unit-test: setup
 	cargo test --locked --workspace --exclude brig-e2e
