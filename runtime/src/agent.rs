@@ -90,8 +90,13 @@ pub struct AgentClient {
     raw: RawClient,
 }
 
+/// A ttrpc timeout: `d` in nanoseconds (saturated).
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(nanos(CALL_TIMEOUT))
 }
 
 fn call_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
@@ -350,10 +355,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.raw
-            .pause_container(
-                ttrpc::context::with_timeout(PAUSE_TIMEOUT.as_nanos() as i64),
-                &req,
-            )
+            .pause_container(ttrpc::context::with_timeout(nanos(PAUSE_TIMEOUT)), &req)
             .await
             .map(|_| ())
             .map_err(call_err("PauseContainer"))

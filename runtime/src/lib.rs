@@ -5,6 +5,9 @@
 //! the records of sandboxes and containers ([`state`]), the container lifecycle
 //! ([`container`]) and the sandbox's ([`sandbox`]) all live here.
 
+// Guest values are narrowed by checked conversions, never by `as` (issue 8).
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
+
 pub mod agent;
 pub mod config;
 pub mod container;

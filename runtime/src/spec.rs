@@ -230,6 +230,8 @@ pub fn apply(spec: &mut Spec, o: &Overrides) -> Result<(), SpecError> {
             )));
         }
         let period: u64 = 100_000;
+        // Float to integer `as` saturates; a quota past i64 means no limit anyway.
+        #[allow(clippy::cast_possible_truncation)]
         let quota = (cpus * period as f64).round() as i64;
         let cpu = LinuxCpuBuilder::default()
             .period(period)

@@ -149,8 +149,9 @@ impl ProcessRef {
                 Err(e)
             };
         }
+        let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("pidfd_open: bad fd"))?;
         // SAFETY: the syscall returned a new descriptor that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
         if !self.alive() {
             return Ok(false);
         }

@@ -4,6 +4,9 @@
 //! PVH with an initramfs, gives the guest a 16550 console and virtio-mmio devices (vsock with
 //! a Unix-socket backend), and exits when the guest resets.
 
+// Guest values are narrowed by checked conversions, never by `as` (issue 8).
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
+
 pub mod arch;
 pub mod config;
 pub mod confine;

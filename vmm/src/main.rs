@@ -1,5 +1,8 @@
 //! `brig-vmm`: boot one microVM and run it until the guest resets.
 
+// Guest values are narrowed by checked conversions, never by `as` (issue 8).
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -153,7 +156,7 @@ fn main() -> ExitCode {
             eprintln!("brig-vmm: guest crashed: {reason}");
             EXIT_GUEST_CRASH
         }
-        Ok(VmExit::Signal(sig)) => 128u8.saturating_add(sig as u8),
+        Ok(VmExit::Signal(sig)) => 128u8.saturating_add(u8::try_from(sig).unwrap_or(u8::MAX)),
         Ok(VmExit::VmmFailure(reason)) => {
             eprintln!("brig-vmm: {reason}");
             EXIT_GUEST_CRASH

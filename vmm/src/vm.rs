@@ -132,7 +132,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, config.mem_mib)?;
 
-    vm.set_tss_address(KVM_TSS_ADDR as usize)
+    vm.set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX))
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
         .map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -442,7 +442,13 @@ fn termination_signals() -> nix::sys::signal::SigSet {
 }
 
 fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
-    let size = (mib << 20) as usize;
+    let size = mib
+        .checked_mul(1 << 20)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| VmError::Memory {
+            mib,
+            reason: "more memory than this host can address".into(),
+        })?;
     let mem =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| VmError::Memory {
             mib,
@@ -456,7 +462,10 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
                 reason: e.to_string(),
             })?;
         let region_info = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).map_err(|_| VmError::Memory {
+                mib,
+                reason: "too many memory regions".into(),
+            })?,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -481,7 +490,7 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
     cmdline: &mut String,
 ) -> Result<(u64, Mutex<MmioTransport>), VmError> {
     let base = MMIO_BASE + MMIO_SIZE * index as u64;
-    let irq = MMIO_IRQ_BASE + index as u32;
+    let irq = u32::try_from(index).map_or(u32::MAX, |i| MMIO_IRQ_BASE.saturating_add(i));
     if irq > IRQ_MAX {
         return Err(VmError::Os {
             what: "attaching a virtio-mmio device",
@@ -497,7 +506,10 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
             vm.register_ioevent(
                 evt,
                 &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
-                i as u32,
+                u32::try_from(i).map_err(|_| VmError::Os {
+                    what: "attaching a virtio-mmio device",
+                    source: std::io::Error::other("too many queues"),
+                })?,
             )
             .map_err(kvm_op("KVM_IOEVENTFD (virtio-mmio queue notify)"))?;
         }
@@ -537,7 +549,8 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
                     if let (Ok(mut s), Some(&b)) = (bus.serial.lock(), data.first()) {
-                        s.write((port - COM1_BASE) as u8, b);
+                        // The range check above keeps the offset under COM1_LEN (8).
+                        s.write(((port - COM1_BASE) & 0x7) as u8, b);
                     }
                 } else if port == I8042_COMMAND_PORT && data.first() == Some(&I8042_RESET) {
                     return VmExit::GuestReset;
@@ -545,7 +558,7 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
-                    let value = bus.serial.lock().map(|mut s| s.read((port - COM1_BASE) as u8)).unwrap_or(0xff);
+                    let value = bus.serial.lock().map(|mut s| s.read(((port - COM1_BASE) & 0x7) as u8)).unwrap_or(0xff);
                     data.fill(value);
                 } else if port == I8042_COMMAND_PORT || port == I8042_DATA_PORT {
                     data.fill(0); // controller idle: the kernel's reset path may poll it

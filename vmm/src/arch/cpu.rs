@@ -29,6 +29,9 @@ const GDT: [u64; 4] = [
     gdt_entry(0xc093, 0, 0xfffff), // data: present, DPL0, read/write
     gdt_entry(0x008b, 0, 0xfffff), // TSS (busy)
 ];
+/// The GDT's limit: its size in bytes less one (4 entries of 8 bytes).
+#[allow(clippy::cast_possible_truncation)] // 31, computed at compile time
+const GDT_LIMIT: u16 = (GDT.len() * 8 - 1) as u16;
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
 const TSS_SELECTOR: u16 = 0x18;
@@ -52,7 +55,8 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: limit as u32,
+        // At most 20 bits shifted by 12, or'ed with 0xfff: 32 bits.
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -172,7 +176,7 @@ pub fn configure(
     if id == 0 {
         let mut sregs = vcpu.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+        sregs.gdt.limit = GDT_LIMIT;
         sregs.idt.base = IDT_ADDR;
         sregs.idt.limit = 7;
         let code = segment(GDT[1], CODE_SELECTOR);

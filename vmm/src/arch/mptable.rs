@@ -50,7 +50,8 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
         return Err(MptableError::TooManyCpus(num_cpus));
     }
     let ioapic_id = num_cpus; // the first ID after the CPUs' local APICs
-    let table_addr = (MPTABLE_ADDR + 16) as u32;
+                              // Below 1 MiB: fits the MP table's 32-bit pointer.
+    let table_addr = u32::try_from(MPTABLE_ADDR + 16).unwrap_or(u32::MAX);
 
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
@@ -68,7 +69,7 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IO_APIC_DEFAULT_PHYS_BASE.to_le_bytes());
     count += 1;
-    for irq in 0..=IRQ_MAX as u8 {
+    for irq in 0..=u8::try_from(IRQ_MAX).unwrap_or(u8::MAX) {
         // Type, flags (conforming polarity/trigger), source bus, source IRQ, IOAPIC, pin.
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, BUS_ID_ISA, irq]);
         entries.extend_from_slice(&[ioapic_id, irq]);
@@ -100,7 +101,9 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     let table_len = 44 + entries.len();
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&(table_len as u16).to_le_bytes());
+    // At most MAX_VCPUS processor entries and the fixed ones: far below 64 KiB.
+    let table_len16 = u16::try_from(table_len).map_err(|_| MptableError::TooManyCpus(num_cpus))?;
+    table.extend_from_slice(&table_len16.to_le_bytes());
     table.push(MP_SPEC_REV);
     table.push(0); // checksum, patched below
     table.extend_from_slice(b"BRIG    "); // OEM ID

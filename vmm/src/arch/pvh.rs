@@ -148,7 +148,7 @@ pub fn write_start_info(
         version: 1,
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
     let mut params;

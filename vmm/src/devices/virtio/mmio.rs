@@ -127,7 +127,7 @@ impl MmioTransport {
             reg::DEVICE_FEATURES => {
                 let features = self.device().avail_features();
                 match self.device_features_select {
-                    0 => features as u32,
+                    0 => (features & 0xffff_ffff) as u32,
                     1 => (features >> 32) as u32,
                     _ => 0,
                 }

@@ -362,12 +362,12 @@ fn widen_init_reply<'m>(
     })?;
     let mut init = InitOut::default();
     init.as_mut_slice().copy_from_slice(&reply[HEADER..]);
-    let wanted = (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() as u32;
+    let wanted = ((FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() & 0xffff_ffff) as u32;
     init.flags |= offered & wanted;
-    if init.flags & FsOptions::MAX_PAGES.bits() as u32 != 0 {
+    if init.flags & (FsOptions::MAX_PAGES.bits() & 0xffff_ffff) as u32 != 0 {
         init.max_pages = MAX_REQUEST_PAGES;
     }
-    if init.flags & FsOptions::BIG_WRITES.bits() as u32 != 0 {
+    if init.flags & (FsOptions::BIG_WRITES.bits() & 0xffff_ffff) as u32 != 0 {
         init.max_write = u32::from(MAX_REQUEST_PAGES) * 4096;
     }
     reply[HEADER..].copy_from_slice(init.as_slice());
