@@ -18,6 +18,10 @@ use crate::state::{ContainerState, Layout, ProcessRef, StateError, Status};
 
 /// How long the agent gets to open a process's stdio streams.
 const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection to a stdio port gets to present the stream's token.
+const STDIO_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of a stdio token.
+const STDIO_TOKEN_LEN: usize = 16;
 /// First host vsock port used for stdio streams.
 const STDIO_PORT_BASE: u32 = 0x1_0000;
 
@@ -201,6 +205,7 @@ impl PendingStdio {
                     "no free host vsock port for a stdio stream".into(),
                 ))
             };
+        ports.token = stdio_token()?;
         if stdin {
             ports.stdin = open(&mut listeners)?;
         }
@@ -211,19 +216,19 @@ impl PendingStdio {
         Ok(Self { listeners, ports })
     }
 
-    /// Accept the agent's connection on every port.
+    /// Accept the agent's connection on every port: the first one that presents the token.
     async fn accept(self) -> Result<Stdio, ContainerError> {
         let mut stdio = Stdio::default();
         for (port, path, listener) in self.listeners {
-            let accepted = tokio::time::timeout(STDIO_CONNECT_TIMEOUT, listener.accept()).await;
+            let accepted = tokio::time::timeout(
+                STDIO_CONNECT_TIMEOUT,
+                accept_with_token(&listener, port, &self.ports.token),
+            )
+            .await;
             let _ = std::fs::remove_file(&path);
-            let (stream, _) = accepted
-                .map_err(|_| {
-                    ContainerError::Stdio(format!(
-                        "the agent did not open the stream on port {port}"
-                    ))
-                })?
-                .map_err(|e| ContainerError::Stdio(e.to_string()))?;
+            let stream = accepted.map_err(|_| {
+                ContainerError::Stdio(format!("the agent did not open the stream on port {port}"))
+            })??;
             let slot = if port == self.ports.stdin && port != 0 {
                 &mut stdio.stdin
             } else if port == self.ports.stdout {
@@ -234,6 +239,45 @@ impl PendingStdio {
             *slot = Some(stream);
         }
         Ok(stdio)
+    }
+}
+
+/// A fresh secret for one request's stdio streams (see `StdioPorts.token`).
+fn stdio_token() -> Result<Vec<u8>, ContainerError> {
+    use std::io::Read;
+    let mut token = vec![0u8; STDIO_TOKEN_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut token))
+        .map_err(|e| ContainerError::Stdio(format!("reading /dev/urandom: {e}")))?;
+    Ok(token)
+}
+
+/// The first connection on `listener` whose first bytes are `token`. Any other connection
+/// (a guest process that raced the agent to the port, or one that says nothing) is closed
+/// and logged, and the real stream is still waited for.
+async fn accept_with_token(
+    listener: &UnixListener,
+    port: u32,
+    token: &[u8],
+) -> Result<UnixStream, ContainerError> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let (mut stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| ContainerError::Stdio(e.to_string()))?;
+        let mut got = vec![0u8; token.len()];
+        let read = tokio::time::timeout(STDIO_TOKEN_TIMEOUT, stream.read_exact(&mut got)).await;
+        // Compared in full whatever matches first: no timing hint about a prefix.
+        let same = got.len() == token.len()
+            && got.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
+        match read {
+            Ok(Ok(_)) if same => return Ok(stream),
+            _ => tracing::warn!(
+                port,
+                "closed a connection to a stdio port that did not present the stream's token"
+            ),
+        }
     }
 }
 
@@ -723,6 +767,38 @@ mod tests {
     use brig_protocols::agent_ttrpc_async::{create_agent, Agent};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_stdio_port_keeps_only_the_connection_with_the_token() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("brig-stdio-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock_1234");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let token = stdio_token().unwrap();
+        assert_eq!(token.len(), STDIO_TOKEN_LEN);
+        // A racer that guesses, one that says too little, and then the agent.
+        let mut wrong = UnixStream::connect(&path).await.unwrap();
+        wrong.write_all(&[0u8; STDIO_TOKEN_LEN]).await.unwrap();
+        wrong.write_all(b"racer").await.unwrap();
+        let mut short = UnixStream::connect(&path).await.unwrap();
+        short.write_all(&token[..4]).await.unwrap();
+        short.shutdown().await.unwrap();
+        let mut agent = UnixStream::connect(&path).await.unwrap();
+        agent.write_all(&token).await.unwrap();
+        agent.write_all(b"the real stream").await.unwrap();
+        agent.shutdown().await.unwrap();
+
+        let mut stream = accept_with_token(&listener, 1234, &token).await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"the real stream");
+        // The racer was hung up on.
+        let mut rest = Vec::new();
+        assert_eq!(wrong.read_to_end(&mut rest).await.unwrap_or(0), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// An agent that records the pause/resume/update calls it gets, and refuses updates
     /// the way brig-agent does.

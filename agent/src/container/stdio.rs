@@ -140,12 +140,13 @@ pub fn setup(
     terminal: bool,
     name: &str,
 ) -> Result<(ChildStdio, StdioHandles), ContainerError> {
-    let stdin_socket = connect_port(target, ports.stdin)?;
-    let stdout_socket = connect_port(target, ports.stdout)?;
+    let token = ports.token.as_slice();
+    let stdin_socket = connect_port(target, ports.stdin, token)?;
+    let stdout_socket = connect_port(target, ports.stdout, token)?;
     let stderr_socket = if terminal {
         None
     } else {
-        connect_port(target, ports.stderr)?
+        connect_port(target, ports.stderr, token)?
     };
     let io_error = |what: &str, err: &dyn std::fmt::Display| {
         ContainerError::Internal(format!("cannot set up stdio ({what}): {err}"))
@@ -280,10 +281,24 @@ fn spawn_pump(
         .map_err(|err| ContainerError::Internal(format!("cannot start a stdio thread: {err}")))
 }
 
-/// Opens a guest-initiated connection to the host for one stream; port 0 = none.
-fn connect_port(target: &Target, port: u32) -> Result<Option<OwnedFd>, ContainerError> {
+/// The longest stdio token the host may send.
+const MAX_TOKEN: usize = 64;
+
+/// Opens a guest-initiated connection to the host for one stream; port 0 = none. The
+/// host's `token` goes first on it: the host keeps only connections that present it.
+fn connect_port(
+    target: &Target,
+    port: u32,
+    token: &[u8],
+) -> Result<Option<OwnedFd>, ContainerError> {
     if port == 0 {
         return Ok(None);
+    }
+    if token.len() > MAX_TOKEN {
+        return Err(ContainerError::InvalidArgument(format!(
+            "stdio token of {} bytes (at most {MAX_TOKEN})",
+            token.len()
+        )));
     }
     let connected = match target {
         Target::HostVsock => connect_vsock(port).map_err(|err| (format!("vsock port {port}"), err)),
@@ -294,6 +309,13 @@ fn connect_port(target: &Target, port: u32) -> Result<Option<OwnedFd>, Container
                 .map_err(|err| (path, err))
         }
     };
+    let connected = connected.and_then(|fd| {
+        let mut stream = File::from(fd);
+        stream
+            .write_all(token)
+            .map(|()| OwnedFd::from(stream))
+            .map_err(|err| (format!("port {port} (sending its token)"), err))
+    });
     connected.map(Some).map_err(|(what, err)| {
         ContainerError::Unavailable(format!(
             "cannot connect the stdio stream to the host at {what}: {err} (the host must \

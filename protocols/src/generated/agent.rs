@@ -871,6 +871,8 @@ pub struct StdioPorts {
     pub stdout: u32,
     // @@protoc_insertion_point(field:brig.agent.v1.StdioPorts.stderr)
     pub stderr: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.StdioPorts.token)
+    pub token: ::std::vec::Vec<u8>,
     // special fields
     // @@protoc_insertion_point(special_field:brig.agent.v1.StdioPorts.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -888,7 +890,7 @@ impl StdioPorts {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut fields = ::std::vec::Vec::with_capacity(4);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "stdin",
@@ -904,6 +906,11 @@ impl StdioPorts {
             "stderr",
             |m: &StdioPorts| { &m.stderr },
             |m: &mut StdioPorts| { &mut m.stderr },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "token",
+            |m: &StdioPorts| { &m.token },
+            |m: &mut StdioPorts| { &mut m.token },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StdioPorts>(
             "StdioPorts",
@@ -932,6 +939,9 @@ impl ::protobuf::Message for StdioPorts {
                 24 => {
                     self.stderr = is.read_uint32()?;
                 },
+                34 => {
+                    self.token = is.read_bytes()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -953,6 +963,9 @@ impl ::protobuf::Message for StdioPorts {
         if self.stderr != 0 {
             my_size += ::protobuf::rt::uint32_size(3, self.stderr);
         }
+        if !self.token.is_empty() {
+            my_size += ::protobuf::rt::bytes_size(4, &self.token);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -967,6 +980,9 @@ impl ::protobuf::Message for StdioPorts {
         }
         if self.stderr != 0 {
             os.write_uint32(3, self.stderr)?;
+        }
+        if !self.token.is_empty() {
+            os.write_bytes(4, &self.token)?;
         }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -988,6 +1004,7 @@ impl ::protobuf::Message for StdioPorts {
         self.stdin = 0;
         self.stdout = 0;
         self.stderr = 0;
+        self.token.clear();
         self.special_fields.clear();
     }
 
@@ -996,6 +1013,7 @@ impl ::protobuf::Message for StdioPorts {
             stdin: 0,
             stdout: 0,
             stderr: 0,
+            token: ::std::vec::Vec::new(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -4638,104 +4656,105 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     bytes\x18\x02\x20\x01(\x04R\tsendBytes\"\x88\x01\n\x15VsockSelfTestRespo\
     nse\x12%\n\x0ereceived_bytes\x18\x01\x20\x01(\x04R\rreceivedBytes\x12'\n\
     \x0freceived_sha256\x18\x02\x20\x01(\x0cR\x0ereceivedSha256\x12\x1f\n\
-    \x0bsent_sha256\x18\x03\x20\x01(\x0cR\nsentSha256\"R\n\nStdioPorts\x12\
+    \x0bsent_sha256\x18\x03\x20\x01(\x0cR\nsentSha256\"h\n\nStdioPorts\x12\
     \x14\n\x05stdin\x18\x01\x20\x01(\rR\x05stdin\x12\x16\n\x06stdout\x18\x02\
     \x20\x01(\rR\x06stdout\x12\x16\n\x06stderr\x18\x03\x20\x01(\rR\x06stderr\
-    \"\xa8\x01\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\
-    \x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\x01(\tR\
-    \x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06rootfs\x12/\n\
-    \x05stdio\x18\x04\x20\x01(\x0b2\x19.brig.agent.v1.StdioPortsR\x05stdio\"\
-    +\n\x17CreateContainerResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03p\
-    id\":\n\x15StartContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
-    \tR\x0bcontainerId\"\xa4\x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer\
-    _id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
-    \x01(\tR\x06execId\x12!\n\x0cprocess_json\x18\x03\x20\x01(\tR\x0bprocess\
-    Json\x12/\n\x05stdio\x18\x04\x20\x01(\x0b2\x19.brig.agent.v1.StdioPortsR\
-    \x05stdio\"'\n\x13ExecProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\
-    \rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\
-    \x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06\
-    execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03al\
-    l\x18\x04\x20\x01(\x08R\x03all\"P\n\x12WaitProcessRequest\x12!\n\x0ccont\
-    ainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\"m\n\x13WaitProcessResponse\x12\x1f\n\x0bexit_sta\
-    tus\x18\x01\x20\x01(\x05R\nexitStatus\x12\x16\n\x06signal\x18\x02\x20\
-    \x01(\rR\x06signal\x12\x1d\n\noom_killed\x18\x03\x20\x01(\x08R\toomKille\
-    d\"O\n\x11CloseStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
-    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"v\n\
-    \x10ResizeTtyRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
-    inerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04r\
-    ows\x18\x03\x20\x01(\rR\x04rows\x12\x12\n\x04cols\x18\x04\x20\x01(\rR\
-    \x04cols\"9\n\x14ListProcessesRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
-    \x01(\tR\x0bcontainerId\"9\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01\x20\
-    \x01(\rR\x03pid\x12\x18\n\x07cmdline\x18\x02\x20\x01(\tR\x07cmdline\"Q\n\
-    \x15ListProcessesResponse\x128\n\tprocesses\x18\x01\x20\x03(\x0b2\x1a.br\
-    ig.agent.v1.ProcessInfoR\tprocesses\"1\n\x0cStatsRequest\x12!\n\x0cconta\
-    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xf4\x05\n\rStatsResponse\
-    \x120\n\x14memory_current_bytes\x18\x01\x20\x01(\x04R\x12memoryCurrentBy\
-    tes\x12(\n\x10memory_max_bytes\x18\x02\x20\x01(\x04R\x0ememoryMaxBytes\
-    \x12$\n\x0ecpu_usage_usec\x18\x03\x20\x01(\x04R\x0ccpuUsageUsec\x12!\n\
-    \x0cpids_current\x18\x04\x20\x01(\x04R\x0bpidsCurrent\x12\x19\n\x08pids_\
-    max\x18\x05\x20\x01(\x04R\x07pidsMax\x12\x1b\n\toom_kills\x18\x06\x20\
-    \x01(\x04R\x08oomKills\x12\"\n\rcpu_user_usec\x18\x07\x20\x01(\x04R\x0bc\
-    puUserUsec\x12&\n\x0fcpu_system_usec\x18\x08\x20\x01(\x04R\rcpuSystemUse\
-    c\x12$\n\x0ecpu_nr_periods\x18\t\x20\x01(\x04R\x0ccpuNrPeriods\x12(\n\
-    \x10cpu_nr_throttled\x18\n\x20\x01(\x04R\x0ecpuNrThrottled\x12,\n\x12cpu\
-    _throttled_usec\x18\x0b\x20\x01(\x04R\x10cpuThrottledUsec\x129\n\x19memo\
-    ry_swap_current_bytes\x18\x0c\x20\x01(\x04R\x16memorySwapCurrentBytes\
-    \x12M\n\x0bmemory_stat\x18\r\x20\x03(\x0b2,.brig.agent.v1.StatsResponse.\
-    MemoryStatEntryR\nmemoryStat\x12@\n\rmemory_events\x18\x0e\x20\x01(\x0b2\
-    \x1b.brig.agent.v1.MemoryEventsR\x0cmemoryEvents\x121\n\x15memory_swap_m\
-    ax_bytes\x18\x0f\x20\x01(\x04R\x12memorySwapMaxBytes\x1a=\n\x0fMemorySta\
-    tEntry\x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\
-    \x18\x02\x20\x01(\x04R\x05value:\x028\x01\"s\n\x0cMemoryEvents\x12\x10\n\
-    \x03low\x18\x01\x20\x01(\x04R\x03low\x12\x12\n\x04high\x18\x02\x20\x01(\
-    \x04R\x04high\x12\x10\n\x03max\x18\x03\x20\x01(\x04R\x03max\x12\x10\n\
-    \x03oom\x18\x04\x20\x01(\x04R\x03oom\x12\x19\n\x08oom_kill\x18\x05\x20\
-    \x01(\x04R\x07oomKill\":\n\x15PauseContainerRequest\x12!\n\x0ccontainer_\
-    id\x18\x01\x20\x01(\tR\x0bcontainerId\";\n\x16ResumeContainerRequest\x12\
-    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xff\x03\n\x0eLi\
-    nuxResources\x12&\n\x0cmemory_limit\x18\x01\x20\x01(\x03H\0R\x0bmemoryLi\
-    mit\x88\x01\x01\x122\n\x12memory_reservation\x18\x02\x20\x01(\x03H\x01R\
-    \x11memoryReservation\x88\x01\x01\x12$\n\x0bmemory_swap\x18\x03\x20\x01(\
-    \x03H\x02R\nmemorySwap\x88\x01\x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\
-    \x04H\x03R\tcpuShares\x88\x01\x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\
-    \x03H\x04R\x08cpuQuota\x88\x01\x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\
-    \x04H\x05R\tcpuPeriod\x88\x01\x01\x12$\n\x0bcpuset_cpus\x18\x07\x20\x01(\
-    \tH\x06R\ncpusetCpus\x88\x01\x01\x12$\n\x0bcpuset_mems\x18\x08\x20\x01(\
-    \tH\x07R\ncpusetMems\x88\x01\x01\x12\"\n\npids_limit\x18\t\x20\x01(\x03H\
-    \x08R\tpidsLimit\x88\x01\x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_res\
-    ervationB\x0e\n\x0c_memory_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\
-    \r\n\x0b_cpu_periodB\x0e\n\x0c_cpuset_cpusB\x0e\n\x0c_cpuset_memsB\r\n\
-    \x0b_pids_limit\"x\n\x16UpdateContainerRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12;\n\tresources\x18\x02\x20\x01(\
-    \x0b2\x1d.brig.agent.v1.LinuxResourcesR\tresources\"\x15\n\x13WaitOomEve\
-    ntRequest\"V\n\x14WaitOomEventResponse\x12!\n\x0ccontainer_id\x18\x01\
-    \x20\x01(\tR\x0bcontainerId\x12\x1b\n\toom_kills\x18\x02\x20\x01(\x04R\
-    \x08oomKills\";\n\x16RemoveContainerRequest\x12!\n\x0ccontainer_id\x18\
-    \x01\x20\x01(\tR\x0bcontainerId2\xd8\n\n\x05Agent\x12H\n\x07Version\x12\
-    \x1d.brig.agent.v1.VersionRequest\x1a\x1e.brig.agent.v1.VersionResponse\
-    \x12@\n\x08Shutdown\x12\x1e.brig.agent.v1.ShutdownRequest\x1a\x14.brig.a\
-    gent.v1.Empty\x12Z\n\rVsockSelfTest\x12#.brig.agent.v1.VsockSelfTestRequ\
-    est\x1a$.brig.agent.v1.VsockSelfTestResponse\x12`\n\x0fCreateContainer\
-    \x12%.brig.agent.v1.CreateContainerRequest\x1a&.brig.agent.v1.CreateCont\
-    ainerResponse\x12L\n\x0eStartContainer\x12$.brig.agent.v1.StartContainer\
-    Request\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bExecProcess\x12!.brig.agen\
-    t.v1.ExecProcessRequest\x1a\".brig.agent.v1.ExecProcessResponse\x12J\n\r\
-    SignalProcess\x12#.brig.agent.v1.SignalProcessRequest\x1a\x14.brig.agent\
-    .v1.Empty\x12T\n\x0bWaitProcess\x12!.brig.agent.v1.WaitProcessRequest\
-    \x1a\".brig.agent.v1.WaitProcessResponse\x12D\n\nCloseStdin\x12\x20.brig\
-    .agent.v1.CloseStdinRequest\x1a\x14.brig.agent.v1.Empty\x12B\n\tResizeTt\
-    y\x12\x1f.brig.agent.v1.ResizeTtyRequest\x1a\x14.brig.agent.v1.Empty\x12\
-    Z\n\rListProcesses\x12#.brig.agent.v1.ListProcessesRequest\x1a$.brig.age\
-    nt.v1.ListProcessesResponse\x12B\n\x05Stats\x12\x1b.brig.agent.v1.StatsR\
-    equest\x1a\x1c.brig.agent.v1.StatsResponse\x12N\n\x0fRemoveContainer\x12\
-    %.brig.agent.v1.RemoveContainerRequest\x1a\x14.brig.agent.v1.Empty\x12L\
-    \n\x0ePauseContainer\x12$.brig.agent.v1.PauseContainerRequest\x1a\x14.br\
-    ig.agent.v1.Empty\x12N\n\x0fResumeContainer\x12%.brig.agent.v1.ResumeCon\
-    tainerRequest\x1a\x14.brig.agent.v1.Empty\x12N\n\x0fUpdateContainer\x12%\
-    .brig.agent.v1.UpdateContainerRequest\x1a\x14.brig.agent.v1.Empty\x12W\n\
-    \x0cWaitOomEvent\x12\".brig.agent.v1.WaitOomEventRequest\x1a#.brig.agent\
-    .v1.WaitOomEventResponseb\x06proto3\
+    \x12\x14\n\x05token\x18\x04\x20\x01(\x0cR\x05token\"\xa8\x01\n\x16Create\
+    ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainer\
+    Id\x12\"\n\roci_spec_json\x18\x02\x20\x01(\tR\x0bociSpecJson\x12\x16\n\
+    \x06rootfs\x18\x03\x20\x01(\tR\x06rootfs\x12/\n\x05stdio\x18\x04\x20\x01\
+    (\x0b2\x19.brig.agent.v1.StdioPortsR\x05stdio\"+\n\x17CreateContainerRes\
+    ponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\":\n\x15StartContainer\
+    Request\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xa4\
+    \x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12!\
+    \n\x0cprocess_json\x18\x03\x20\x01(\tR\x0bprocessJson\x12/\n\x05stdio\
+    \x18\x04\x20\x01(\x0b2\x19.brig.agent.v1.StdioPortsR\x05stdio\"'\n\x13Ex\
+    ecProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\"|\n\x14Si\
+    gnalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontain\
+    erId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06sig\
+    nal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\
+    \x03all\"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
+    \x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06exec\
+    Id\"m\n\x13WaitProcessResponse\x12\x1f\n\x0bexit_status\x18\x01\x20\x01(\
+    \x05R\nexitStatus\x12\x16\n\x06signal\x18\x02\x20\x01(\rR\x06signal\x12\
+    \x1d\n\noom_killed\x18\x03\x20\x01(\x08R\toomKilled\"O\n\x11CloseStdinRe\
+    quest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\
+    \n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"v\n\x10ResizeTtyRequest\x12\
+    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec\
+    _id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04rows\x18\x03\x20\x01(\rR\
+    \x04rows\x12\x12\n\x04cols\x18\x04\x20\x01(\rR\x04cols\"9\n\x14ListProce\
+    ssesRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"9\
+    \n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x18\n\
+    \x07cmdline\x18\x02\x20\x01(\tR\x07cmdline\"Q\n\x15ListProcessesResponse\
+    \x128\n\tprocesses\x18\x01\x20\x03(\x0b2\x1a.brig.agent.v1.ProcessInfoR\
+    \tprocesses\"1\n\x0cStatsRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
+    \tR\x0bcontainerId\"\xf4\x05\n\rStatsResponse\x120\n\x14memory_current_b\
+    ytes\x18\x01\x20\x01(\x04R\x12memoryCurrentBytes\x12(\n\x10memory_max_by\
+    tes\x18\x02\x20\x01(\x04R\x0ememoryMaxBytes\x12$\n\x0ecpu_usage_usec\x18\
+    \x03\x20\x01(\x04R\x0ccpuUsageUsec\x12!\n\x0cpids_current\x18\x04\x20\
+    \x01(\x04R\x0bpidsCurrent\x12\x19\n\x08pids_max\x18\x05\x20\x01(\x04R\
+    \x07pidsMax\x12\x1b\n\toom_kills\x18\x06\x20\x01(\x04R\x08oomKills\x12\"\
+    \n\rcpu_user_usec\x18\x07\x20\x01(\x04R\x0bcpuUserUsec\x12&\n\x0fcpu_sys\
+    tem_usec\x18\x08\x20\x01(\x04R\rcpuSystemUsec\x12$\n\x0ecpu_nr_periods\
+    \x18\t\x20\x01(\x04R\x0ccpuNrPeriods\x12(\n\x10cpu_nr_throttled\x18\n\
+    \x20\x01(\x04R\x0ecpuNrThrottled\x12,\n\x12cpu_throttled_usec\x18\x0b\
+    \x20\x01(\x04R\x10cpuThrottledUsec\x129\n\x19memory_swap_current_bytes\
+    \x18\x0c\x20\x01(\x04R\x16memorySwapCurrentBytes\x12M\n\x0bmemory_stat\
+    \x18\r\x20\x03(\x0b2,.brig.agent.v1.StatsResponse.MemoryStatEntryR\nmemo\
+    ryStat\x12@\n\rmemory_events\x18\x0e\x20\x01(\x0b2\x1b.brig.agent.v1.Mem\
+    oryEventsR\x0cmemoryEvents\x121\n\x15memory_swap_max_bytes\x18\x0f\x20\
+    \x01(\x04R\x12memorySwapMaxBytes\x1a=\n\x0fMemoryStatEntry\x12\x10\n\x03\
+    key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\x18\x02\x20\x01(\x04R\
+    \x05value:\x028\x01\"s\n\x0cMemoryEvents\x12\x10\n\x03low\x18\x01\x20\
+    \x01(\x04R\x03low\x12\x12\n\x04high\x18\x02\x20\x01(\x04R\x04high\x12\
+    \x10\n\x03max\x18\x03\x20\x01(\x04R\x03max\x12\x10\n\x03oom\x18\x04\x20\
+    \x01(\x04R\x03oom\x12\x19\n\x08oom_kill\x18\x05\x20\x01(\x04R\x07oomKill\
+    \":\n\x15PauseContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\t\
+    R\x0bcontainerId\";\n\x16ResumeContainerRequest\x12!\n\x0ccontainer_id\
+    \x18\x01\x20\x01(\tR\x0bcontainerId\"\xff\x03\n\x0eLinuxResources\x12&\n\
+    \x0cmemory_limit\x18\x01\x20\x01(\x03H\0R\x0bmemoryLimit\x88\x01\x01\x12\
+    2\n\x12memory_reservation\x18\x02\x20\x01(\x03H\x01R\x11memoryReservatio\
+    n\x88\x01\x01\x12$\n\x0bmemory_swap\x18\x03\x20\x01(\x03H\x02R\nmemorySw\
+    ap\x88\x01\x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\x04H\x03R\tcpuShares\
+    \x88\x01\x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\
+    \x88\x01\x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\
+    \x88\x01\x01\x12$\n\x0bcpuset_cpus\x18\x07\x20\x01(\tH\x06R\ncpusetCpus\
+    \x88\x01\x01\x12$\n\x0bcpuset_mems\x18\x08\x20\x01(\tH\x07R\ncpusetMems\
+    \x88\x01\x01\x12\"\n\npids_limit\x18\t\x20\x01(\x03H\x08R\tpidsLimit\x88\
+    \x01\x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_reservationB\x0e\n\x0c_\
+    memory_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\
+    \x0e\n\x0c_cpuset_cpusB\x0e\n\x0c_cpuset_memsB\r\n\x0b_pids_limit\"x\n\
+    \x16UpdateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12;\n\tresources\x18\x02\x20\x01(\x0b2\x1d.brig.agent.v\
+    1.LinuxResourcesR\tresources\"\x15\n\x13WaitOomEventRequest\"V\n\x14Wait\
+    OomEventResponse\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainer\
+    Id\x12\x1b\n\toom_kills\x18\x02\x20\x01(\x04R\x08oomKills\";\n\x16Remove\
+    ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainer\
+    Id2\xd8\n\n\x05Agent\x12H\n\x07Version\x12\x1d.brig.agent.v1.VersionRequ\
+    est\x1a\x1e.brig.agent.v1.VersionResponse\x12@\n\x08Shutdown\x12\x1e.bri\
+    g.agent.v1.ShutdownRequest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rVsockSelf\
+    Test\x12#.brig.agent.v1.VsockSelfTestRequest\x1a$.brig.agent.v1.VsockSel\
+    fTestResponse\x12`\n\x0fCreateContainer\x12%.brig.agent.v1.CreateContain\
+    erRequest\x1a&.brig.agent.v1.CreateContainerResponse\x12L\n\x0eStartCont\
+    ainer\x12$.brig.agent.v1.StartContainerRequest\x1a\x14.brig.agent.v1.Emp\
+    ty\x12T\n\x0bExecProcess\x12!.brig.agent.v1.ExecProcessRequest\x1a\".bri\
+    g.agent.v1.ExecProcessResponse\x12J\n\rSignalProcess\x12#.brig.agent.v1.\
+    SignalProcessRequest\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bWaitProcess\
+    \x12!.brig.agent.v1.WaitProcessRequest\x1a\".brig.agent.v1.WaitProcessRe\
+    sponse\x12D\n\nCloseStdin\x12\x20.brig.agent.v1.CloseStdinRequest\x1a\
+    \x14.brig.agent.v1.Empty\x12B\n\tResizeTty\x12\x1f.brig.agent.v1.ResizeT\
+    tyRequest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rListProcesses\x12#.brig.ag\
+    ent.v1.ListProcessesRequest\x1a$.brig.agent.v1.ListProcessesResponse\x12\
+    B\n\x05Stats\x12\x1b.brig.agent.v1.StatsRequest\x1a\x1c.brig.agent.v1.St\
+    atsResponse\x12N\n\x0fRemoveContainer\x12%.brig.agent.v1.RemoveContainer\
+    Request\x1a\x14.brig.agent.v1.Empty\x12L\n\x0ePauseContainer\x12$.brig.a\
+    gent.v1.PauseContainerRequest\x1a\x14.brig.agent.v1.Empty\x12N\n\x0fResu\
+    meContainer\x12%.brig.agent.v1.ResumeContainerRequest\x1a\x14.brig.agent\
+    .v1.Empty\x12N\n\x0fUpdateContainer\x12%.brig.agent.v1.UpdateContainerRe\
+    quest\x1a\x14.brig.agent.v1.Empty\x12W\n\x0cWaitOomEvent\x12\".brig.agen\
+    t.v1.WaitOomEventRequest\x1a#.brig.agent.v1.WaitOomEventResponseb\x06pro\
+    to3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
