@@ -53,7 +53,11 @@ pub fn make_shared(dir: &Path) -> Result<(), ShareError> {
     .map_err(err)
 }
 
-/// Bind-mount `src` at `dst` (created if needed), read-only if asked.
+/// Bind-mount `src` at `dst` (created if needed), `nosuid,nodev`, read-only if asked. The
+/// VMM's file server opens what the guest names under the share: `nodev` keeps a device
+/// node in an image or volume from opening the host's device, `nosuid` keeps a host process
+/// from gaining privileges through a guest-written setuid file. (The guest sees the files'
+/// modes as they are; its own kernel decides what setuid means inside.)
 pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -91,12 +95,13 @@ pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
         MsFlags::MS_PRIVATE | MsFlags::MS_REC,
         None::<&str>,
     );
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, dst, None::<&str>, flags, None::<&str>) {
-            let _ = umount2(dst, MntFlags::MNT_DETACH);
-            return Err(bind_err(e));
-        }
+        flags |= MsFlags::MS_RDONLY;
+    }
+    if let Err(e) = mount(None::<&str>, dst, None::<&str>, flags, None::<&str>) {
+        let _ = umount2(dst, MntFlags::MNT_DETACH);
+        return Err(bind_err(e));
     }
     Ok(())
 }
@@ -223,6 +228,21 @@ mod tests {
             "read-only bind accepted a write"
         );
         assert_eq!(mounts_under(&share).len(), 2);
+        // Both binds are nosuid,nodev: the VMM never opens a host device through them.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for dst in ["c1/rootfs", "c1/volumes/0"] {
+            let path = share.join(dst);
+            let line = mountinfo
+                .lines()
+                .find(|l| l.split(' ').nth(4) == path.to_str())
+                .unwrap_or_else(|| panic!("{} not mounted: {mountinfo}", path.display()));
+            let options = line.split(' ').nth(5).unwrap_or_default();
+            assert!(
+                options.split(',').any(|o| o == "nosuid")
+                    && options.split(',').any(|o| o == "nodev"),
+                "{dst}: {line}"
+            );
+        }
         remove(&share).unwrap();
         assert!(!share.exists());
         assert_eq!(
