@@ -359,6 +359,12 @@ fn the_vmm_runs_confined_filtered_and_without_root_capabilities() {
                     "2",
                     "thread {name} is not filtered"
                 );
+                // No execve can give it privileges back (set with each thread's filter).
+                assert_eq!(
+                    status_field(&status, "NoNewPrivs:"),
+                    "1",
+                    "thread {name} can gain privileges"
+                );
                 threads += 1;
             }
             assert!(threads >= 4, "{threads} threads");
