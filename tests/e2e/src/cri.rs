@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -69,6 +70,107 @@ impl Cri {
         self.call(call)
             .unwrap_or_else(|status| panic!("CRI {what}: {status:?}"))
     }
+    /// Start a pod with the runtime handler `handler`; its ID.
+    pub fn run_pod(&self, handler: &str, config: &api::PodSandboxConfig) -> String {
+        let mut rt = self.runtime.clone();
+        self.ok(
+            "RunPodSandbox",
+            rt.run_pod_sandbox(api::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            }),
+        )
+        .pod_sandbox_id
+    }
+
+    /// Create and start a container in `pod`; its ID.
+    pub fn run_container(
+        &self,
+        pod: &str,
+        pod_config: &api::PodSandboxConfig,
+        config: api::ContainerConfig,
+    ) -> String {
+        let mut rt = self.runtime.clone();
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let id = self
+            .ok(
+                &format!("CreateContainer {name}"),
+                rt.create_container(api::CreateContainerRequest {
+                    pod_sandbox_id: pod.into(),
+                    config: Some(config),
+                    sandbox_config: Some(pod_config.clone()),
+                }),
+            )
+            .container_id;
+        self.ok(
+            &format!("StartContainer {name}"),
+            rt.start_container(api::StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        );
+        id
+    }
+
+    /// A container's status.
+    pub fn status(&self, id: &str) -> api::ContainerStatus {
+        let mut rt = self.runtime.clone();
+        self.ok(
+            "ContainerStatus",
+            rt.container_status(api::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            }),
+        )
+        .status
+        .expect("a container status")
+    }
+
+    /// Wait until the container has exited; its status then.
+    pub fn wait_exited(&self, id: &str, within: Duration) -> api::ContainerStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status(id);
+            if s.state == api::ContainerState::ContainerExited as i32 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} did not exit: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// StopPodSandbox and RemovePodSandbox, as kubelet removes a pod.
+    pub fn remove_pod(&self, pod: &str) {
+        let mut rt = self.runtime.clone();
+        self.ok(
+            "StopPodSandbox",
+            rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            }),
+        );
+        self.ok(
+            "RemovePodSandbox",
+            rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            }),
+        );
+    }
+}
+
+/// The host's network, and the pod's own PID and IPC namespaces, shared by its containers.
+fn pod_namespaces() -> api::NamespaceOption {
+    api::NamespaceOption {
+        network: api::NamespaceMode::Node as i32,
+        pid: api::NamespaceMode::Pod as i32,
+        ipc: api::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
 }
 
 /// A pod sandbox config on the host's network (there is no CNI in these tests), with its
@@ -85,12 +187,7 @@ pub fn pod_config(name: &str, log_directory: &Path) -> api::PodSandboxConfig {
         log_directory: log_directory.display().to_string(),
         linux: Some(api::LinuxPodSandboxConfig {
             security_context: Some(api::LinuxSandboxSecurityContext {
-                namespace_options: Some(api::NamespaceOption {
-                    network: api::NamespaceMode::Node as i32,
-                    pid: api::NamespaceMode::Pod as i32,
-                    ipc: api::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -114,12 +211,7 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> api::Conta
         log_path: format!("{name}.log"),
         linux: Some(api::LinuxContainerConfig {
             security_context: Some(api::LinuxContainerSecurityContext {
-                namespace_options: Some(api::NamespaceOption {
-                    network: api::NamespaceMode::Node as i32,
-                    pid: api::NamespaceMode::Pod as i32,
-                    ipc: api::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()

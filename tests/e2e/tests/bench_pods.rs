@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use brig_e2e::containerd::{Containerd, IMAGE};
-use brig_e2e::cri::{api, container_config, pod_config, Cri};
+use brig_e2e::cri::{container_config, pod_config, Cri};
 use brig_e2e::processes_named;
 
 const RUNS: usize = 10;
@@ -27,35 +27,17 @@ struct PodStart {
 }
 
 fn start_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (String, PodStart) {
-    let mut rt = cri.runtime.clone();
     let mut config = pod_config(name, logs);
     // As kubelet for a host-network pod: runc cannot set a hostname in the host's UTS namespace.
     config.hostname.clear();
     let t0 = Instant::now();
-    let pod = cri
-        .ok(
-            "RunPodSandbox",
-            rt.run_pod_sandbox(api::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: handler.into(),
-            }),
-        )
-        .pod_sandbox_id;
+    let pod = cri.run_pod(handler, &config);
     let sandbox = t0.elapsed();
     let t1 = Instant::now();
-    let id = cri
-        .ok(
-            "CreateContainer",
-            rt.create_container(api::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container_config("app", IMAGE, &["sleep", "600"])),
-                sandbox_config: Some(config),
-            }),
-        )
-        .container_id;
-    cri.ok(
-        "StartContainer",
-        rt.start_container(api::StartContainerRequest { container_id: id }),
+    cri.run_container(
+        &pod,
+        &config,
+        container_config("app", IMAGE, &["sleep", "600"]),
     );
     let container = t1.elapsed();
     (
@@ -66,22 +48,6 @@ fn start_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (S
             boot: None,
         },
     )
-}
-
-fn remove_pod(cri: &Cri, pod: &str) {
-    let mut rt = cri.runtime.clone();
-    cri.ok(
-        "StopPodSandbox",
-        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }),
-    );
-    cri.ok(
-        "RemovePodSandbox",
-        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }),
-    );
 }
 
 /// A `/proc/PID/…` field in kB (`Pss:` of smaps_rollup, `VmRSS:` of status).
@@ -194,7 +160,7 @@ fn bench_pods() {
             std::thread::sleep(Duration::from_secs(2));
             memory[i].push(pod_memory());
             starts[i].push(start);
-            remove_pod(&cri, &pod);
+            cri.remove_pod(&pod);
         }
     }
 
@@ -213,7 +179,7 @@ fn bench_pods() {
         });
         at_once[i] = t0.elapsed();
         for pod in &pods {
-            remove_pod(&cri, pod);
+            cri.remove_pod(pod);
         }
     }
     c.assert_clean();

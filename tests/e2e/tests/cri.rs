@@ -14,76 +14,6 @@ use brig_e2e::processes_named;
 /// The runtime handler of `configs/containerd.toml` (a RuntimeClass's `handler`).
 const HANDLER: &str = "sandboxed";
 
-/// Start a pod and return its ID.
-fn run_pod(cri: &Cri, config: &api::PodSandboxConfig) -> String {
-    let mut rt = cri.runtime.clone();
-    cri.ok(
-        "RunPodSandbox",
-        rt.run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: HANDLER.into(),
-        }),
-    )
-    .pod_sandbox_id
-}
-
-/// Create and start a container in `pod`; returns its ID.
-fn run_container(
-    cri: &Cri,
-    pod: &str,
-    pod_config: &api::PodSandboxConfig,
-    config: api::ContainerConfig,
-) -> String {
-    let mut rt = cri.runtime.clone();
-    let name = config.metadata.as_ref().unwrap().name.clone();
-    let id = cri
-        .ok(
-            &format!("CreateContainer {name}"),
-            rt.create_container(api::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: Some(pod_config.clone()),
-            }),
-        )
-        .container_id;
-    cri.ok(
-        &format!("StartContainer {name}"),
-        rt.start_container(api::StartContainerRequest {
-            container_id: id.clone(),
-        }),
-    );
-    id
-}
-
-fn status(cri: &Cri, id: &str) -> api::ContainerStatus {
-    let mut rt = cri.runtime.clone();
-    cri.ok(
-        "ContainerStatus",
-        rt.container_status(api::ContainerStatusRequest {
-            container_id: id.into(),
-            verbose: false,
-        }),
-    )
-    .status
-    .expect("a container status")
-}
-
-/// Wait until the container has exited; its status then.
-fn wait_exited(cri: &Cri, id: &str, within: Duration) -> api::ContainerStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = status(cri, id);
-        if s.state == api::ContainerState::ContainerExited as i32 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "container {id} did not exit: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Wait until the CRI log file `path` has a line of `stream` ("stdout"/"stderr") starting
 /// with `prefix`, in CRI's format (`TIMESTAMP STREAM F TEXT`); returns TEXT.
 fn wait_log_line(path: &Path, stream: &str, prefix: &str) -> String {
@@ -115,20 +45,15 @@ fn wait_log_line(path: &Path, stream: &str, prefix: &str) -> String {
     }
 }
 
-fn stop_and_remove_pod(cri: &Cri, pod: &str) {
-    let mut rt = cri.runtime.clone();
-    cri.ok(
-        "StopPodSandbox",
-        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }),
-    );
-    cri.ok(
-        "RemovePodSandbox",
-        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }),
-    );
+/// A containerd with CRI for test `test`, busybox imported, a CRI client, and a directory
+/// for the pods' logs.
+fn cri_setup(test: &str) -> (Containerd, Cri, PathBuf) {
+    let c = Containerd::start_cri(test);
+    c.import_busybox();
+    let cri = Cri::connect(&c.socket);
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    (c, cri, logs)
 }
 
 /// A pod-level cgroup as kubelet makes one (`/brig-e2e-pods/NAME`), set as the pod's
@@ -172,14 +97,10 @@ const WHO: &str =
 
 #[test]
 fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
-    let c = Containerd::start_cri("cri-pod");
-    c.import_busybox();
-    let cri = Cri::connect(&c.socket);
-    let logs = c.dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let (c, cri, logs) = cri_setup("cri-pod");
     let mut config = pod_config("pod1", &logs);
     let cgroup = with_pod_cgroup(&mut config, "pod1");
-    let pod = run_pod(&cri, &config);
+    let pod = cri.run_pod(HANDLER, &config);
     // The shim and the VMM are in the pod's cgroup, where CRI puts a runc pod's pause.
     let want = format!("/brig-e2e-pods/pod1/{pod}");
     for (name, pids) in [
@@ -196,14 +117,12 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
         c.brig_state().display()
     );
     let script = format!("{WHO}; echo to-stderr >&2; exec sleep 600");
-    let a = run_container(
-        &cri,
+    let a = cri.run_container(
         &pod,
         &config,
         container_config("a", IMAGE, &["sh", "-c", &script]),
     );
-    let b = run_container(
-        &cri,
+    let b = cri.run_container(
         &pod,
         &config,
         container_config("b", IMAGE, &["sleep", "600"]),
@@ -306,7 +225,7 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
             timeout: 30,
         }),
     );
-    let stopped = wait_exited(&cri, &a, Duration::from_secs(5));
+    let stopped = cri.wait_exited(&a, Duration::from_secs(5));
     assert_eq!(
         stopped.exit_code, 143,
         "sleep killed by SIGTERM: {stopped:?}"
@@ -317,25 +236,20 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
         "the pod's microVM outlives one container"
     );
 
-    stop_and_remove_pod(&cri, &pod);
+    cri.remove_pod(&pod);
     c.assert_clean();
     assert_cgroup_removed(&cgroup);
 }
 
 #[test]
 fn cri_stop_kills_after_the_grace_period_and_an_oom_kill_reads_oomkilled() {
-    let c = Containerd::start_cri("cri-stop");
-    c.import_busybox();
-    let cri = Cri::connect(&c.socket);
-    let logs = c.dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let (c, cri, logs) = cri_setup("cri-stop");
     let config = pod_config("pod2", &logs);
-    let pod = run_pod(&cri, &config);
+    let pod = cri.run_pod(HANDLER, &config);
     let mut rt = cri.runtime.clone();
 
     // A container that ignores SIGTERM is killed when the grace period is over.
-    let stubborn = run_container(
-        &cri,
+    let stubborn = cri.run_container(
         &pod,
         &config,
         container_config(
@@ -358,7 +272,7 @@ fn cri_stop_kills_after_the_grace_period_and_an_oom_kill_reads_oomkilled() {
         }),
     );
     let took = started.elapsed();
-    let stopped = wait_exited(&cri, &stubborn, Duration::from_secs(5));
+    let stopped = cri.wait_exited(&stubborn, Duration::from_secs(5));
     assert!(
         took >= Duration::from_secs(3) && took < Duration::from_secs(60),
         "StopContainer took {took:?} with a 3 s grace period"
@@ -378,30 +292,25 @@ fn cri_stop_kills_after_the_grace_period_and_an_oom_kill_reads_oomkilled() {
         memory_limit_in_bytes: 32 << 20,
         ..Default::default()
     });
-    let hog = run_container(&cri, &pod, &config, hog);
-    let oom = wait_exited(&cri, &hog, Duration::from_secs(120));
+    let hog = cri.run_container(&pod, &config, hog);
+    let oom = cri.wait_exited(&hog, Duration::from_secs(120));
     assert_eq!(
         (oom.exit_code, oom.reason.as_str()),
         (137, "OOMKilled"),
         "{oom:?}"
     );
 
-    stop_and_remove_pod(&cri, &pod);
+    cri.remove_pod(&pod);
     c.assert_clean();
 }
 
 #[test]
 fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
-    let c = Containerd::start_cri("cri-crash");
-    c.import_busybox();
-    let cri = Cri::connect(&c.socket);
-    let logs = c.dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let (c, cri, logs) = cri_setup("cri-crash");
     let mut config = pod_config("pod3", &logs);
     let cgroup = with_pod_cgroup(&mut config, "pod3");
-    let pod = run_pod(&cri, &config);
-    let ctr = run_container(
-        &cri,
+    let pod = cri.run_pod(HANDLER, &config);
+    let ctr = cri.run_container(
         &pod,
         &config,
         container_config("c", IMAGE, &["sleep", "600"]),
@@ -414,24 +323,19 @@ fn a_pod_whose_shim_was_killed_is_removed_without_leftovers() {
         .unwrap()
         .success());
     // containerd sees the shim gone: the pod's containers exit.
-    let gone = wait_exited(&cri, &ctr, Duration::from_secs(60));
+    let gone = cri.wait_exited(&ctr, Duration::from_secs(60));
     assert_ne!(gone.exit_code, 0, "{gone:?}");
-    stop_and_remove_pod(&cri, &pod);
+    cri.remove_pod(&pod);
     c.assert_clean();
     assert_cgroup_removed(&cgroup);
 }
 
 #[test]
 fn a_pod_whose_vmm_was_killed_shows_its_containers_exited_and_is_removed_cleanly() {
-    let c = Containerd::start_cri("cri-vmm");
-    c.import_busybox();
-    let cri = Cri::connect(&c.socket);
-    let logs = c.dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let (c, cri, logs) = cri_setup("cri-vmm");
     let config = pod_config("pod4", &logs);
-    let pod = run_pod(&cri, &config);
-    let ctr = run_container(
-        &cri,
+    let pod = cri.run_pod(HANDLER, &config);
+    let ctr = cri.run_container(
         &pod,
         &config,
         container_config("c", IMAGE, &["sleep", "600"]),
@@ -443,7 +347,7 @@ fn a_pod_whose_vmm_was_killed_shows_its_containers_exited_and_is_removed_cleanly
         .status()
         .unwrap()
         .success());
-    let gone = wait_exited(&cri, &ctr, Duration::from_secs(60));
+    let gone = cri.wait_exited(&ctr, Duration::from_secs(60));
     assert_ne!(gone.exit_code, 0, "{gone:?}");
     let mut rt = cri.runtime.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -465,25 +369,20 @@ fn a_pod_whose_vmm_was_killed_shows_its_containers_exited_and_is_removed_cleanly
         assert!(Instant::now() < deadline, "pod still ready: {status:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop_and_remove_pod(&cri, &pod);
+    cri.remove_pod(&pod);
     c.assert_clean();
 }
 
 #[test]
 fn twenty_pod_cycles_leave_nothing_behind() {
-    let c = Containerd::start_cri("cri-cycles");
-    c.import_busybox();
-    let cri = Cri::connect(&c.socket);
-    let logs = c.dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let (c, cri, logs) = cri_setup("cri-cycles");
     let mut config = pod_config("cycle", &logs);
     let cgroup = with_pod_cgroup(&mut config, "cycle");
     let fds_before = brig_e2e::dir_entries(Path::new("/proc/self/fd")).len();
     for n in 0..20 {
         config.metadata.as_mut().unwrap().attempt = n;
-        let pod = run_pod(&cri, &config);
-        let ctr = run_container(
-            &cri,
+        let pod = cri.run_pod(HANDLER, &config);
+        let ctr = cri.run_container(
             &pod,
             &config,
             container_config("c", IMAGE, &["sh", "-c", "echo cycle; sleep 600"]),
@@ -498,7 +397,7 @@ fn twenty_pod_cycles_leave_nothing_behind() {
             }),
         );
         assert_eq!(out.stdout, format!("n={n}\n").into_bytes());
-        stop_and_remove_pod(&cri, &pod);
+        cri.remove_pod(&pod);
         c.assert_clean();
     }
     assert_cgroup_removed(&cgroup);
@@ -519,9 +418,8 @@ fn a_pod_keeps_running_across_a_containerd_restart() {
     let config = pod_config("pod5", &logs);
     let (pod, ctr) = {
         let cri = Cri::connect(&c.socket);
-        let pod = run_pod(&cri, &config);
-        let ctr = run_container(
-            &cri,
+        let pod = cri.run_pod(HANDLER, &config);
+        let ctr = cri.run_container(
             &pod,
             &config,
             container_config("c", IMAGE, &["sleep", "600"]),
@@ -537,7 +435,7 @@ fn a_pod_keeps_running_across_a_containerd_restart() {
     assert_eq!(processes_named("containerd-shim"), shims);
     assert_eq!(processes_named("brig-vmm"), vmms);
     assert_eq!(
-        status(&cri, &ctr).state,
+        cri.status(&ctr).state,
         api::ContainerState::ContainerRunning as i32
     );
     let mut rt = cri.runtime.clone();
@@ -550,6 +448,6 @@ fn a_pod_keeps_running_across_a_containerd_restart() {
         }),
     );
     assert_eq!(out.stdout, b"still-here\n");
-    stop_and_remove_pod(&cri, &pod);
+    cri.remove_pod(&pod);
     c.assert_clean();
 }
