@@ -49,6 +49,23 @@ pub struct LogFor<'a> {
 }
 
 impl StdioPaths {
+    /// The paths of a task or exec request, checked (see [`Self::check`]).
+    pub fn checked(
+        stdin: &str,
+        stdout: &str,
+        stderr: &str,
+        terminal: bool,
+    ) -> Result<Self, String> {
+        let paths = Self {
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+        };
+        paths.check()?;
+        Ok(paths)
+    }
+
     /// Refuse what this shim cannot serve, before anything is created.
     pub fn check(&self) -> Result<(), String> {
         for uri in [&self.stdout, &self.stderr] {

@@ -493,13 +493,8 @@ impl Service {
                 "restoring a checkpoint is not supported by microVM sandboxes",
             ));
         }
-        let paths = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        paths.check().map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let paths = StdioPaths::checked(&req.stdin, &req.stdout, &req.stderr, req.terminal)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         let bundle = PathBuf::from(&req.bundle);
         let spec = Spec::load(bundle.join("config.json")).map_err(|e| {
             err(
@@ -926,13 +921,8 @@ impl Task for Service {
         tracing::debug!(id = %req.id, exec = %req.exec_id, "exec");
         brig_runtime::state::validate_id("exec", &req.exec_id)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let paths = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        paths.check().map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let paths = StdioPaths::checked(&req.stdin, &req.stdout, &req.stderr, req.terminal)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         let value = req
             .spec
             .as_ref()
