@@ -74,6 +74,8 @@ pub fn parse_ack(line: &[u8]) -> Result<u32, ConnectError> {
     let text = std::str::from_utf8(line)
         .map_err(|_| ConnectError::BadAck(String::from_utf8_lossy(line).into_owned()))?;
     text.strip_prefix("OK ")
+        // Decimal digits only: `parse` alone would take a sign too.
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|p| p.parse::<u32>().ok())
         .ok_or_else(|| ConnectError::BadAck(text.to_string()))
 }
@@ -88,6 +90,7 @@ mod tests {
         assert!(parse_ack(b"OK").is_err());
         assert!(parse_ack(b"NO 12").is_err());
         assert!(parse_ack(b"OK 12x").is_err());
+        assert!(parse_ack(b"OK +12").is_err());
         assert!(parse_ack(&[0xff, 0xfe]).is_err());
     }
 
