@@ -33,7 +33,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -73,7 +73,33 @@ stage: kernel initramfs binaries rootfs-fixture
 run: stage
 	@$(call IN_GUEST_HOST,$(CURDIR)/scripts/demo.sh)
 
-test: lint unit-test e2e-test
+test: lint unit-test fuzz-smoke e2e-test
+
+# Every parser of guest bytes has a fuzz target (cargo-fuzz, nightly): DIR:TARGET, each with a
+# committed seed corpus in DIR/fuzz/corpus/TARGET. `make test` runs each for FUZZ_SECONDS
+# (new inputs go to a scratch directory, not into the tree); `make fuzz` for 10 minutes.
+FUZZ_TARGETS := vmm:vsock_connect_line vmm:vsock_tx_packet runtime:vsock_ack runtime:agent_replies
+FUZZ_SECONDS ?= 10
+
+fuzz-tools: setup
+	@cargo +nightly --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+
+fuzz-smoke: fuzz-tools
+	@set -e; for t in $(FUZZ_TARGETS); do dir=$${t%%:*}; name=$${t#*:}; \
+		scratch=$$(mktemp -d); log=$$scratch.log; \
+		echo "fuzz: $$dir $$name for $(FUZZ_SECONDS) s"; \
+		if (cd $$dir/fuzz && cargo +nightly fuzz run $$name $$scratch corpus/$$name -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) > $$log 2>&1; then \
+			grep -E '^stat::number_of_executed_units' $$log || true; rm -rf $$scratch $$log; \
+		else \
+			tail -n 40 $$log; rm -rf $$scratch $$log; \
+			echo "fuzz: $$name FAILED (the input is in $$dir/fuzz/artifacts/$$name)"; exit 1; \
+		fi; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=600
 
 # The workspace lints mean something only if they run: clippy with warnings as errors, and
 # rustfmt's layout.
