@@ -220,14 +220,32 @@ impl MmioTransport {
         }
     }
 
+    /// The device status as the virtio spec's state machine (2.1, 3.1.1): 0 resets; any
+    /// other write may only add bits, and DRIVER_OK activates the device only after
+    /// ACKNOWLEDGE, DRIVER and FEATURES_OK. So a device is activated at most once between
+    /// resets: a driver that clears DRIVER_OK and sets it again is ignored, not obeyed.
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
             return;
         }
+        if v & self.status != self.status {
+            crate::guest_warn::guest_warn!(
+                "virtio-mmio: status {v:#x} clears bits of {:#x} without a reset; ignored",
+                self.status
+            );
+            return;
+        }
         let newly_set = v & !self.status;
+        let ready = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        if newly_set & status::DRIVER_OK != 0 && v & ready != ready {
+            crate::guest_warn::guest_warn!(
+                "virtio-mmio: DRIVER_OK in status {v:#x} before ACKNOWLEDGE, DRIVER and FEATURES_OK; ignored"
+            );
+            return;
+        }
         self.status = v;
-        if newly_set & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 {
+        if newly_set & status::DRIVER_OK != 0 && v & status::FAILED == 0 {
             self.activate();
         }
     }
@@ -280,5 +298,130 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ActivateError;
+    use super::*;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A device with one queue that counts its activations and resets.
+    struct Counting {
+        events: Vec<EventFd>,
+        activations: u32,
+        resets: u32,
+    }
+
+    impl VirtioDevice for Counting {
+        fn device_type(&self) -> u32 {
+            0x42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn avail_features(&self) -> u64 {
+            1 << 32 // VIRTIO_F_VERSION_1
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemory,
+            _: Vec<Queue>,
+            _: Arc<IrqTrigger>,
+            _: u64,
+        ) -> Result<(), ActivateError> {
+            self.activations += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Counting>>) {
+        let device = Arc::new(Mutex::new(Counting {
+            events: vec![EventFd::new(0).unwrap()],
+            activations: 0,
+            resets: 0,
+        }));
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(0).unwrap()));
+        (MmioTransport::new(device.clone(), mem, irq), device)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn set_up_queue(t: &mut MmioTransport) {
+        write(t, reg::QUEUE_SEL, 0);
+        write(t, reg::QUEUE_NUM, 16);
+        write(t, reg::QUEUE_DESC_LOW, 0x1000);
+        write(t, reg::QUEUE_AVAIL_LOW, 0x2000);
+        write(t, reg::QUEUE_USED_LOW, 0x3000);
+        write(t, reg::QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn driver_ok_again_without_a_reset_does_not_activate_twice() {
+        let (mut t, device) = transport();
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        write(&mut t, reg::STATUS, s);
+        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
+        set_up_queue(&mut t);
+        write(
+            &mut t,
+            reg::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(device.lock().unwrap().activations, 1);
+        // Clearing DRIVER_OK and setting it again is not a reset: ignored.
+        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
+        set_up_queue(&mut t);
+        write(
+            &mut t,
+            reg::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(device.lock().unwrap().activations, 1);
+        // After a reset the driver may start over.
+        write(&mut t, reg::STATUS, 0);
+        assert_eq!(device.lock().unwrap().resets, 1);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        write(&mut t, reg::STATUS, s);
+        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
+        set_up_queue(&mut t);
+        write(
+            &mut t,
+            reg::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(device.lock().unwrap().activations, 2);
+    }
+
+    #[test]
+    fn driver_ok_before_features_ok_is_ignored() {
+        let (mut t, device) = transport();
+        set_up_queue(&mut t);
+        write(&mut t, reg::STATUS, status::DRIVER_OK);
+        write(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(device.lock().unwrap().activations, 0);
+        let mut got = [0u8; 4];
+        t.read(reg::STATUS, &mut got);
+        assert_eq!(u32::from_le_bytes(got) & status::DRIVER_OK, 0);
     }
 }
