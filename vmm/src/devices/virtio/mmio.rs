@@ -371,41 +371,31 @@ mod tests {
         write(t, reg::QUEUE_READY, 1);
     }
 
+    /// What a Linux driver does from a reset on: status bits one by one, the queue, DRIVER_OK.
+    fn start_driver(t: &mut MmioTransport) {
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        write(t, reg::STATUS, status::ACKNOWLEDGE);
+        write(t, reg::STATUS, s);
+        write(t, reg::STATUS, s | status::FEATURES_OK);
+        set_up_queue(t);
+        write(t, reg::STATUS, s | status::FEATURES_OK | status::DRIVER_OK);
+    }
+
     #[test]
     fn driver_ok_again_without_a_reset_does_not_activate_twice() {
         let (mut t, device) = transport();
-        let s = status::ACKNOWLEDGE | status::DRIVER;
-        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
-        write(&mut t, reg::STATUS, s);
-        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
-        set_up_queue(&mut t);
-        write(
-            &mut t,
-            reg::STATUS,
-            s | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        start_driver(&mut t);
         assert_eq!(device.lock().unwrap().activations, 1);
         // Clearing DRIVER_OK and setting it again is not a reset: ignored.
-        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        write(&mut t, reg::STATUS, s);
         set_up_queue(&mut t);
-        write(
-            &mut t,
-            reg::STATUS,
-            s | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        write(&mut t, reg::STATUS, s | status::DRIVER_OK);
         assert_eq!(device.lock().unwrap().activations, 1);
         // After a reset the driver may start over.
         write(&mut t, reg::STATUS, 0);
         assert_eq!(device.lock().unwrap().resets, 1);
-        write(&mut t, reg::STATUS, status::ACKNOWLEDGE);
-        write(&mut t, reg::STATUS, s);
-        write(&mut t, reg::STATUS, s | status::FEATURES_OK);
-        set_up_queue(&mut t);
-        write(
-            &mut t,
-            reg::STATUS,
-            s | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        start_driver(&mut t);
         assert_eq!(device.lock().unwrap().activations, 2);
     }
 
