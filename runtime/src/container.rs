@@ -184,9 +184,7 @@ impl PendingStdio {
             |listeners: &mut Vec<(u32, PathBuf, UnixListener)>| -> Result<u32, ContainerError> {
                 for _ in 0..64 {
                     let port = next_port();
-                    let mut path = vsock_uds.as_os_str().to_owned();
-                    path.push(format!("_{port}"));
-                    let path = PathBuf::from(path);
+                    let path = crate::hybrid_vsock::listener_path(vsock_uds, port);
                     match UnixListener::bind(&path) {
                         Ok(listener) => {
                             listeners.push((port, path, listener));

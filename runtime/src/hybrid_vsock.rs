@@ -3,7 +3,7 @@
 //! The host connects to the VMM's socket and writes `CONNECT <port>\n`; the VMM answers
 //! `OK <host port>\n` once the guest accepted, or closes the connection if nobody listens.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,6 +67,14 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| ConnectError::Timeout(port))?
+}
+
+/// Where a host listener for guest-initiated connections to host `port` must be, next to the
+/// VMM's socket `uds`: `<uds>_<port>`.
+pub fn listener_path(uds: &Path, port: u32) -> PathBuf {
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
 }
 
 /// Check an `OK <port>` acknowledgement (without the newline) and return the host port.

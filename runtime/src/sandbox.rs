@@ -476,9 +476,7 @@ impl Sandbox {
 
     /// Where a host listener must be for guest-initiated connections to host `port`.
     pub fn vsock_listener_path(&self, port: u32) -> PathBuf {
-        let mut path = self.vsock_uds().into_os_string();
-        path.push(format!("_{port}"));
-        PathBuf::from(path)
+        crate::hybrid_vsock::listener_path(&self.vsock_uds(), port)
     }
 
     /// The host directory exported to the guest over virtio-fs, if the sandbox has one.
