@@ -123,6 +123,35 @@ pub fn busybox_rootfs(dir: &std::path::Path) -> PathBuf {
     root
 }
 
+/// A bundle in `dir` (busybox rootfs and config.json) whose container runs `sh -c script`
+/// as root and is given the guest's serial port `/dev/ttyS0` (c 4:64) under the device
+/// cgroup rules `rules` (OCI `linux.resources.devices` entries, as JSON).
+pub fn serial_port_bundle(dir: &std::path::Path, script: &str, rules: &str) {
+    busybox_rootfs(dir);
+    let config = format!(
+        r#"{{
+  "ociVersion": "1.0.2",
+  "process": {{
+    "args": ["sh", "-c", {script:?}],
+    "cwd": "/",
+    "user": {{"uid": 0, "gid": 0}},
+    "env": ["PATH=/bin:/sbin:/usr/bin"]
+  }},
+  "root": {{"path": "rootfs"}},
+  "mounts": [
+    {{"destination": "/proc", "type": "proc", "source": "proc"}},
+    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}}
+  ],
+  "linux": {{
+    "namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "ipc"}}, {{"type": "uts"}}],
+    "devices": [{{"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64, "fileMode": 438}}],
+    "resources": {{"devices": [{rules}]}}
+  }}
+}}"#,
+    );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+}
+
 /// `brig` with the test state root.
 pub fn brig(test: &str) -> Command {
     let mut cmd = Command::new(env_path("BRIG_BIN"));

@@ -3,35 +3,13 @@
 
 use std::process::{Output, Stdio};
 
-use brig_e2e::{brig, busybox_rootfs, scratch};
+use brig_e2e::{brig, scratch, serial_port_bundle};
 
 /// A bundle whose container gets /dev/ttyS0 (the guest's serial port, c 4:64) as a node,
 /// with `rules` (JSON objects) as its device cgroup, running `script`.
 fn run_bundle(test: &str, rules: &str, script: &str) -> Output {
     let dir = scratch(test);
-    busybox_rootfs(&dir);
-    let config = format!(
-        r#"{{
-  "ociVersion": "1.0.2",
-  "process": {{
-    "args": ["sh", "-c", {script:?}],
-    "cwd": "/",
-    "user": {{"uid": 0, "gid": 0}},
-    "env": ["PATH=/bin:/sbin:/usr/bin"]
-  }},
-  "root": {{"path": "rootfs"}},
-  "mounts": [
-    {{"destination": "/proc", "type": "proc", "source": "proc"}},
-    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}}
-  ],
-  "linux": {{
-    "namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "ipc"}}, {{"type": "uts"}}],
-    "devices": [{{"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64, "fileMode": 438}}],
-    "resources": {{"devices": [{rules}]}}
-  }}
-}}"#,
-    );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    serial_port_bundle(&dir, script, rules);
     brig(test)
         .args(["run", "--rm"])
         .arg(&dir)

@@ -134,35 +134,17 @@ const FLOOD_CAP: u64 = 16 * 1024;
 fn a_container_flooding_the_guest_console_stays_under_the_cap_and_the_sandbox_keeps_working() {
     let t = "console-flood";
     let dir = brig_e2e::scratch(t);
-    brig_e2e::busybox_rootfs(&dir);
     // Root in a container that was given the guest's serial port (c 4:64) writes 3 caps' worth
     // straight to the console, then stays up.
     let script = format!(
         "head -c {} /dev/zero | tr '\\000' x > /dev/ttyS0; echo; echo flooded; sleep 300",
         3 * FLOOD_CAP
     );
-    let config = format!(
-        r#"{{
-  "ociVersion": "1.0.2",
-  "process": {{
-    "args": ["sh", "-c", {script:?}],
-    "cwd": "/",
-    "user": {{"uid": 0, "gid": 0}},
-    "env": ["PATH=/bin:/sbin:/usr/bin"]
-  }},
-  "root": {{"path": "rootfs"}},
-  "mounts": [
-    {{"destination": "/proc", "type": "proc", "source": "proc"}},
-    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}}
-  ],
-  "linux": {{
-    "namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "ipc"}}, {{"type": "uts"}}],
-    "devices": [{{"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64, "fileMode": 438}}],
-    "resources": {{"devices": [{{"allow": true, "type": "c", "major": 4, "minor": 64, "access": "rw"}}]}}
-  }}
-}}"#
+    brig_e2e::serial_port_bundle(
+        &dir,
+        &script,
+        r#"{"allow": true, "type": "c", "major": 4, "minor": 64, "access": "rw"}"#,
     );
-    std::fs::write(dir.join("config.json"), config).unwrap();
     let brig_toml = dir.join("brig.toml");
     std::fs::write(
         &brig_toml,
