@@ -29,8 +29,8 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// Name of the TAP device in the pod's namespace.
 pub const TAP_NAME: &str = "tap0_brig";
-/// `ETH_P_ALL` in network byte order, as tc wants a filter's protocol.
-const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+/// `ETH_P_ALL` (0x0003) in network byte order, as tc wants a filter's protocol.
+const ETH_P_ALL_BE: u16 = 0x0003_u16.to_be();
 /// The ingress qdisc's handle (`ffff:`), also the parent of filters attached to it.
 const INGRESS_HANDLE: u32 = 0xffff_0000;
 /// The main routing table.
@@ -458,6 +458,14 @@ fn pod_route(r: &RouteMessage, index: u32) -> Option<Route> {
         source,
         scope: h.scope.into(),
     })
+}
+
+/// `02:42:0a:58:00:05`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, libc::ifreq);
