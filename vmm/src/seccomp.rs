@@ -473,7 +473,7 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
 /// The exit status after a filtered call: what a kill by SIGSYS would give.
 pub const EXIT_SECCOMP: i32 = 128 + libc::SIGSYS;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // Linux's siginfo for SIGSYS: after signo, errno, code and padding (16 bytes) come the
     // faulting call's address (8 bytes), then the syscall number (int).
     // SAFETY: the kernel hands a valid siginfo_t for SA_SIGINFO handlers; for SIGSYS raised by
@@ -484,41 +484,98 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             .cast::<libc::c_int>()
             .read_unaligned()
     };
-    let kind = KIND.with(|k| k.get());
-    let mut buf = [0u8; 256];
-    let mut len = 0;
-    let mut put = |bytes: &[u8]| {
-        let n = bytes.len().min(buf.len() - len);
-        buf[len..len + n].copy_from_slice(&bytes[..n]);
-        len += n;
+    // The call's first two arguments, as the registers held them when it trapped (x86_64
+    // passes them in rdi and rsi): what an ioctl or socket was refused for.
+    // SAFETY: for SA_SIGINFO handlers the kernel's third argument is a valid ucontext_t,
+    // whose general registers are those of the interrupted system call.
+    let args = unsafe {
+        let gregs = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        [libc::REG_RDI, libc::REG_RSI].map(|r| {
+            usize::try_from(r)
+                .ok()
+                .and_then(|r| gregs.get(r))
+                .map_or(0, |v| v.cast_unsigned())
+        })
     };
-    put(b"brig-vmm: seccomp: the ");
-    put(match kind {
-        Some(ThreadKind::Vcpu) => b"vCPU",
-        Some(ThreadKind::Vsock) => b"vsock",
-        Some(ThreadKind::Fs) => b"virtio-fs",
-        Some(ThreadKind::Signals) => b"signal",
-        Some(ThreadKind::Main) => b"main",
-        None => b"unknown",
-    });
-    put(b" thread made system call ");
-    let mut digits = [0u8; 12];
-    let mut i = digits.len();
-    let mut v = nr.unsigned_abs();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    put(&digits[i..]);
-    put(b", which its filter does not allow (brig-vmm --seccomp log finds what a path needs)\n");
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` outlives the call.
+    let message = Message::refused(KIND.with(|k| k.get()), nr, args);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `message` outlives the call.
     unsafe {
-        libc::write(2, buf.as_ptr().cast(), len);
+        libc::write(2, message.buf.as_ptr().cast(), message.len);
         libc::_exit(EXIT_SECCOMP);
+    }
+}
+
+/// The SIGSYS handler's message, built on the stack (a signal handler must not allocate).
+struct Message {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Message {
+    /// What a thread of `kind` was refused: system call `nr`, with the first two arguments
+    /// `args` named for the calls filtered by argument.
+    fn refused(kind: Option<ThreadKind>, nr: libc::c_int, args: [u64; 2]) -> Message {
+        let mut m = Message {
+            buf: [0; 256],
+            len: 0,
+        };
+        m.put(b"brig-vmm: seccomp: the ");
+        m.put(match kind {
+            Some(ThreadKind::Vcpu) => b"vCPU",
+            Some(ThreadKind::Vsock) => b"vsock",
+            Some(ThreadKind::Fs) => b"virtio-fs",
+            Some(ThreadKind::Signals) => b"signal",
+            Some(ThreadKind::Main) => b"main",
+            None => b"unknown",
+        });
+        m.put(b" thread made system call ");
+        m.number(u64::from(nr.unsigned_abs()), 10);
+        match libc::c_long::from(nr) {
+            libc::SYS_ioctl => {
+                m.put(b" (ioctl, request 0x");
+                m.number(args[1] & 0xffff_ffff, 16);
+                m.put(b")");
+            }
+            libc::SYS_socket => {
+                m.put(b" (socket, domain ");
+                m.number(args[0] & 0xffff_ffff, 10);
+                m.put(b", type 0x");
+                m.number(args[1] & 0xffff_ffff, 16);
+                m.put(b")");
+            }
+            _ => {}
+        }
+        m.put(
+            b", which its filter does not allow (brig-vmm --seccomp log finds what a path needs)\n",
+        );
+        m
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn number(&mut self, mut v: u64, base: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            // base is 10 or 16: the digit is under 16.
+            let digit = u8::try_from(v % base).unwrap_or(0);
+            digits[i] = b"0123456789abcdef"[usize::from(digit & 0xf)];
+            v /= base;
+            if v == 0 {
+                break;
+            }
+        }
+        self.put(&digits[i..]);
+    }
+
+    #[cfg(test)]
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap()
     }
 }
 
@@ -726,6 +783,45 @@ mod tests {
         assert_eq!(low_bits(libc::FIONBIO), Ok(FIONBIO));
         assert_eq!(low_bits(libc::TUNSETOFFLOAD), Ok(TUNSETOFFLOAD));
         assert_eq!(low_bits(libc::TUNSETVNETHDRSZ), Ok(TUNSETVNETHDRSZ));
+    }
+
+    #[test]
+    fn a_call_allowed_with_any_arguments_in_one_table_is_not_narrowed_by_another() {
+        const NARROW: &[Rule] = &[Rule {
+            nr: libc::SYS_ioctl,
+            only: &[&[request(FIONBIO)]],
+            why: "test",
+        }];
+        const WIDE: &[Rule] = &[any(libc::SYS_ioctl, "test")];
+        let rules = compile(&[NARROW, WIDE]).unwrap();
+        assert_eq!(rules.get(&libc::SYS_ioctl).map(Vec::len), Some(0));
+        let rules = compile(&[NARROW, NARROW]).unwrap();
+        assert_eq!(rules.get(&libc::SYS_ioctl).map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn the_refusal_names_the_thread_the_call_and_what_it_was_refused_for() {
+        let m = Message::refused(Some(ThreadKind::Vcpu), 16, [7, 0xffff_ffff_0000_5401]);
+        assert!(
+            m.text().starts_with(
+                "brig-vmm: seccomp: the vCPU thread made system call 16 (ioctl, request 0x5401), \
+                 which its filter does not allow"
+            ),
+            "{}",
+            m.text()
+        );
+        let m = Message::refused(Some(ThreadKind::Vsock), 41, [2, 0x80001]);
+        assert!(
+            m.text()
+                .contains("system call 41 (socket, domain 2, type 0x80001), which"),
+            "{}",
+            m.text()
+        );
+        let m = Message::refused(None, 110, [0, 0]);
+        assert!(m
+            .text()
+            .contains("unknown thread made system call 110, which"));
+        assert!(m.text().ends_with("needs)\n"), "{}", m.text());
     }
 
     #[test]
