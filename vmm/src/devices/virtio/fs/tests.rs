@@ -306,8 +306,15 @@ fn a_reset_opens_no_file_on_the_vcpu_and_the_next_driver_gets_a_fresh_server() {
     });
     assert_eq!(code, Some(0), "the reset makes only calls a vCPU may make");
 
-    // The next driver starts over: the inodes of the old one are gone, the share is not.
+    // The device's own thread builds the fresh server, under its own filter.
     guest.fs.reset();
+    let code = crate::seccomp::exit_code_under_filter(crate::seccomp::ThreadKind::Fs, || {
+        guest.fs.process_queue(REQUEST_QUEUE);
+        i32::from(guest.fs.server_stale)
+    });
+    assert_eq!(code, Some(0), "the virtio-fs thread may build a server");
+
+    // The next driver starts over: the inodes of the old one are gone, the share is not.
     let mut guest = Guest::with_device(guest.fs);
     guest.init();
     assert!(
