@@ -140,170 +140,99 @@ const fn any(nr: libc::c_long, why: &'static str) -> Rule {
     Rule { nr, only: ANY, why }
 }
 
+// The tables keep one call per line (rustfmt would fold them): they read as data. "Kept"
+// marks a call no trace or code reading has shown on that thread, allowed because nothing
+// shows it is never made either.
+
 /// What every thread needs: memory (musl's malloc), locks, its own exit, signal returns,
 /// time, and writing diagnostics to stderr (the capped VMM log).
+#[rustfmt::skip]
 const COMMON: &[Rule] = &[
-    any(
-        libc::SYS_read,
-        "eventfds, sockets, files: every thread reads something",
-    ),
-    any(
-        libc::SYS_write,
-        "stderr (the VMM log), eventfds (wakeups, interrupts)",
-    ),
-    any(libc::SYS_readv, "the standard library's vectored reads"),
-    any(
-        libc::SYS_writev,
-        "the standard library's vectored writes (log lines)",
-    ),
+    any(libc::SYS_read, "eventfds, sockets, files: every thread reads something"),
+    any(libc::SYS_write, "stderr (the VMM log), eventfds (wakeups, interrupts)"),
+    any(libc::SYS_readv, "kept: the standard library's vectored reads"),
+    any(libc::SYS_writev, "the standard library's vectored writes (log lines)"),
     any(libc::SYS_close, "dropping any file descriptor"),
     any(libc::SYS_futex, "locks, channels, thread parking"),
     any(libc::SYS_mmap, "musl's malloc"),
     any(libc::SYS_munmap, "musl's malloc, thread exit"),
     any(libc::SYS_mremap, "musl's realloc"),
-    any(
-        libc::SYS_madvise,
-        "musl's malloc returns memory, thread exit",
-    ),
+    any(libc::SYS_madvise, "musl's malloc gives memory back, thread exit"),
     any(libc::SYS_brk, "musl's malloc"),
-    any(libc::SYS_rt_sigreturn, "returning from a signal handler"),
-    any(
-        libc::SYS_rt_sigprocmask,
-        "musl's thread exit blocks signals",
-    ),
-    any(
-        libc::SYS_sigaltstack,
-        "the standard library's thread exit removes its signal stack",
-    ),
+    any(libc::SYS_rt_sigreturn, "kept: returning from a signal handler (SIGSYS's never returns)"),
+    any(libc::SYS_rt_sigprocmask, "musl's thread exit blocks signals"),
+    any(libc::SYS_sigaltstack, "the standard library's thread exit drops its signal stack"),
     any(libc::SYS_exit, "a thread's end"),
     any(libc::SYS_exit_group, "the VMM's end"),
-    any(
-        libc::SYS_clock_gettime,
-        "log timestamps, timeouts, rate limits",
-    ),
-    any(libc::SYS_clock_nanosleep, "thread::sleep"),
-    any(libc::SYS_nanosleep, "thread::sleep"),
-    any(libc::SYS_sched_yield, "spin locks"),
-    any(libc::SYS_getpid, "log lines, musl internals"),
-    any(libc::SYS_gettid, "log lines, musl internals"),
-    any(libc::SYS_getrandom, "hash maps' random keys"),
-    any(
-        libc::SYS_fcntl,
-        "the standard library's descriptor flags (O_NONBLOCK, CLOEXEC)",
-    ),
-    any(
-        libc::SYS_fstat,
-        "the standard library's metadata of open files",
-    ),
-    any(
-        libc::SYS_lseek,
-        "the capped files: where the next write goes",
-    ),
+    any(libc::SYS_clock_gettime, "log timestamps, vsock deadlines, warning rate limits"),
+    any(libc::SYS_clock_nanosleep, "kept: thread::sleep"),
+    any(libc::SYS_nanosleep, "kept: thread::sleep"),
+    any(libc::SYS_sched_yield, "kept: musl's and the standard library's spin loops"),
+    any(libc::SYS_getpid, "kept: musl internals"),
+    any(libc::SYS_gettid, "kept: musl internals"),
+    any(libc::SYS_getrandom, "a thread's first HashMap seeds its keys"),
+    any(libc::SYS_fcntl, "descriptor flags (socket2's O_NONBLOCK, CLOEXEC)"),
+    any(libc::SYS_fstat, "the standard library's metadata of open files"),
     // The capped files (console_file.rs, vmm_log.rs): the VMM's log is written from every
     // thread, and when a capped file reaches its cap the newest half is read back, moved to
     // the front and the file cut. With write and lseek allowed, the positioned calls add
     // nothing; ftruncate only shortens files the VMM already holds open.
-    any(
-        libc::SYS_pread64,
-        "the capped files: reading back the newest half",
-    ),
-    any(
-        libc::SYS_pwrite64,
-        "the capped files: writing at their own offset",
-    ),
-    any(
-        libc::SYS_ftruncate,
-        "the capped files: cutting after the move",
-    ),
+    any(libc::SYS_lseek, "the capped files: where the next write goes"),
+    any(libc::SYS_pread64, "the capped files: reading back the newest half"),
+    any(libc::SYS_pwrite64, "the capped files: writing at their own offset"),
+    any(libc::SYS_ftruncate, "the capped files: cutting after the move"),
 ];
 
 /// vCPUs: KVM_RUN, eventfd writes (interrupts, queue kicks that missed the ioeventfd) and
-/// the serial console's output. Device activation and reset run here too (the vCPU that
+/// the serial console's output. Device activation and reset run here too (on the vCPU that
 /// writes the status register), so they only flip state and wake the device's own thread:
 /// the virtio-fs server is rebuilt there. No file opening, no sockets.
-const VCPU: &[Rule] = &[Rule {
-    nr: libc::SYS_ioctl,
-    // `VcpuFd::run` (kvm-ioctls) makes only this one; MMIO and port exits are read from
-    // the mapped `kvm_run` page, and interrupts go through irqfds (eventfd writes).
-    only: &[&[request(KVM_RUN)]],
-    why: "run_vcpu: KVM_RUN",
-}];
+#[rustfmt::skip]
+const VCPU: &[Rule] = &[
+    // `VcpuFd::run` (kvm-ioctls) makes only this one: MMIO and port exits are read from the
+    // mapped `kvm_run` page, and interrupts go through irqfds (eventfd writes). Every other
+    // KVM ioctl (vCPU setup, irqfds, ioeventfds) is made before the filters.
+    Rule { nr: libc::SYS_ioctl, only: &[&[request(KVM_RUN)]], why: "run_vcpu: KVM_RUN" },
+];
 
 /// A device's event loop (event-manager).
+#[rustfmt::skip]
 const EVENT_LOOP: &[Rule] = &[
     any(libc::SYS_epoll_wait, "EventManager::run"),
-    any(
-        libc::SYS_epoll_pwait,
-        "EventManager::run (musl's epoll_wait)",
-    ),
-    any(
-        libc::SYS_epoll_ctl,
-        "devices add and remove their descriptors",
-    ),
+    any(libc::SYS_epoll_pwait, "EventManager::run (musl's epoll_wait)"),
+    any(libc::SYS_epoll_ctl, "devices add and remove their descriptors"),
 ];
 
 /// The vsock device: accept host connections, connect guest connections to <uds>_<port>,
 /// time out silent peers. No file system calls. Its eventfds and timer are made with the
 /// device, before any filter.
+#[rustfmt::skip]
 const VSOCK: &[Rule] = &[
-    Rule {
-        nr: libc::SYS_ioctl,
-        // The standard library's set_nonblocking; socket2's uses fcntl.
-        only: &[&[request(FIONBIO)]],
-        why: "backend: accepted host connections are made non-blocking",
-    },
-    any(
-        libc::SYS_accept4,
-        "backend: host processes connecting to the vsock socket",
-    ),
-    Rule {
-        nr: libc::SYS_socket,
-        only: &[UNIX_STREAM],
-        why: "backend: a guest connection to host port P connects to <uds>_P (socket2)",
-    },
-    any(
-        libc::SYS_connect,
-        "backend: the guest connection's Unix socket",
-    ),
-    any(libc::SYS_recvfrom, "connections: reading host streams"),
-    any(
-        libc::SYS_sendto,
-        "connections: writing host streams (MSG_NOSIGNAL)",
-    ),
-    any(
-        libc::SYS_recvmsg,
-        "connections: vectored reads of host streams",
-    ),
-    any(
-        libc::SYS_sendmsg,
-        "connections: vectored writes of host streams (MSG_NOSIGNAL)",
-    ),
-    any(libc::SYS_shutdown, "connections: the guest's half-close"),
-    any(
-        libc::SYS_getsockopt,
-        "connections: SO_ERROR of a connect in progress",
-    ),
-    any(
-        libc::SYS_timerfd_settime,
-        "timeouts for silent peers: arming and stopping the tick",
-    ),
+    // The standard library's set_nonblocking (socket2's uses fcntl).
+    Rule { nr: libc::SYS_ioctl, only: &[&[request(FIONBIO)]], why: "backend: accepted streams" },
+    any(libc::SYS_accept4, "backend: host processes connecting to the vsock socket"),
+    // socket2's Socket::new(Domain::UNIX, Type::STREAM, None), with SOCK_CLOEXEC.
+    Rule { nr: libc::SYS_socket, only: &[UNIX_STREAM], why: "backend: guest to <uds>_<port>" },
+    any(libc::SYS_connect, "backend: the guest connection's Unix socket"),
+    any(libc::SYS_recvfrom, "connections, handshakes: reading host streams (std's recv)"),
+    any(libc::SYS_sendto, "kept: a plain write of a host stream (the backend uses sendmsg)"),
+    any(libc::SYS_recvmsg, "kept: vectored reads of host streams"),
+    any(libc::SYS_sendmsg, "connections: writes to host streams (socket2, MSG_NOSIGNAL)"),
+    any(libc::SYS_shutdown, "connections: the guest's half-close reaches the host stream"),
+    any(libc::SYS_getsockopt, "kept: SO_ERROR of a connect in progress"),
+    any(libc::SYS_timerfd_settime, "timeouts for silent peers: arming and stopping the tick"),
 ];
 
 /// The virtio-fs passthrough server: everything a FUSE request can turn into, done on files
 /// of the shared directory on the guest's behalf (with the guest's credentials per request),
 /// and rebuilding the server after a device reset. No sockets, no ioctl: the passthrough
 /// file system answers FUSE_IOCTL with ENOSYS without making one.
+#[rustfmt::skip]
 const FS: &[Rule] = &[
-    any(
-        libc::SYS_openat,
-        "lookup, open, create; a rebuilt server opens its root",
-    ),
-    any(libc::SYS_open, "a rebuilt server opens /proc/self/fd"),
+    any(libc::SYS_openat, "lookup, open, create; a rebuilt server opens its root"),
+    any(libc::SYS_open, "musl's File::open: a rebuilt server reads /proc/self/mountinfo"),
     any(libc::SYS_newfstatat, "getattr, lookup"),
-    any(
-        libc::SYS_statx,
-        "getattr, lookup (the standard library's metadata)",
-    ),
+    any(libc::SYS_statx, "getattr, lookup (the standard library's metadata)"),
     any(libc::SYS_getdents64, "readdir"),
     any(libc::SYS_readlinkat, "readlink"),
     any(libc::SYS_mkdirat, "mkdir"),
@@ -334,36 +263,20 @@ const FS: &[Rule] = &[
     any(libc::SYS_flock, "flock-style locks"),
     any(libc::SYS_dup, "open of an inode's O_PATH descriptor"),
     any(libc::SYS_dup3, "open of an inode's O_PATH descriptor"),
-    any(
-        libc::SYS_umask,
-        "create with the guest's umask; a rebuilt server clears it",
-    ),
-    any(
-        libc::SYS_setresuid,
-        "each request runs with the guest caller's uid",
-    ),
-    any(
-        libc::SYS_setresgid,
-        "each request runs with the guest caller's gid",
-    ),
+    any(libc::SYS_umask, "create with the guest's umask; a rebuilt server clears it"),
+    any(libc::SYS_setresuid, "each request runs with the guest caller's uid"),
+    any(libc::SYS_setresgid, "each request runs with the guest caller's gid"),
     any(libc::SYS_setgroups, "the caller's supplementary groups"),
-    any(
-        libc::SYS_capget,
-        "dropping CAP_FSETID for a write by a non-owner",
-    ),
-    any(
-        libc::SYS_capset,
-        "dropping CAP_FSETID for a write by a non-owner",
-    ),
+    any(libc::SYS_capget, "dropping CAP_FSETID for a write by a non-owner"),
+    any(libc::SYS_capset, "dropping CAP_FSETID for a write by a non-owner"),
 ];
 
-/// The virtio-net device's event loop (for `ThreadKind::Net`, which comes with the device):
-/// frames between the TAP file descriptor and the queues. Reads and writes of the TAP and
-/// its eventfds are in [`COMMON`]; the epoll calls in [`EVENT_LOOP`].
-#[allow(
-    dead_code,
-    reason = "used once ThreadKind::Net exists (the virtio-net branch)"
-)]
+/// The virtio-net device's event loop, for `ThreadKind::Net` (the virtio-net branch adds
+/// the kind and puts `&[COMMON, EVENT_LOOP, NET]` in [`tables`]): frames between the TAP
+/// and the queues. The TAP's and eventfds' reads and writes (read, write, readv, writev)
+/// are in [`COMMON`], the epoll calls in [`EVENT_LOOP`].
+#[rustfmt::skip]
+#[allow(dead_code, reason = "used once ThreadKind::Net exists (the virtio-net branch)")]
 const NET: &[Rule] = &[
     Rule {
         nr: libc::SYS_ioctl,
@@ -374,12 +287,14 @@ const NET: &[Rule] = &[
 ];
 
 /// The signal thread only waits for one.
+#[rustfmt::skip]
 const SIGNALS: &[Rule] = &[any(libc::SYS_rt_sigtimedwait, "SigSet::wait")];
 
 /// The main thread removes the vsock socket before it exits.
+#[rustfmt::skip]
 const MAIN: &[Rule] = &[
-    any(libc::SYS_unlink, "Vsock's drop removes its socket"),
-    any(libc::SYS_unlinkat, "Vsock's drop removes its socket"),
+    any(libc::SYS_unlink, "Vsock's drop removes its socket (std's remove_file)"),
+    any(libc::SYS_unlinkat, "kept: remove_file on a C library that uses unlinkat"),
 ];
 
 /// The tables a thread of `kind` may make calls from.
