@@ -2,14 +2,16 @@
 //! system calls its job needs, so a guest that finds a bug in a device model gains little.
 //!
 //! The rules are data, in the manner of Firecracker's filters: per thread kind, a few tables of
-//! [`Rule`]s, each a system call, the argument checks it must pass (none: any arguments) and who
+//! rules, each a system call, the argument checks it must pass (none: any arguments) and who
 //! needs it. `ioctl` is allowed only for the requests a thread makes (the vCPU's `KVM_RUN`, the
 //! vsock backend's `FIONBIO`), `socket` only for the vsock backend's Unix streams. The tables
 //! cover what the Rust standard library, musl's allocator and the crates each thread uses ask
 //! of the kernel. Anything else raises SIGSYS: the handler names the call and the thread on
 //! stderr and ends the VMM with status 159 (128 + SIGSYS), as if the signal had killed it.
 //!
-//! A new thread kind is one more table and one more line in [`tables`].
+//! A new thread kind is its [`ThreadKind`] variant, one more table, and the line in `tables`
+//! that names the tables it is made of (plus its filter in `vm.rs` and its name in the SIGSYS
+//! message).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
