@@ -53,6 +53,19 @@ pub struct RunArgs {
     /// Bind a host path into the container: HOST:CONTAINER[:ro].
     #[arg(short = 'v', long = "volume", value_name = "HOST:CTR[:ro]")]
     volumes: Vec<String>,
+    /// Network: `bridge` (a namespace on the host bridge brig0, made by the CNI bridge,
+    /// host-local and portmap plugins, with NAT to the outside; the default, as docker's),
+    /// `none` (loopback only), or `netns:PATH` (join a namespace someone else made, e.g.
+    /// with CNI). Default from brig.toml's `network`.
+    #[arg(long, value_name = "bridge|none|netns:PATH")]
+    network: Option<String>,
+    /// Publish a container port on the host (bridge network): HOST:CTR[/tcp|udp].
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CTR[/PROTO]")]
+    publish: Vec<brig_runtime::cni::PortMapping>,
+    /// DNS server for the container's /etc/resolv.conf (default on a bridge: the host's
+    /// servers, loopback ones left out).
+    #[arg(long, value_name = "IP")]
+    dns: Vec<std::net::IpAddr>,
     /// Security options: seccomp=PROFILE.json (an OCI linux.seccomp object).
     #[arg(long = "security-opt", value_name = "OPT")]
     security_opt: Vec<String>,
@@ -161,6 +174,27 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     sandbox_spec.share = true;
     sandbox_spec.tie_to_owner = true;
     sandbox_spec.fit(&target.spec);
+    let network = args
+        .network
+        .clone()
+        .unwrap_or_else(|| config.network.clone());
+    match network.as_str() {
+        "bridge" => sandbox_spec.bridge = Some(args.publish.clone()),
+        "none" => {}
+        other => match other.strip_prefix("netns:") {
+            Some(path) if std::path::Path::new(path).is_absolute() => {
+                sandbox_spec.netns = Some(path.into())
+            }
+            _ => anyhow::bail!(
+                "--network {other:?}: use bridge, none, or netns:/ABSOLUTE/PATH of a network namespace"
+            ),
+        },
+    }
+    anyhow::ensure!(
+        args.publish.is_empty() || network == "bridge",
+        "-p publishes ports of the bridge network: drop -p or use --network bridge"
+    );
+    let resolv_conf = (network != "none" || !args.dns.is_empty()).then(|| resolv_conf(&args.dns));
     let container = ContainerConfig {
         id: id.clone(),
         spec: target.spec,
@@ -184,6 +218,7 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         config: &config,
         sandbox_spec: &sandbox_spec,
         container: &container,
+        resolv_conf,
         output,
         memory: args.memory,
         remove: args.rm,
@@ -252,11 +287,51 @@ enum Output {
     Logs(PathBuf),
 }
 
+/// The container's /etc/resolv.conf: `dns` as its servers, else the host's servers (a
+/// loopback resolver of the host, such as systemd-resolved's stub, is not reachable from
+/// the container), else a public one, as docker does.
+fn resolv_conf(dns: &[std::net::IpAddr]) -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut out = String::new();
+    let mut servers: Vec<String> = dns.iter().map(|ip| ip.to_string()).collect();
+    for line in host.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(ip) = words
+                    .next()
+                    .and_then(|w| w.parse::<std::net::IpAddr>().ok())
+                {
+                    if dns.is_empty() && !ip.is_loopback() {
+                        servers.push(ip.to_string());
+                    }
+                }
+            }
+            Some("search" | "options" | "domain") => {
+                out.push_str(line);
+                out.push('\n');
+            }
+            _ => {}
+        }
+    }
+    if servers.is_empty() {
+        servers = vec!["8.8.8.8".into(), "8.8.4.4".into()];
+    }
+    let mut conf: String = servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect();
+    conf.push_str(&out);
+    conf
+}
+
 struct Run<'a> {
     layout: &'a Layout,
     config: &'a RuntimeConfig,
     sandbox_spec: &'a SandboxSpec,
     container: &'a ContainerConfig,
+    /// Written into the container's state directory and bound on /etc/resolv.conf.
+    resolv_conf: Option<String>,
     output: Output,
     memory: Option<u64>,
     remove: bool,
@@ -277,8 +352,18 @@ impl Run<'_> {
 
     async fn run_in(&self, record: &mut Container) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
+        let mut container = self.container.clone();
+        if let Some(conf) = &self.resolv_conf {
+            let path = self.layout.container(id).join("resolv.conf");
+            std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+            container.volumes.push(Volume {
+                host: path,
+                container: "/etc/resolv.conf".into(),
+                read_only: true,
+            });
+        }
         let mut sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
-        let stdio = match record.create(&sandbox, self.container).await {
+        let stdio = match record.create(&sandbox, &container).await {
             Ok(stdio) => stdio,
             Err(e) => {
                 eprintln!("brig: {e}");

@@ -13,9 +13,12 @@
 //!                     # never, always (brig-vmm --fs-cache; metadata = direct I/O for data)
 //! console_limit = 1048576  # bytes of a sandbox's console.log kept (its newest part)
 //! vmm_log_limit = 1048576  # bytes of a sandbox's vmm.log kept (its newest part)
+//! network = "bridge"       # `brig run`'s default --network: bridge or none
+//! bridge_subnet = "10.89.0.0/24"  # addresses of the bridge network (gateway: its .1)
+//! cni_plugin_dir = "/usr/lib/cni" # where the CNI plugins are
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
-//! `BRIG_ROOT`, `BRIG_FS_CACHE`.
+//! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +53,9 @@ pub enum ConfigError {
     /// A log cap too small to hold a kernel panic's lines.
     #[error("{field} is {value} bytes: it must be at least {MIN_LOG_LIMIT} (16 KiB)")]
     LogLimit { field: &'static str, value: u64 },
+    /// A default network mode that is not one of the allowed ones.
+    #[error("network (or BRIG_NETWORK) is {0:?}: use \"bridge\" or \"none\"")]
+    Network(String),
 }
 
 /// Default cap of a sandbox's `console.log` and `vmm.log`, bytes.
@@ -74,6 +80,9 @@ struct ConfigFile {
     fs_cache: Option<String>,
     console_limit: Option<u64>,
     vmm_log_limit: Option<u64>,
+    network: Option<String>,
+    bridge_subnet: Option<String>,
+    cni_plugin_dir: Option<PathBuf>,
 }
 
 /// Resolved runtime configuration.
@@ -100,6 +109,12 @@ pub struct RuntimeConfig {
     pub console_limit: u64,
     /// Cap of a sandbox's VMM log, bytes (brig-vmm `--log-limit`).
     pub vmm_log_limit: u64,
+    /// `brig run`'s default network mode: `bridge` or `none`.
+    pub network: String,
+    /// Subnet of the bridge network.
+    pub bridge_subnet: String,
+    /// Where the CNI plugins are.
+    pub cni_plugin_dir: PathBuf,
 }
 
 impl RuntimeConfig {
@@ -174,6 +189,13 @@ impl RuntimeConfig {
         };
         let console_limit = limit("console_limit", file.console_limit)?;
         let vmm_log_limit = limit("vmm_log_limit", file.vmm_log_limit)?;
+        let network = env("BRIG_NETWORK")
+            .map(|v| v.to_string_lossy().into_owned())
+            .or(file.network)
+            .unwrap_or_else(|| "bridge".into());
+        if network != "bridge" && network != "none" {
+            return Err(ConfigError::Network(network));
+        }
         Ok(Self {
             kernel,
             initrd,
@@ -185,6 +207,11 @@ impl RuntimeConfig {
             fs_cache,
             console_limit,
             vmm_log_limit,
+            network,
+            bridge_subnet: file.bridge_subnet.unwrap_or_else(|| "10.89.0.0/24".into()),
+            cni_plugin_dir: file
+                .cni_plugin_dir
+                .unwrap_or_else(|| PathBuf::from("/usr/lib/cni")),
         })
     }
 }

@@ -63,6 +63,9 @@ pub struct SandboxSpec {
     /// The pod's network namespace (made by CNI): the VMM runs in it, and the guest gets
     /// its interface through a TAP (see `net`). `None`: the guest has loopback only.
     pub netns: Option<PathBuf>,
+    /// A network of the runtime's own instead (`brig run --network bridge`): a namespace
+    /// wired by the CNI bridge plugin, publishing these ports (see `cni`).
+    pub bridge: Option<Vec<crate::cni::PortMapping>>,
 }
 
 impl SandboxSpec {
@@ -76,6 +79,7 @@ impl SandboxSpec {
             share: false,
             tie_to_owner: false,
             netns: None,
+            bridge: None,
         }
     }
 
@@ -129,6 +133,9 @@ pub struct SandboxRecord {
     /// The pod network namespace whose interface was wired to the VM (undone at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The runtime's own CNI network of the sandbox, if it has one (undone at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<crate::cni::CniRecord>,
 }
 
 /// The record of the sandbox in `dir`.
@@ -201,6 +208,9 @@ pub enum SandboxError {
     /// The pod's network could not be wired to the VM.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    /// The runtime's own network could not be set up.
+    #[error(transparent)]
+    Cni(#[from] crate::cni::CniError),
 }
 
 /// A running sandbox.
@@ -238,8 +248,28 @@ impl Sandbox {
             }
             Err(source) => return Err(SandboxError::StateDir { dir, source }),
         }
-        let result = match link_vsock(&layout, &spec.id) {
-            Ok(()) => Self::boot(config, spec, layout.clone(), &dir, &kvm).await,
+        // A network of our own: CNI wires a new namespace, which is then the pod's.
+        let mut spec = spec.clone();
+        let mut cni = None;
+        let mut result = Ok(());
+        if let Some(ports) = &spec.bridge {
+            let netns = layout.root().join("netns").join(&spec.id);
+            match crate::cni::setup(
+                &netns,
+                &spec.id,
+                crate::cni::bridge_conflist(&config.bridge_subnet),
+                &config.cni_plugin_dir,
+                ports.clone(),
+            ) {
+                Ok(record) => {
+                    spec.netns = Some(record.netns.clone());
+                    cni = Some(record);
+                }
+                Err(e) => result = Err(e.into()),
+            }
+        }
+        let result = match result.and_then(|()| link_vsock(&layout, &spec.id)) {
+            Ok(()) => Self::boot(config, &spec, cni.clone(), layout.clone(), &dir, &kvm).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -247,6 +277,9 @@ impl Sandbox {
                 if let Err(e) = crate::net::detach(netns) {
                     tracing::warn!("undoing the pod network: {e}");
                 }
+            }
+            if let Some(cni) = &cni {
+                crate::cni::teardown(cni);
             }
             unlink_vsock(&layout, &spec.id);
             if let Err(e) = share::remove(&dir) {
@@ -259,6 +292,7 @@ impl Sandbox {
     async fn boot(
         config: &RuntimeConfig,
         spec: &SandboxSpec,
+        cni: Option<crate::cni::CniRecord>,
         layout: Layout,
         dir: &Path,
         kvm: &KvmKind,
@@ -447,6 +481,7 @@ impl Sandbox {
                                 share: spec.share,
                                 created: state::now(),
                                 netns: spec.netns.clone(),
+                                cni,
                             };
                             state::write_atomically(&dir.join("sandbox.json"), &record)?;
                             if let Some(network) = &network {
@@ -705,12 +740,19 @@ pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Undo the pod network wiring that the record in sandbox directory `dir` names.
+/// Undo the pod network wiring that the record in sandbox directory `dir` names, and the
+/// runtime's own CNI network.
 fn undo_network(dir: &Path) {
-    if let Some(netns) = read_record(dir).ok().and_then(|r| r.netns) {
-        if let Err(e) = crate::net::detach(&netns) {
+    let Ok(record) = read_record(dir) else {
+        return;
+    };
+    if let Some(netns) = &record.netns {
+        if let Err(e) = crate::net::detach(netns) {
             tracing::warn!("undoing the pod network: {e}");
         }
+    }
+    if let Some(cni) = &record.cni {
+        crate::cni::teardown(cni);
     }
 }
 
@@ -882,6 +924,9 @@ mod tests {
             fs_cache: "auto".into(),
             console_limit: crate::config::DEFAULT_LOG_LIMIT,
             vmm_log_limit: crate::config::DEFAULT_LOG_LIMIT,
+            network: "none".into(),
+            bridge_subnet: "10.89.0.0/24".into(),
+            cni_plugin_dir: "/usr/lib/cni".into(),
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

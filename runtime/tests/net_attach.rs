@@ -207,3 +207,70 @@ fn a_namespace_with_loopback_only_has_no_pod_network() {
     assert!(matches!(attached, Ok(None)), "{attached:?}");
     drop(ns);
 }
+
+#[test]
+fn cni_setup_wires_a_new_namespace_that_attach_accepts_and_teardown_leaves_nothing() {
+    use brig_runtime::cni;
+    if !usable() || !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("skipped: needs root, iproute2 and Debian's containernetworking-plugins");
+        return;
+    }
+    let id = format!("brigcni{}", std::process::id());
+    let mut conflist = cni::bridge_conflist("10.99.6.0/24");
+    conflist["name"] = id.clone().into();
+    conflist["plugins"][0]["bridge"] = "brigtest0".into();
+    let netns = std::env::temp_dir().join(format!("{id}.netns"));
+    let record = cni::setup(
+        &netns,
+        &id,
+        conflist,
+        std::path::Path::new("/usr/lib/cni"),
+        vec!["18099:80".parse().unwrap()],
+    )
+    .expect("CNI ADD");
+    let attached = net::attach(&netns)
+        .expect("attach")
+        .expect("CNI's interface");
+    let address = attached.network.interface.addresses[0];
+    assert!(
+        address.address.to_string().starts_with("10.99.6."),
+        "{address:?}"
+    );
+    assert_eq!(address.prefix, 24);
+    assert!(
+        attached
+            .network
+            .routes
+            .iter()
+            .any(|r| r.destination.is_none() && r.gateway == Some("10.99.6.1".parse().unwrap())),
+        "{:?}",
+        attached.network.routes
+    );
+    drop(attached);
+    net::detach(&netns).unwrap();
+    cni::teardown(&record);
+    assert!(!netns.exists(), "the namespace file is left");
+    let veths = ip(&["-o", "link", "show", "master", "brigtest0"]);
+    let allocations: Vec<_> = entries(&format!("/var/lib/cni/networks/{id}"))
+        .into_iter()
+        .filter(|e| e.starts_with("10."))
+        .collect();
+    let _ = Command::new("ip")
+        .args(["link", "del", "brigtest0"])
+        .status();
+    assert!(veths.trim().is_empty(), "veths left: {veths}");
+    assert!(
+        allocations.is_empty(),
+        "IP allocations left: {allocations:?}"
+    );
+}
+
+fn entries(path: &str) -> Vec<String> {
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

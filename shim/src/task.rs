@@ -1359,6 +1359,7 @@ mod tests {
             share: true,
             tie_to_owner: false,
             netns: None,
+            bridge: None,
         };
         let mut sandbox = pod_vm();
         fit_pod(

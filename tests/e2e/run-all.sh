@@ -6,6 +6,9 @@
 # state of every Brig process is printed (what each thread waits in, guest console tails),
 # then the test and what it started are killed, and the next test runs.
 set -u
+# `brig run` networks containers on its bridge by default (CNI plugins, iptables): slow in the
+# lab and beside the point of most tests. Those about networking say --network themselves.
+export BRIG_NETWORK=${BRIG_NETWORK:-none}
 deadline=${BRIG_E2E_TEST_TIMEOUT:-300}
 status=0
 log=$(mktemp)

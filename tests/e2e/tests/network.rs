@@ -1,0 +1,251 @@
+//! `brig run`'s networks: `bridge` (the default, made by the CNI bridge, host-local and
+//! portmap plugins, as docker's bridge), `none`, and `netns:PATH` (a namespace someone else
+//! made). What a container publishes is reachable from the host, the container reaches
+//! the host, and nothing is left once it is removed.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use brig_e2e::{brig, busybox_rootfs, dir_entries};
+
+fn rootfs() -> &'static std::path::Path {
+    static ROOTFS: OnceLock<std::path::PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("brig-e2e-net-rootfs-{}", std::process::id()));
+        busybox_rootfs(&dir)
+    })
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// GET http://ADDR/ until it answers 200 or `within` passes; the body.
+fn http_get(addr: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    let mut last;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let sock = addr.parse().map_err(std::io::Error::other)?;
+            let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: c\r\n\r\n")?;
+            let mut r = String::new();
+            s.read_to_string(&mut r)?;
+            Ok(r)
+        })();
+        match attempt {
+            Ok(r) if r.contains(" 200 ") => {
+                return r
+                    .split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            }
+            Ok(r) => last = format!("answer {r:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        assert!(Instant::now() < deadline, "GET http://{addr}/: {last}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// An HTTP server on the host at `ip` that answers `body`; its port.
+fn host_server(ip: &str, body: &'static str) -> u16 {
+    let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = stream.read(&mut buf);
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+fn iptables_rules() -> String {
+    let out = Command::new("iptables-save").output().unwrap();
+    text(&out.stdout)
+}
+
+#[test]
+fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing() {
+    let test = "net-bridge";
+    let name = "web1";
+    // The default network, as a user meets it (run-all.sh sets none for other tests).
+    let out = brig(test)
+        .env_remove("BRIG_NETWORK")
+        .args(["run", "-d", "--name", name, "-p", "18081:80", "--dns", "10.96.0.10"])
+        .arg(rootfs())
+        .args([
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-brig > /www/index.html && exec httpd -f -p 80 -h /www",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    ok(out, "brig run -d -p 18081:80");
+    let exec = |script: &str| {
+        ok(
+            brig(test)
+                .args(["exec", name, "sh", "-c", script])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap(),
+            script,
+        )
+    };
+    let addr = exec("ip -o -4 addr show eth0");
+    let ip = addr
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix("/24"))
+        .unwrap_or_else(|| panic!("no /24 address on eth0: {addr}"))
+        .to_string();
+    assert!(ip.starts_with("10.89.0."), "{addr}");
+    // The published port, on the host's address on the bridge, and the container's own.
+    assert_eq!(
+        http_get("10.89.0.1:18081", Duration::from_secs(60)),
+        "hello-from-brig"
+    );
+    assert_eq!(
+        http_get(&format!("{ip}:80"), Duration::from_secs(30)),
+        "hello-from-brig"
+    );
+    // The container reaches the host; --dns is its resolver.
+    let port = host_server("10.89.0.1", "hello-from-host");
+    assert_eq!(
+        exec(&format!("wget -q -T 20 -O- http://10.89.0.1:{port}/")).trim(),
+        "hello-from-host"
+    );
+    let resolv = exec("cat /etc/resolv.conf");
+    assert!(resolv.starts_with("nameserver 10.96.0.10\n"), "{resolv}");
+    let id_rules = iptables_rules();
+    assert!(id_rules.contains("18081"), "no portmap rule: {id_rules}");
+
+    ok(
+        brig(test).args(["rm", "-f", name]).output().unwrap(),
+        "brig rm -f",
+    );
+    // Nothing left: veth, namespace, IP allocation, NAT and port rules.
+    let links = text(
+        &Command::new("ip")
+            .args(["-o", "link", "show", "master", "brig0"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(links.trim().is_empty(), "veths left on brig0: {links}");
+    let netns = dir_entries(std::path::Path::new("/run/brig-e2e/net-bridge/netns"));
+    assert!(netns.is_empty(), "namespaces left: {netns:?}");
+    let ips: Vec<String> = dir_entries(std::path::Path::new("/var/lib/cni/networks/brig"))
+        .into_iter()
+        .filter(|e| e.starts_with("10."))
+        .collect();
+    assert!(ips.is_empty(), "IP allocations left: {ips:?}");
+    let rules = iptables_rules();
+    assert!(!rules.contains("18081"), "port rules left: {rules}");
+    assert!(
+        !rules.contains(&format!("{ip}/32")) && !rules.contains(&format!("{ip} ")),
+        "NAT rules left for {ip}: {rules}"
+    );
+}
+
+#[test]
+fn network_none_has_loopback_only_and_it_is_up() {
+    let out = brig("net-none")
+        .args(["run", "--rm", "--network", "none"])
+        .arg(rootfs())
+        .args(["sh", "-c", "ls /sys/class/net; ip -o link show lo"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = ok(out, "--network none");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("lo"), "{out}");
+    assert!(out.contains("LOWER_UP") || out.contains(",UP"), "{out}");
+}
+
+#[test]
+fn network_netns_joins_a_namespace_someone_else_made() {
+    let ns = format!("brig-e2e-{}", std::process::id());
+    let peer = format!("bp{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+    };
+    ip(&["netns", "add", &ns]);
+    ip(&[
+        "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ]);
+    ip(&["addr", "add", "10.99.7.1/24", "dev", &peer]);
+    ip(&["link", "set", &peer, "up"]);
+    ip(&["-n", &ns, "addr", "add", "10.99.7.2/24", "dev", "eth0"]);
+    ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+    let port = host_server("10.99.7.1", "hello-netns");
+    let out = brig("net-netns")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            &format!("netns:/run/netns/{ns}"),
+        ])
+        .arg(rootfs())
+        .args([
+            "sh",
+            "-c",
+            &format!("ip -o -4 addr show eth0; wget -q -T 20 -O- http://10.99.7.1:{port}/"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let out = ok(out, "--network netns:");
+    assert!(out.contains("10.99.7.2/24"), "{out}");
+    assert!(out.trim_end().ends_with("hello-netns"), "{out}");
+}
+
+#[test]
+fn a_bad_network_is_one_clear_line() {
+    for (flags, words) in [
+        (vec!["--network", "bogus"], "use bridge, none, or netns:"),
+        (
+            vec!["--network", "none", "-p", "80:80"],
+            "drop -p or use --network bridge",
+        ),
+        (vec!["-p", "80"], "HOST_PORT:CONTAINER_PORT"),
+    ] {
+        let out = brig("net-bad")
+            .args(["run", "--rm"])
+            .args(&flags)
+            .arg(rootfs())
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0), "{flags:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(words), "{flags:?}: {err}");
+    }
+}
