@@ -20,6 +20,8 @@ pub enum ThreadKind {
     Vsock,
     /// The virtio-fs device's queues and its passthrough file server.
     Fs,
+    /// The virtio-net device's queues and its TAP.
+    Net,
     /// Waits for SIGTERM/SIGINT/SIGHUP.
     Signals,
     /// The thread that started the others: waits for the end, cleans up, exits.
@@ -89,7 +91,8 @@ const COMMON: &[libc::c_long] = &[
 
 /// vCPUs: KVM_RUN and friends, eventfd writes (interrupts), and device activation, which
 /// runs on the vCPU that wrote DRIVER_OK: the virtio-fs server then opens the shared
-/// directory (and /proc/self/fd) and clears the umask.
+/// directory (and /proc/self/fd) and clears the umask; virtio-net sets the TAP's offloads
+/// (ioctl TUNSETOFFLOAD).
 const VCPU: &[libc::c_long] = &[
     libc::SYS_ioctl,
     libc::SYS_open,
@@ -174,6 +177,17 @@ const FS: &[libc::c_long] = &[
     libc::SYS_capset,
 ];
 
+/// The virtio-net device: frames to and from its (already open, non-blocking) TAP, and its
+/// eventfds. No ioctl: the TAP's offloads are set at activation, on a vCPU thread.
+const NET: &[libc::c_long] = &[
+    // One frame per read from the TAP; queue notifications and wakeups (eventfds).
+    libc::SYS_read,
+    // One frame per writev to the TAP, gathered from the guest's TX descriptors.
+    libc::SYS_writev,
+    // Interrupts (irqfd) and self-wakeups (eventfds).
+    libc::SYS_write,
+];
+
 /// The signal thread only waits for one.
 const SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait];
 
@@ -185,6 +199,7 @@ fn allowed(kind: ThreadKind) -> impl Iterator<Item = libc::c_long> {
         ThreadKind::Vcpu => (VCPU, false),
         ThreadKind::Vsock => (VSOCK, true),
         ThreadKind::Fs => (FS, true),
+        ThreadKind::Net => (NET, true),
         ThreadKind::Signals => (SIGNALS, false),
         ThreadKind::Main => (MAIN, false),
     };
@@ -271,6 +286,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         Some(ThreadKind::Vcpu) => b"vCPU",
         Some(ThreadKind::Vsock) => b"vsock",
         Some(ThreadKind::Fs) => b"virtio-fs",
+        Some(ThreadKind::Net) => b"virtio-net",
         Some(ThreadKind::Signals) => b"signal",
         Some(ThreadKind::Main) => b"main",
         None => b"unknown",
@@ -306,6 +322,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Vsock,
             ThreadKind::Fs,
+            ThreadKind::Net,
             ThreadKind::Signals,
             ThreadKind::Main,
         ] {
