@@ -12,6 +12,8 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use super::*;
 
 const MEM_SIZE: usize = 16 << 20;
@@ -110,8 +112,8 @@ struct Harness {
     rxq: Driver,
     txq: Driver,
     next_buf: u64,
-    /// The network's side of the "TAP".
-    peer: Socket,
+    /// The network's side of the "TAP" (none with a real TAP).
+    peer: Option<Socket>,
 }
 
 fn header(flags: u8) -> [u8; NET_HDR_LEN] {
@@ -142,6 +144,10 @@ impl Harness {
         let peer = Socket::from(peer);
         peer.set_nonblocking(true).unwrap();
         let tap = Tap::from_frame_socket(ours).unwrap();
+        Self::with_tap(tap, Some(peer), features, mtu)
+    }
+
+    fn with_tap(tap: Tap, peer: Option<Socket>, features: u64, mtu: Option<u16>) -> Self {
         let dev = Arc::new(Mutex::new(Net::new(tap, MAC, mtu).unwrap()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (rxq, q0) = Driver::new(&mem, 0);
@@ -229,7 +235,7 @@ impl Harness {
             // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
             let n = unsafe {
                 libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.peer),
+                    std::os::fd::AsRawFd::as_raw_fd(self.peer()),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     libc::MSG_DONTWAIT,
@@ -244,7 +250,13 @@ impl Harness {
 
     /// The network sends `bytes` (header and frame) to the guest.
     fn network_sends(&self, bytes: &[u8]) {
-        self.peer.send(bytes).unwrap();
+        self.peer().send(bytes).unwrap();
+    }
+
+    fn peer(&self) -> &Socket {
+        self.peer
+            .as_ref()
+            .expect("a socket pair stands in for the TAP")
     }
 
     fn guest_bytes(&self, at: u64, len: usize) -> Vec<u8> {
@@ -327,7 +339,7 @@ fn malformed_tx_chains_are_dropped_and_counted_and_the_next_frame_still_goes() {
 fn the_largest_frame_passes_whole() {
     let mut h = Harness::new(MRG);
     // The socket pair's buffer must take a 64 KiB frame.
-    h.peer.set_recv_buffer_size(1 << 20).unwrap();
+    h.peer().set_recv_buffer_size(1 << 20).unwrap();
     let f = frame(MAX_FRAME_LEN - NET_HDR_LEN, 3);
     h.tx_chain(&[(&f[..40000], false), (&f[40000..], false)]);
     h.kick(TXQ);
@@ -503,7 +515,7 @@ fn a_flood_from_the_network_does_not_block_the_device() {
     h.kick(RXQ);
     // Far more frames than buffers: the device fills what it has, then waits idle.
     let mut sent = 0;
-    while h.peer.send(&frame(100, 50)).is_ok() && sent < 2000 {
+    while h.peer().send(&frame(100, 50)).is_ok() && sent < 2000 {
         sent += 1;
     }
     assert!(sent > 16);
@@ -629,4 +641,148 @@ fn after_a_reset_the_device_serves_a_new_driver() {
     h.run();
     assert_eq!(h.rxq.take_used(&h.mem), vec![(bufs[0].0, 82)]);
     assert_eq!(h.guest_bytes(bufs[0].1, 82), as_received(&f, 1));
+}
+
+/// Run `body` on a thread of its own in a new network namespace, so that no TAP ever
+/// appears on the host; returns false (the test is then skipped) where that or
+/// /dev/net/tun is not available.
+fn in_private_netns(body: fn()) -> bool {
+    std::thread::spawn(move || {
+        if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err()
+            || !std::path::Path::new("/dev/net/tun").exists()
+        {
+            eprintln!("skipped: no private network namespace or no /dev/net/tun here");
+            return false;
+        }
+        body();
+        true
+    })
+    .join()
+    .unwrap()
+}
+
+/// Give interface `name` the IPv4 address `addr` and bring it up (ioctls on an inet socket).
+fn link_up_with_address(name: &str, addr: [u8; 4]) {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    req[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    req[20..24].copy_from_slice(&addr);
+    // SAFETY: each of these ioctls reads and writes one 40-byte `struct ifreq`, `req`.
+    unsafe {
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFADDR, req.as_mut_ptr()), 0);
+        req[16..].fill(0);
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, req.as_mut_ptr()), 0);
+        let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, req.as_mut_ptr()), 0);
+    }
+}
+
+const GUEST_OFFLOADS: [u32; 4] = [
+    vn::VIRTIO_NET_F_GUEST_CSUM,
+    vn::VIRTIO_NET_F_GUEST_TSO4,
+    vn::VIRTIO_NET_F_GUEST_TSO6,
+    vn::VIRTIO_NET_F_GUEST_UFO,
+];
+
+#[test]
+fn a_real_tap_takes_every_offload_set_a_guest_may_acknowledge() {
+    in_private_netns(|| {
+        let tap = Tap::open("brig-net0").unwrap();
+        assert_eq!(tap.name(), "brig-net0");
+        for mask in 0..16u32 {
+            let features = (0..4)
+                .filter(|i| mask & (1 << i) != 0)
+                .fold(0u64, |acc, i| acc | (1 << GUEST_OFFLOADS[i as usize]));
+            let flags = tap_offloads(features);
+            if let Err(e) = tap.set_offload(flags) {
+                panic!("TUNSETOFFLOAD {flags:#x} (features {features:#x}): {e}");
+            }
+        }
+        let mut size: libc::c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one int.
+        let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut size) };
+        assert_eq!((rc, size), (0, 12));
+        // The same TAP passed as a descriptor is taken as it is.
+        let inherited = Tap::from_fd(tap.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(inherited.name(), "brig-net0");
+    });
+}
+
+#[test]
+fn an_inherited_tap_opened_without_vnet_headers_is_refused() {
+    in_private_netns(|| {
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut req = [0u8; 40];
+        req[..9].copy_from_slice(b"brig-net1");
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        let fd = file.as_raw_fd();
+        // SAFETY: TUNSETIFF reads and writes one 40-byte `struct ifreq`, `req`.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        match check_tap_fd(fd) {
+            Err(TapError::NotTap { reason, .. }) => {
+                assert!(reason.contains("without IFF_VNET_HDR"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+/// An ARP request from the guest (MAC) for `target`, as `sender`.
+fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; NET_HDR_LEN];
+    f.extend([0xff; 6]);
+    f.extend(MAC);
+    f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend(MAC);
+    f.extend(sender);
+    f.extend([0; 6]);
+    f.extend(target);
+    f
+}
+
+#[test]
+fn through_a_real_tap_the_guest_asks_for_a_mac_and_the_host_answers() {
+    in_private_netns(|| {
+        let tap = Tap::open("brig-net2").unwrap();
+        link_up_with_address("brig-net2", [10, 0, 0, 1]);
+        // Activation sets the TAP's offloads: every one the guest may take.
+        let offloads = GUEST_OFFLOADS.iter().fold(0u64, |acc, b| acc | (1 << b));
+        let mut h = Harness::with_tap(tap, None, MRG | offloads, None);
+        let bufs: std::collections::HashMap<u16, u64> =
+            h.rx_buffers(64, 2048).into_iter().collect();
+        h.kick(RXQ);
+        let request = arp_request([10, 0, 0, 2], [10, 0, 0, 1]);
+        h.tx_chain(&[(&request[..20], false), (&request[20..], false)]);
+        h.kick(TXQ);
+        assert_eq!(h.counters().tx_frames, 1, "{:?}", h.counters());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            h.em.run_with_timeout(100).unwrap();
+            for (head, len) in h.rxq.take_used(&h.mem) {
+                let got = h.guest_bytes(bufs[&head], len as usize);
+                let eth = &got[NET_HDR_LEN..];
+                if eth.len() >= 42 && eth[12..14] == [0x08, 0x06] && eth[20..22] == [0, 2] {
+                    assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+                    assert_eq!(&eth[..6], &MAC, "to the guest");
+                    assert_eq!(&eth[28..32], &[10, 0, 0, 1], "10.0.0.1 is at");
+                    assert_eq!(&eth[6..12], &eth[22..28]);
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no ARP reply: {:?}",
+                h.counters()
+            );
+        }
+    });
 }
