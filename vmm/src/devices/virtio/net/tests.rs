@@ -114,6 +114,7 @@ struct Harness {
     next_buf: u64,
     /// The network's side of the "TAP" (none with a real TAP).
     peer: Option<Socket>,
+    irq: Arc<IrqTrigger>,
 }
 
 fn header(flags: u8) -> [u8; NET_HDR_LEN] {
@@ -160,7 +161,7 @@ impl Harness {
             .activate(
                 mem.clone(),
                 vec![q0, q1],
-                irq,
+                irq.clone(),
                 VIRTIO_F_VERSION_1 | features,
             )
             .unwrap();
@@ -172,6 +173,7 @@ impl Harness {
             txq,
             next_buf: BUF_BASE,
             peer,
+            irq,
         };
         h.run();
         h
@@ -251,6 +253,14 @@ impl Harness {
     /// The network sends `bytes` (header and frame) to the guest.
     fn network_sends(&self, bytes: &[u8]) {
         self.peer().send(bytes).unwrap();
+    }
+
+    /// Whether the device interrupted the guest since the last call (and acknowledge it).
+    fn interrupted(&self) -> bool {
+        let raised = self.irq.eventfd().read().is_ok();
+        let status = self.irq.status();
+        self.irq.ack(status);
+        raised && status & VIRTIO_MMIO_INT_VRING != 0
     }
 
     fn peer(&self) -> &Socket {
@@ -538,6 +548,32 @@ fn a_flood_from_the_network_does_not_block_the_device() {
     assert_eq!(delivered, sent);
     assert_eq!(h.counters().rx_frames, sent as u64);
     assert_eq!(bufs.len(), 16);
+}
+
+#[test]
+fn the_guest_is_interrupted_for_used_buffers_as_event_idx_asks() {
+    let mut h = Harness::new(MRG);
+    let f = frame(60, 70);
+    h.tx_chain(&[(&f, false)]);
+    h.kick(TXQ);
+    assert!(h.interrupted(), "TX completion");
+    let bufs = h.rx_buffers(8, 2048);
+    h.kick(RXQ);
+    assert!(!h.interrupted(), "nothing used yet");
+    h.network_sends(&f);
+    h.run();
+    assert!(h.interrupted(), "RX delivery");
+    assert_eq!(bufs.len(), 8);
+
+    // With EVENT_IDX the guest asks to hear only once the used index passes `used_event`.
+    let mut h = Harness::new(MRG | VIRTIO_RING_F_EVENT_IDX);
+    let used_event = h.txq.avail.unchecked_add(4 + 2 * u64::from(QSIZE));
+    h.mem.write_obj(3u16, used_event).unwrap();
+    for i in 0..4 {
+        h.tx_chain(&[(&f, false)]);
+        h.kick(TXQ);
+        assert_eq!(h.interrupted(), i == 3, "after {} used", i + 1);
+    }
 }
 
 #[test]
