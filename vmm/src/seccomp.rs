@@ -380,4 +380,25 @@ mod tests {
         });
         assert_eq!(code, Some(7));
     }
+
+    #[test]
+    fn the_net_thread_may_move_frames_but_not_call_ioctl() {
+        // A frame's writev and read (here on bad descriptors: EBADF, but allowed).
+        let code = exit_code_under_filter(ThreadKind::Net, || {
+            // SAFETY: no memory is passed (zero iovecs, zero-length read).
+            unsafe {
+                libc::syscall(libc::SYS_writev, -1, std::ptr::null::<libc::iovec>(), 0);
+                libc::syscall(libc::SYS_read, -1, std::ptr::null_mut::<u8>(), 0);
+            }
+            7
+        });
+        assert_eq!(code, Some(7));
+        // TUNSETOFFLOAD runs on the vCPU thread at activation, never here.
+        let code = exit_code_under_filter(ThreadKind::Net, || {
+            // SAFETY: TUNSETOFFLOAD takes its argument by value; fd -1 is not open.
+            unsafe { libc::syscall(libc::SYS_ioctl, -1, libc::TUNSETOFFLOAD, 0) };
+            0
+        });
+        assert_eq!(code, Some(EXIT_SECCOMP));
+    }
 }
