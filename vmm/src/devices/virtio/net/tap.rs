@@ -84,7 +84,10 @@ pub fn check_tap_fd(fd: RawFd) -> Result<String, TapError> {
     if rc < 0 {
         let e = io::Error::last_os_error();
         let reason = match e.raw_os_error() {
-            Some(libc::EBADF) => "it is not open (was it passed without close-on-exec?)".into(),
+            Some(libc::EBADF) => {
+                "it is not open (the parent must clear close-on-exec on it before starting the VMM)"
+                    .into()
+            }
             Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::EBADFD) => {
                 "it is not a TUN/TAP device attached to an interface".into()
             }
