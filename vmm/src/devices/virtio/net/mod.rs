@@ -57,7 +57,7 @@ pub const TXQ: usize = 1;
 /// Most TX chains, and RX frames, handled per event-loop wakeup, so that one direction
 /// cannot starve the other (or the loop).
 const CHAINS_PER_RUN: usize = 256;
-/// Smallest and largest MTU the device announces (`VIRTIO_NET_F_MTU`).
+/// Smallest MTU the device announces (`VIRTIO_NET_F_MTU`): IPv4's minimum.
 pub const MIN_MTU: u16 = 68;
 
 const fn bit(b: u32) -> u64 {
@@ -406,6 +406,13 @@ impl VirtioDevice for Net {
         irq: Arc<IrqTrigger>,
         acked_features: u64,
     ) -> Result<(), ActivateError> {
+        if acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // A legacy driver's header is 10 bytes without MRG_RXBUF; the TAP's is set to 12.
+            return Err(ActivateError::Device(
+                "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not served)"
+                    .into(),
+            ));
+        }
         if queues.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),

@@ -577,6 +577,24 @@ fn the_guest_is_interrupted_for_used_buffers_as_event_idx_asks() {
 }
 
 #[test]
+fn a_legacy_driver_is_refused_at_activation() {
+    let (ours, _peer) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let mut dev = Net::new(Tap::from_frame_socket(ours).unwrap(), MAC, None).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let (_, q0) = Driver::new(&mem, 0);
+    let (_, q1) = Driver::new(&mem, 0x4000);
+    let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let err = dev.activate(mem, vec![q0, q1], irq, MRG).unwrap_err();
+    assert!(err.to_string().contains("VIRTIO_F_VERSION_1"), "{err}");
+}
+
+#[test]
 fn config_space_has_the_mac_link_up_and_the_mtu() {
     let h = Harness::with_mtu(MRG, Some(9000));
     let dev = h.dev.lock().unwrap();
