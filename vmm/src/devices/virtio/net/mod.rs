@@ -16,10 +16,11 @@
 //! notification delivers that frame and resumes reading. So a full RX queue costs no CPU and
 //! RX never stalls once buffers come back (the bug of Firecracker #1314).
 //!
-//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads (activation
-//! sets the TAP's offloads there, `TUNSETOFFLOAD`); the event loop calls
-//! [`MutEventSubscriber::process`], which only reads and writes the TAP and eventfds. Both
-//! hold the device's mutex.
+//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads, where
+//! activation and reset only flip state and wake the device's event loop; the loop, in
+//! [`MutEventSubscriber::process`], sets the TAP's offloads to the driver's features
+//! (`TUNSETOFFLOAD`, before it reads any frame for that driver) and moves frames between the
+//! TAP and the queues. Both hold the device's mutex.
 
 pub mod frame;
 pub mod tap;
@@ -144,6 +145,10 @@ pub struct Net {
     active: Option<Active>,
     /// The TAP is registered with the event loop.
     tap_watched: bool,
+    /// `TUN_F_*` offloads the new driver took, for the event loop to set on the TAP.
+    offloads_pending: Option<libc::c_uint>,
+    /// The offloads last set on the TAP.
+    offloads: Option<libc::c_uint>,
     /// The guest had no RX buffer for `rx_frame`: do not watch the TAP until it posts some.
     rx_waiting: bool,
     /// Bytes of a frame read from the TAP and not yet delivered (0: none).
@@ -179,6 +184,8 @@ impl Net {
             wake_evt: make()?,
             active: None,
             tap_watched: false,
+            offloads_pending: None,
+            offloads: None,
             rx_waiting: false,
             rx_pending: 0,
             rx_frame: vec![0; MAX_FRAME_LEN],
@@ -191,6 +198,35 @@ impl Net {
     /// What happened to frames so far.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// The `TUN_F_*` offloads set on the TAP for the current driver (`None` before the event
+    /// loop has set any).
+    pub fn offloads(&self) -> Option<libc::c_uint> {
+        self.offloads
+    }
+
+    /// Set the offloads the driver took on the TAP (on the event loop, before any frame is
+    /// read for that driver). A TAP that refuses them is set to none, which every driver
+    /// takes: frames then come checksummed and segmented.
+    fn apply_offloads(&mut self) {
+        let Some(flags) = self.offloads_pending.take() else {
+            return;
+        };
+        let set = match self.tap.set_offload(flags) {
+            Ok(()) => Some(flags),
+            Err(e) => {
+                guest_warn!("virtio-net: the TAP refused offloads {flags:#x} ({e}); using none");
+                match self.tap.set_offload(0) {
+                    Ok(()) => Some(0),
+                    Err(e) => {
+                        guest_warn!("virtio-net: the TAP refused to drop its offloads: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        self.offloads = set;
     }
 
     /// The guest's MAC address.
@@ -425,10 +461,9 @@ impl VirtioDevice for Net {
             }
             q.set_event_idx(acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
         }
-        // On this (vCPU) thread: the event loop's filter has no ioctl.
-        self.tap
-            .set_offload(tap_offloads(acked_features))
-            .map_err(|e| ActivateError::Device(format!("TUNSETOFFLOAD on the TAP: {e}")))?;
+        // Set by the event loop (the only thread whose filter allows TUNSETOFFLOAD), before
+        // it reads a frame for this driver.
+        self.offloads_pending = Some(tap_offloads(acked_features));
         self.active = Some(Active {
             mem,
             queues,
@@ -463,6 +498,7 @@ impl MutEventSubscriber for Net {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.apply_offloads();
         let fd = events.fd();
         let mut tx = true;
         let mut rx = true;

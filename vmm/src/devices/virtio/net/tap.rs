@@ -207,7 +207,7 @@ impl Tap {
     }
 
     /// Tell the TAP which offloads the reader (the guest) takes: `TUN_F_*` bits, from the
-    /// guest's `GUEST_*` features. Runs on the vCPU thread that activates the device.
+    /// guest's `GUEST_*` features. Runs on the device's event loop thread.
     pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
         if self.kind == Kind::FrameSocket {
             return Ok(());

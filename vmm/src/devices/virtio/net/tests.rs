@@ -670,6 +670,30 @@ fn tap_offloads_follow_the_guest_features_exactly() {
 }
 
 #[test]
+fn the_event_loop_sets_the_offloads_of_each_new_driver() {
+    let csum = 1u64 << vn::VIRTIO_NET_F_GUEST_CSUM;
+    let tso4 = 1u64 << vn::VIRTIO_NET_F_GUEST_TSO4;
+    let mut h = Harness::new(MRG | csum | tso4);
+    assert_eq!(
+        h.dev.lock().unwrap().offloads(),
+        Some(libc::TUN_F_CSUM | libc::TUN_F_TSO4)
+    );
+    // A driver after a reset takes fewer: the TAP follows.
+    h.dev.lock().unwrap().reset();
+    let mem = h.mem.clone();
+    let (_, q0) = Driver::new(&mem, 0x8000);
+    let (_, q1) = Driver::new(&mem, 0xc000);
+    let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    h.dev
+        .lock()
+        .unwrap()
+        .activate(mem, vec![q0, q1], irq, VIRTIO_F_VERSION_1)
+        .unwrap();
+    h.run();
+    assert_eq!(h.dev.lock().unwrap().offloads(), Some(0));
+}
+
+#[test]
 fn after_a_reset_the_device_serves_a_new_driver() {
     let mut h = Harness::new(MRG);
     h.network_sends(&frame(100, 60));
@@ -808,9 +832,11 @@ fn through_a_real_tap_the_guest_asks_for_a_mac_and_the_host_answers() {
     in_private_netns(|| {
         let tap = Tap::open("brig-net2").unwrap();
         link_up_with_address("brig-net2", [10, 0, 0, 1]);
-        // Activation sets the TAP's offloads: every one the guest may take.
+        // The event loop sets the TAP's offloads to the driver's: every one a guest may take.
         let offloads = GUEST_OFFLOADS.iter().fold(0u64, |acc, b| acc | (1 << b));
         let mut h = Harness::with_tap(tap, None, MRG | offloads, None);
+        let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO;
+        assert_eq!(h.dev.lock().unwrap().offloads(), Some(all));
         let bufs: std::collections::HashMap<u16, u64> =
             h.rx_buffers(64, 2048).into_iter().collect();
         h.kick(RXQ);
