@@ -7,6 +7,7 @@
 mod container;
 mod guest_info;
 mod logging;
+mod network;
 mod options;
 mod pid1;
 mod reaper;
@@ -76,6 +77,9 @@ fn run_as_pid1() -> ! {
     }
     pid1::populate_dev_and_tmp();
     pid1::enable_cgroup_controllers();
+    if let Err(err) = network::loopback_up() {
+        error!("cannot bring loopback up: {err}");
+    }
     let share_problem = pid1::mount_share(kernel_options.share.as_deref());
     let reaper = match reaper::Reaper::start() {
         Ok(reaper) => reaper,

@@ -4,13 +4,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use brig_protocols::agent::{
-    CloseStdinRequest, CreateContainerRequest, CreateContainerResponse, Empty, ExecProcessRequest,
-    ExecProcessResponse, ListProcessesRequest, ListProcessesResponse, MemoryEvents,
-    PauseContainerRequest, RemoveContainerRequest, ResizeTtyRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StatsRequest, StatsResponse,
-    UpdateContainerRequest, VersionRequest, VersionResponse, VsockSelfTestRequest,
-    VsockSelfTestResponse, WaitOomEventRequest, WaitOomEventResponse, WaitProcessRequest,
-    WaitProcessResponse,
+    CloseStdinRequest, ConfigureNetworkRequest, CreateContainerRequest, CreateContainerResponse,
+    Empty, ExecProcessRequest, ExecProcessResponse, ListProcessesRequest, ListProcessesResponse,
+    MemoryEvents, PauseContainerRequest, RemoveContainerRequest, ResizeTtyRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StatsRequest, StatsResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
+    VsockSelfTestRequest, VsockSelfTestResponse, WaitOomEventRequest, WaitOomEventResponse,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use brig_protocols::agent_ttrpc;
 use ttrpc::{Code, TtrpcContext};
@@ -289,6 +289,27 @@ impl agent_ttrpc::Agent for AgentService {
             oom_kills,
             ..Default::default()
         })
+    }
+
+    fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::debug!(
+            "ConfigureNetwork: {} interfaces, {} routes",
+            req.interfaces.len(),
+            req.routes.len()
+        );
+        crate::network::configure(&req).map_err(|err| {
+            let code = match &err {
+                crate::network::NetworkError::Invalid(_) => Code::INVALID_ARGUMENT,
+                crate::network::NetworkError::NoSuchMac(_) => Code::NOT_FOUND,
+                _ => Code::INTERNAL,
+            };
+            rpc_error(code, format!("ConfigureNetwork: {err}"))
+        })?;
+        Ok(Empty::new())
     }
 
     fn remove_container(

@@ -28,6 +28,6 @@ pub mod agent_ttrpc_async;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// The agent API version reported in `VersionResponse.api_version`.
-pub const AGENT_API_VERSION: u32 = 3;
+pub const AGENT_API_VERSION: u32 = 4;
 
 pub mod vsock_self_test;

@@ -428,6 +428,56 @@ impl AgentClient {
     }
 
     /// Kill what is left of a container and forget it.
+    /// Configure the guest's network as the pod's (see `net`): its interface (found by MAC),
+    /// routes and static neighbours.
+    pub async fn configure_network(&self, pod: &crate::net::PodNetwork) -> Result<(), AgentError> {
+        use brig_protocols::agent as pb;
+        let net = |n: &crate::net::IpNet| pb::IpNet {
+            address: n.address.to_string(),
+            prefix: n.prefix.into(),
+            ..Default::default()
+        };
+        let text = |ip: Option<std::net::IpAddr>| ip.map(|i| i.to_string()).unwrap_or_default();
+        let nic = &pod.interface;
+        let req = pb::ConfigureNetworkRequest {
+            interfaces: vec![pb::Interface {
+                mac: nic.mac.to_vec(),
+                name: nic.name.clone(),
+                mtu: nic.mtu,
+                addresses: nic.addresses.iter().map(net).collect(),
+                ..Default::default()
+            }],
+            routes: pod
+                .routes
+                .iter()
+                .map(|r| pb::Route {
+                    destination: r.destination.as_ref().map(net).into(),
+                    gateway: text(r.gateway),
+                    device: nic.name.clone(),
+                    source: text(r.source),
+                    scope: r.scope.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            neighbors: pod
+                .neighbors
+                .iter()
+                .map(|n| pb::Neighbor {
+                    address: n.address.to_string(),
+                    mac: n.mac.to_vec(),
+                    device: nic.name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.raw
+            .configure_network(ctx(), &req)
+            .await
+            .map(|_| ())
+            .map_err(call_err("ConfigureNetwork"))
+    }
+
     pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
         let req = RemoveContainerRequest {
             container_id: id.into(),

@@ -14,6 +14,7 @@ pub mod container;
 pub mod guest_text;
 pub mod host;
 pub mod hybrid_vsock;
+pub mod net;
 pub mod resources;
 pub mod sandbox;
 pub mod share;

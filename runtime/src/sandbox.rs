@@ -11,6 +11,7 @@
 //! ([`SandboxSpec::tie_to_owner`], the foreground `brig run`) has the kernel kill the VMM
 //! when the caller dies.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -38,6 +39,8 @@ const CONSOLE_TAIL_LINES: usize = 30;
 pub const GUEST_OVERHEAD_MIB: u64 = 128;
 /// The most vCPUs a sandbox is given for its containers' CPU limits.
 const MAX_CPUS: u8 = 32;
+/// The VMM's descriptor of the pod's TAP (`brig-vmm --net fd=3,…`).
+const NET_FD: i32 = 3;
 /// How long [`Sandbox::open`] waits for the agent's answer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -57,6 +60,9 @@ pub struct SandboxSpec {
     /// Have the kernel kill the VMM when the thread that starts it ends (the foreground
     /// `brig run`, which owns its microVM). Off, the VMM runs until it is stopped.
     pub tie_to_owner: bool,
+    /// The pod's network namespace (made by CNI): the VMM runs in it, and the guest gets
+    /// its interface through a TAP (see `net`). `None`: the guest has loopback only.
+    pub netns: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -69,6 +75,7 @@ impl SandboxSpec {
             cmdline: None,
             share: false,
             tie_to_owner: false,
+            netns: None,
         }
     }
 
@@ -119,6 +126,9 @@ pub struct SandboxRecord {
     pub share: bool,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+    /// The pod network namespace whose interface was wired to the VM (undone at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 /// The record of the sandbox in `dir`.
@@ -188,6 +198,9 @@ pub enum SandboxError {
     /// An agent call failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The pod's network could not be wired to the VM.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// A running sandbox.
@@ -230,6 +243,11 @@ impl Sandbox {
             Err(e) => Err(e),
         };
         if result.is_err() {
+            if let Some(netns) = &spec.netns {
+                if let Err(e) = crate::net::detach(netns) {
+                    tracing::warn!("undoing the pod network: {e}");
+                }
+            }
             unlink_vsock(&layout, &spec.id);
             if let Err(e) = share::remove(&dir) {
                 tracing::warn!("cleaning up {}: {e}", dir.display());
@@ -304,6 +322,49 @@ impl Sandbox {
                 });
             }
         }
+        // The pod's network: the VMM runs in its namespace and gets the TAP as NET_FD.
+        let mut attached = None;
+        let mut _netns_file = None;
+        if let Some(netns) = &spec.netns {
+            attached = crate::net::attach(netns)?;
+            let file =
+                std::fs::File::open(netns).map_err(|source| crate::net::NetError::Netns {
+                    path: netns.clone(),
+                    source,
+                })?;
+            let ns_fd = file.as_raw_fd();
+            let tap_fd = attached.as_ref().map(|a| a.tap.as_raw_fd());
+            if let Some(a) = &attached {
+                let nic = &a.network.interface;
+                cmd.arg("--net").arg(format!(
+                    "fd={NET_FD},mac={},mtu={}",
+                    crate::net::mac_text(&nic.mac),
+                    nic.mtu
+                ));
+            }
+            // SAFETY: setns, dup2 and fcntl are async-signal-safe and touch only descriptors
+            // that stay open across the fork (the namespace file and the TAP, both owned here
+            // until spawn returns).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(fd) = tap_fd {
+                        if fd == NET_FD {
+                            // dup2 onto itself keeps close-on-exec: clear it instead.
+                            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(fd, NET_FD) != NET_FD {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            _netns_file = Some(file);
+        }
         let mut cmdline = spec.cmdline.clone();
         if spec.share {
             let shared = dir.join("shared");
@@ -331,6 +392,9 @@ impl Sandbox {
             source,
         })?;
         let vmm_ref = vmm.id().and_then(ProcessRef::of);
+        // The VMM holds the TAP now: ours closes, so the TAP goes when the VMM exits.
+        let network = attached.map(|a| a.network);
+        drop(_netns_file);
 
         let mut last = String::from("none yet");
         loop {
@@ -382,8 +446,12 @@ impl Sandbox {
                                 vmm,
                                 share: spec.share,
                                 created: state::now(),
+                                netns: spec.netns.clone(),
                             };
                             state::write_atomically(&dir.join("sandbox.json"), &record)?;
+                            if let Some(network) = &network {
+                                sandbox.agent.configure_network(network).await?;
+                            }
                             return Ok(sandbox);
                         }
                         Err(e @ AgentError::Version { .. }) => {
@@ -608,6 +676,7 @@ impl Sandbox {
     /// Unmount every bind under the share and remove the sandbox directory; never crosses
     /// into another filesystem, so a user's rootfs or volume is never deleted through a mount.
     fn remove_dir(&self) {
+        undo_network(&self.dir);
         unlink_vsock(&self.layout, &self.id);
         if let Err(e) = share::remove(&self.dir) {
             tracing::warn!("cleaning up {}: {e}", self.dir.display());
@@ -622,6 +691,7 @@ pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
     state::validate_id("sandbox", id)?;
     let layout = Layout::new(root);
     let dir = layout.sandbox(id);
+    undo_network(&dir);
     if let Ok(record) = read_record(&dir) {
         let _ = record.vmm.signal(libc::SIGKILL);
         // Until it is gone from the process table, not only dead: its parent reaps it.
@@ -633,6 +703,15 @@ pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
     unlink_vsock(&layout, id);
     share::remove(&dir)?;
     Ok(())
+}
+
+/// Undo the pod network wiring that the record in sandbox directory `dir` names.
+fn undo_network(dir: &Path) {
+    if let Some(netns) = read_record(dir).ok().and_then(|r| r.netns) {
+        if let Err(e) = crate::net::detach(&netns) {
+            tracing::warn!("undoing the pod network: {e}");
+        }
+    }
 }
 
 /// Make `v/KEY` link to sandbox `id`'s directory (see [`Layout::vsock_uds`]), replacing a

@@ -386,6 +386,19 @@ fn guest_spec(mut spec: Spec, join: Option<(u32, u32)>) -> (Spec, Vec<Volume>) {
     (spec, volumes)
 }
 
+/// The network namespace a pod's sandbox task names (`linux.namespaces`, type network, with
+/// a path): CNI's, set up before the task is created. Later containers name the pod's.
+fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
 /// The whole pod's limits, which containerd's CRI (1.7 and later) puts on the sandbox as
 /// annotations (the sum of its containers' limits): the VM is sized for all of them.
 fn fit_pod(sandbox: &mut SandboxSpec, spec: &Spec) {
@@ -532,9 +545,10 @@ impl Service {
             .get(&inner.group)
             .and_then(|c| c.container.state().guest_pid)
             .map(|guest| (vmm_pid(&pod), guest));
+        let netns = network_namespace(&spec);
         let (spec, volumes) = guest_spec(spec, join);
         let result = self
-            .create_in_pod(&mut pod, &config, &id, spec, rootfs, volumes, &paths)
+            .create_in_pod(&mut pod, &config, &id, spec, rootfs, volumes, &paths, netns)
             .await;
         let (container, relay) = match result {
             Ok(ok) => ok,
@@ -603,11 +617,15 @@ impl Service {
         rootfs: PathBuf,
         volumes: Vec<Volume>,
         paths: &StdioPaths,
+        netns: Option<PathBuf>,
     ) -> TtrpcResult<(Container, Relay)> {
         let inner = &self.inner;
         if pod.sandbox.is_none() {
             let mut sandbox_spec = SandboxSpec::new(inner.group.clone(), config);
             sandbox_spec.share = true;
+            // The pod's network namespace (CNI's): the VMM, the PID containerd sees for
+            // the pod, lives in it, and the guest gets its interface.
+            sandbox_spec.netns = netns;
             sandbox_spec.fit(&spec);
             fit_pod(&mut sandbox_spec, &spec);
             // Into the pod's cgroup before the VMM starts, which then inherits it.
@@ -1208,6 +1226,26 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_task_names_the_pod_network_namespace_cni_made() {
+        let with = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{"namespaces":[
+              {"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1234"}]}}"#,
+        );
+        assert_eq!(
+            network_namespace(&with),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        // A new namespace (ctr run without CNI), or none at all: the guest's loopback only.
+        let new = spec(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{"namespaces":[
+              {"type":"network"}]}}"#,
+        );
+        assert_eq!(network_namespace(&new), None);
+        let host = spec(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{}}"#);
+        assert_eq!(network_namespace(&host), None);
+    }
+
+    #[test]
     fn host_namespaces_are_dropped_and_host_binds_become_volumes() {
         let dir = std::env::temp_dir().join(format!("brig-shim-guest-spec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1320,6 +1358,7 @@ mod tests {
             cmdline: None,
             share: true,
             tie_to_owner: false,
+            netns: None,
         };
         let mut sandbox = pod_vm();
         fit_pod(

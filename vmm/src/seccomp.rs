@@ -1,15 +1,26 @@
 //! Per-thread seccomp filters: once the VM runs, each thread of `brig-vmm` may make only the
 //! system calls its job needs, so a guest that finds a bug in a device model gains little.
 //!
-//! The lists are syscall numbers only (no argument filters) and cover what the Rust standard
-//! library, musl's allocator and the crates each thread uses ask of the kernel. Anything else
-//! raises SIGSYS: the handler names the call and the thread on stderr and ends the VMM with
-//! status 159 (128 + SIGSYS), as if the signal had killed it.
+//! The rules are data, in the manner of Firecracker's filters: per thread kind, a few tables of
+//! rules, each a system call, the argument checks it must pass (none: any arguments) and who
+//! needs it. `ioctl` is allowed only for the requests a thread makes (the vCPU's `KVM_RUN`, the
+//! vsock backend's `FIONBIO`, the net device's `TUNSETOFFLOAD`), `socket` only for the vsock
+//! backend's Unix streams. The tables
+//! cover what the Rust standard library, musl's allocator and the crates each thread uses ask
+//! of the kernel. Anything else raises SIGSYS: the handler names the call and the thread on
+//! stderr and ends the VMM with status 159 (128 + SIGSYS), as if the signal had killed it.
+//!
+//! A new thread kind is its [`ThreadKind`] variant, one more table, and the line in `tables`
+//! that names the tables it is made of (plus its filter in `vm.rs` and its name in the SIGSYS
+//! message).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a thread does, and so which system calls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,161 +62,278 @@ pub enum SeccompError {
     Handler(nix::Error),
 }
 
+/// One allowed system call.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    /// The system call's number.
+    nr: libc::c_long,
+    /// The argument checks: the call is allowed when every check of one of these alternatives
+    /// holds. None: any arguments.
+    only: &'static [&'static [Check]],
+    /// Who makes it, and why.
+    why: &'static str,
+}
+
+/// A check on one argument of a system call.
+#[derive(Debug, Clone)]
+struct Check {
+    arg: u8,
+    op: SeccompCmpOp,
+    value: u32,
+}
+
+impl Check {
+    /// The BPF condition. Every argument checked here is an `int` or `unsigned int` in the
+    /// kernel (ioctl's request, socket's domain and type), which uses its low 32 bits only:
+    /// so are they compared (as Firecracker does), whatever a C library's wrapper left in the
+    /// upper half (musl passes the ioctl request as a sign-extended `int`).
+    fn condition(&self) -> Result<SeccompCondition, seccompiler::BackendError> {
+        SeccompCondition::new(
+            self.arg,
+            SeccompCmpArgLen::Dword,
+            self.op.clone(),
+            u64::from(self.value),
+        )
+    }
+}
+
+/// Any arguments.
+const ANY: &[&[Check]] = &[];
+
+/// `ioctl(fd, request, ...)` with this request.
+const fn request(request: u32) -> Check {
+    Check {
+        arg: 1,
+        op: SeccompCmpOp::Eq,
+        value: request,
+    }
+}
+
+/// `_IO(KVMIO, 0x80)`: run the vCPU until it exits to us.
+const KVM_RUN: u32 = 0xae80;
+/// Make a file descriptor (non-)blocking.
+const FIONBIO: u32 = 0x5421;
+/// `_IOW('T', 208, int)`: the offloads a TAP device may hand us.
+const TUNSETOFFLOAD: u32 = 0x4004_54d0;
+
+/// The flags a socket type may carry besides the type itself.
+const SOCK_FLAGS: u32 = (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).unsigned_abs();
+
+/// `socket(AF_UNIX, SOCK_STREAM [| SOCK_CLOEXEC | SOCK_NONBLOCK], 0)`.
+const UNIX_STREAM: &[Check] = &[
+    Check {
+        arg: 0,
+        op: SeccompCmpOp::Eq,
+        value: libc::AF_UNIX.unsigned_abs(),
+    },
+    Check {
+        arg: 1,
+        op: SeccompCmpOp::MaskedEq(!SOCK_FLAGS as u64),
+        value: libc::SOCK_STREAM.unsigned_abs(),
+    },
+    Check {
+        arg: 2,
+        op: SeccompCmpOp::Eq,
+        value: 0,
+    },
+];
+
+/// A rule for a call with any arguments.
+const fn any(nr: libc::c_long, why: &'static str) -> Rule {
+    Rule { nr, only: ANY, why }
+}
+
+// The tables keep one call per line (rustfmt would fold them): they read as data. "Kept"
+// marks a call no trace or code reading has shown on that thread, allowed because nothing
+// shows it is never made either.
+
 /// What every thread needs: memory (musl's malloc), locks, its own exit, signal returns,
 /// time, and writing diagnostics to stderr (the capped VMM log).
-const COMMON: &[libc::c_long] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_sched_yield,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_getrandom,
-    libc::SYS_fcntl,
-    libc::SYS_fstat,
-    libc::SYS_lseek,
+#[rustfmt::skip]
+const COMMON: &[Rule] = &[
+    any(libc::SYS_read, "eventfds, sockets, files: every thread reads something"),
+    any(libc::SYS_write, "stderr (the VMM log), eventfds (wakeups, interrupts)"),
+    any(libc::SYS_readv, "kept: the standard library's vectored reads"),
+    any(libc::SYS_writev, "the standard library's vectored writes (log lines)"),
+    any(libc::SYS_close, "dropping any file descriptor"),
+    any(libc::SYS_futex, "locks, channels, thread parking"),
+    any(libc::SYS_mmap, "musl's malloc"),
+    any(libc::SYS_munmap, "musl's malloc, thread exit"),
+    any(libc::SYS_mremap, "musl's realloc"),
+    any(libc::SYS_madvise, "musl's malloc gives memory back, thread exit"),
+    any(libc::SYS_brk, "musl's malloc"),
+    any(libc::SYS_rt_sigreturn, "kept: returning from a signal handler (SIGSYS's never returns)"),
+    any(libc::SYS_rt_sigprocmask, "musl's thread exit blocks signals"),
+    any(libc::SYS_sigaltstack, "the standard library's thread exit drops its signal stack"),
+    any(libc::SYS_exit, "a thread's end"),
+    any(libc::SYS_exit_group, "the VMM's end"),
+    any(libc::SYS_clock_gettime, "log timestamps, vsock deadlines, warning rate limits"),
+    any(libc::SYS_clock_nanosleep, "kept: thread::sleep"),
+    any(libc::SYS_nanosleep, "kept: thread::sleep"),
+    any(libc::SYS_sched_yield, "kept: musl's and the standard library's spin loops"),
+    any(libc::SYS_getpid, "kept: musl internals"),
+    any(libc::SYS_gettid, "kept: musl internals"),
+    any(libc::SYS_getrandom, "a thread's first HashMap seeds its keys"),
+    any(libc::SYS_fcntl, "descriptor flags (socket2's O_NONBLOCK, CLOEXEC)"),
+    any(libc::SYS_fstat, "the standard library's metadata of open files"),
     // The capped files (console_file.rs, vmm_log.rs): the VMM's log is written from every
     // thread, and when a capped file reaches its cap the newest half is read back, moved to
     // the front and the file cut. With write and lseek allowed, the positioned calls add
     // nothing; ftruncate only shortens files the VMM already holds open.
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_ftruncate,
+    any(libc::SYS_lseek, "the capped files: where the next write goes"),
+    any(libc::SYS_pread64, "the capped files: reading back the newest half"),
+    any(libc::SYS_pwrite64, "the capped files: writing at their own offset"),
+    any(libc::SYS_ftruncate, "the capped files: cutting after the move"),
 ];
 
-/// vCPUs: KVM_RUN and friends, eventfd writes (interrupts), and device activation, which
-/// runs on the vCPU that wrote DRIVER_OK: the virtio-fs server then opens the shared
-/// directory (and /proc/self/fd) and clears the umask.
-const VCPU: &[libc::c_long] = &[
-    libc::SYS_ioctl,
-    libc::SYS_open,
-    libc::SYS_openat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_umask,
+/// vCPUs: KVM_RUN, eventfd writes (interrupts, queue kicks that missed the ioeventfd) and
+/// the serial console's output. Device activation and reset run here too (on the vCPU that
+/// writes the status register), so they only flip state and wake the device's own thread:
+/// the virtio-fs server is rebuilt there. No file opening, no sockets.
+#[rustfmt::skip]
+const VCPU: &[Rule] = &[
+    // `VcpuFd::run` (kvm-ioctls) makes only this one: MMIO and port exits are read from the
+    // mapped `kvm_run` page, and interrupts go through irqfds (eventfd writes). Every other
+    // KVM ioctl (vCPU setup, irqfds, ioeventfds) is made before the filters.
+    Rule { nr: libc::SYS_ioctl, only: &[&[request(KVM_RUN)]], why: "run_vcpu: KVM_RUN" },
 ];
 
-/// A device's event loop.
-const EVENT_LOOP: &[libc::c_long] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
+/// A device's event loop (event-manager).
+#[rustfmt::skip]
+const EVENT_LOOP: &[Rule] = &[
+    any(libc::SYS_epoll_wait, "EventManager::run"),
+    any(libc::SYS_epoll_pwait, "EventManager::run (musl's epoll_wait)"),
+    any(libc::SYS_epoll_ctl, "devices add and remove their descriptors"),
 ];
 
 /// The vsock device: accept host connections, connect guest connections to <uds>_<port>,
-/// time out silent peers. No file system calls.
-const VSOCK: &[libc::c_long] = &[
-    // FIONBIO: accepted and connected sockets are made non-blocking.
-    libc::SYS_ioctl,
-    libc::SYS_accept4,
-    libc::SYS_socket,
-    libc::SYS_connect,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_eventfd2,
-    // vsock: timeouts for silent peers.
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
+/// time out silent peers. No file system calls. Its eventfds and timer are made with the
+/// device, before any filter.
+#[rustfmt::skip]
+const VSOCK: &[Rule] = &[
+    // The standard library's set_nonblocking (socket2's uses fcntl).
+    Rule { nr: libc::SYS_ioctl, only: &[&[request(FIONBIO)]], why: "backend: accepted streams" },
+    any(libc::SYS_accept4, "backend: host processes connecting to the vsock socket"),
+    // socket2's Socket::new(Domain::UNIX, Type::STREAM, None), with SOCK_CLOEXEC.
+    Rule { nr: libc::SYS_socket, only: &[UNIX_STREAM], why: "backend: guest to <uds>_<port>" },
+    any(libc::SYS_connect, "backend: the guest connection's Unix socket"),
+    any(libc::SYS_recvfrom, "connections, handshakes: reading host streams (std's recv)"),
+    any(libc::SYS_sendto, "kept: a plain write of a host stream (the backend uses sendmsg)"),
+    any(libc::SYS_recvmsg, "kept: vectored reads of host streams"),
+    any(libc::SYS_sendmsg, "connections: writes to host streams (socket2, MSG_NOSIGNAL)"),
+    any(libc::SYS_shutdown, "connections: the guest's half-close reaches the host stream"),
+    any(libc::SYS_getsockopt, "kept: SO_ERROR of a connect in progress"),
+    any(libc::SYS_timerfd_settime, "timeouts for silent peers: arming and stopping the tick"),
 ];
 
 /// The virtio-fs passthrough server: everything a FUSE request can turn into, done on files
-/// of the shared directory on the guest's behalf (with the guest's credentials per request).
-/// No sockets.
-const FS: &[libc::c_long] = &[
-    libc::SYS_ioctl,
-    libc::SYS_openat,
-    libc::SYS_open,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_getdents64,
-    libc::SYS_readlinkat,
-    libc::SYS_mkdirat,
-    libc::SYS_mknodat,
-    libc::SYS_unlinkat,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_linkat,
-    libc::SYS_symlinkat,
-    libc::SYS_fchmod,
-    libc::SYS_fchmodat,
-    libc::SYS_fchown,
-    libc::SYS_fchownat,
-    libc::SYS_utimensat,
-    libc::SYS_ftruncate,
-    libc::SYS_fallocate,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_copy_file_range,
-    libc::SYS_statfs,
-    libc::SYS_fstatfs,
-    libc::SYS_flock,
-    libc::SYS_dup,
-    libc::SYS_dup3,
-    libc::SYS_umask,
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
-    libc::SYS_setgroups,
-    libc::SYS_capget,
-    libc::SYS_capset,
+/// of the shared directory on the guest's behalf (with the guest's credentials per request),
+/// and rebuilding the server after a device reset. No sockets, no ioctl: the passthrough
+/// file system answers FUSE_IOCTL with ENOSYS without making one.
+#[rustfmt::skip]
+const FS: &[Rule] = &[
+    any(libc::SYS_openat, "lookup, open, create; a rebuilt server opens its root"),
+    any(libc::SYS_open, "musl's File::open: a rebuilt server reads /proc/self/mountinfo"),
+    any(libc::SYS_newfstatat, "getattr, lookup"),
+    any(libc::SYS_statx, "getattr, lookup (the standard library's metadata)"),
+    any(libc::SYS_getdents64, "readdir"),
+    any(libc::SYS_readlinkat, "readlink"),
+    any(libc::SYS_mkdirat, "mkdir"),
+    any(libc::SYS_mknodat, "mknod"),
+    any(libc::SYS_unlinkat, "unlink, rmdir"),
+    any(libc::SYS_renameat, "rename"),
+    any(libc::SYS_renameat2, "rename with flags"),
+    any(libc::SYS_linkat, "link"),
+    any(libc::SYS_symlinkat, "symlink"),
+    any(libc::SYS_fchmod, "setattr (mode)"),
+    any(libc::SYS_fchmodat, "setattr (mode)"),
+    any(libc::SYS_fchown, "setattr (owner)"),
+    any(libc::SYS_fchownat, "setattr (owner)"),
+    any(libc::SYS_utimensat, "setattr (times)"),
+    any(libc::SYS_ftruncate, "setattr (size)"),
+    any(libc::SYS_fallocate, "fallocate"),
+    any(libc::SYS_fsync, "fsync, fsyncdir"),
+    any(libc::SYS_fdatasync, "fsync with datasync"),
+    any(libc::SYS_pread64, "read"),
+    any(libc::SYS_pwrite64, "write"),
+    any(libc::SYS_preadv, "read into several guest buffers"),
+    any(libc::SYS_pwritev, "write from several guest buffers"),
+    any(libc::SYS_preadv2, "read into several guest buffers"),
+    any(libc::SYS_pwritev2, "write from several guest buffers"),
+    any(libc::SYS_copy_file_range, "copy_file_range"),
+    any(libc::SYS_statfs, "statfs"),
+    any(libc::SYS_fstatfs, "statfs"),
+    any(libc::SYS_flock, "flock-style locks"),
+    any(libc::SYS_dup, "open of an inode's O_PATH descriptor"),
+    any(libc::SYS_dup3, "open of an inode's O_PATH descriptor"),
+    any(libc::SYS_umask, "create with the guest's umask; a rebuilt server clears it"),
+    any(libc::SYS_setresuid, "each request runs with the guest caller's uid"),
+    any(libc::SYS_setresgid, "each request runs with the guest caller's gid"),
+    any(libc::SYS_setgroups, "the caller's supplementary groups"),
+    any(libc::SYS_capget, "dropping CAP_FSETID for a write by a non-owner"),
+    any(libc::SYS_capset, "dropping CAP_FSETID for a write by a non-owner"),
 ];
 
-/// The virtio-net device: frames to and from its (already open, non-blocking) TAP, and its
-/// eventfds.
-const NET: &[libc::c_long] = &[
-    // TUNSETOFFLOAD: the TAP's offloads follow each new driver's features.
-    libc::SYS_ioctl,
-    // One frame per read from the TAP; queue notifications and wakeups (eventfds).
-    libc::SYS_read,
-    // One frame per writev to the TAP, gathered from the guest's TX descriptors.
-    libc::SYS_writev,
-    // Interrupts (irqfd) and self-wakeups (eventfds).
-    libc::SYS_write,
+/// The virtio-net device's event loop: frames between the TAP and the queues. The TAP's
+/// frames (one read or writev each) and the eventfds' reads and writes are in [`COMMON`],
+/// the epoll calls in [`EVENT_LOOP`]. The TAP is opened, its header size set
+/// (TUNSETVNETHDRSZ) and the eventfds made with the device, before any filter.
+#[rustfmt::skip]
+const NET: &[Rule] = &[
+    Rule {
+        nr: libc::SYS_ioctl,
+        only: &[&[request(TUNSETOFFLOAD)]],
+        why: "Net::apply_offloads: the TAP's offloads follow each new driver's features",
+    },
 ];
 
 /// The signal thread only waits for one.
-const SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait];
+#[rustfmt::skip]
+const SIGNALS: &[Rule] = &[any(libc::SYS_rt_sigtimedwait, "SigSet::wait")];
 
 /// The main thread removes the vsock socket before it exits.
-const MAIN: &[libc::c_long] = &[libc::SYS_unlink, libc::SYS_unlinkat];
+#[rustfmt::skip]
+const MAIN: &[Rule] = &[
+    any(libc::SYS_unlink, "Vsock's drop removes its socket (std's remove_file)"),
+    any(libc::SYS_unlinkat, "kept: remove_file on a C library that uses unlinkat"),
+];
 
-fn allowed(kind: ThreadKind) -> impl Iterator<Item = libc::c_long> {
-    let (own, event_loop): (&[libc::c_long], bool) = match kind {
-        ThreadKind::Vcpu => (VCPU, false),
-        ThreadKind::Vsock => (VSOCK, true),
-        ThreadKind::Fs => (FS, true),
-        ThreadKind::Net => (NET, true),
-        ThreadKind::Signals => (SIGNALS, false),
-        ThreadKind::Main => (MAIN, false),
-    };
-    let event_loop: &[libc::c_long] = if event_loop { EVENT_LOOP } else { &[] };
-    COMMON.iter().chain(own).chain(event_loop).copied()
+/// The tables a thread of `kind` may make calls from.
+fn tables(kind: ThreadKind) -> &'static [&'static [Rule]] {
+    match kind {
+        ThreadKind::Vcpu => &[COMMON, VCPU],
+        ThreadKind::Vsock => &[COMMON, EVENT_LOOP, VSOCK],
+        ThreadKind::Fs => &[COMMON, EVENT_LOOP, FS],
+        ThreadKind::Net => &[COMMON, EVENT_LOOP, NET],
+        ThreadKind::Signals => &[COMMON, SIGNALS],
+        ThreadKind::Main => &[COMMON, MAIN],
+    }
+}
+
+/// The seccompiler rules of `tables`: per call, the alternatives of every table that names
+/// it, or no conditions at all if one of them allows any arguments.
+fn compile(tables: &[&[Rule]]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
+    let mut any_args = std::collections::BTreeSet::new();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for rule in tables.iter().flat_map(|t| t.iter()) {
+        let alternatives = rules.entry(rule.nr).or_default();
+        if rule.only.is_empty() {
+            any_args.insert(rule.nr);
+        }
+        for checks in rule.only {
+            let alternative = checks
+                .iter()
+                .map(Check::condition)
+                .collect::<Result<_, _>>()
+                .and_then(SeccompRule::new)
+                .map_err(|e| format!("system call {} ({}): {e}", rule.nr, rule.why))?;
+            alternatives.push(alternative);
+        }
+    }
+    for nr in any_args {
+        rules.insert(nr, Vec::new());
+    }
+    Ok(rules)
 }
 
 /// The BPF program for a thread of `kind` (Enforce or Log mode).
@@ -214,9 +342,8 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, Seccom
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        allowed(kind).map(|nr| (nr, Vec::new())).collect();
     let build = |reason: String| SeccompError::Build { kind, reason };
+    let rules = compile(tables(kind)).map_err(build)?;
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| build(e.to_string()))?;
     filter
@@ -263,7 +390,7 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
 /// The exit status after a filtered call: what a kill by SIGSYS would give.
 pub const EXIT_SECCOMP: i32 = 128 + libc::SIGSYS;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // Linux's siginfo for SIGSYS: after signo, errno, code and padding (16 bytes) come the
     // faulting call's address (8 bytes), then the syscall number (int).
     // SAFETY: the kernel hands a valid siginfo_t for SA_SIGINFO handlers; for SIGSYS raised by
@@ -274,42 +401,126 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             .cast::<libc::c_int>()
             .read_unaligned()
     };
-    let kind = KIND.with(|k| k.get());
-    let mut buf = [0u8; 128];
-    let mut len = 0;
-    let mut put = |bytes: &[u8]| {
-        let n = bytes.len().min(buf.len() - len);
-        buf[len..len + n].copy_from_slice(&bytes[..n]);
-        len += n;
+    // The call's first two arguments, as the registers held them when it trapped (x86_64
+    // passes them in rdi and rsi): what an ioctl or socket was refused for.
+    // SAFETY: for SA_SIGINFO handlers the kernel's third argument is a valid ucontext_t,
+    // whose general registers are those of the interrupted system call.
+    let args = unsafe {
+        let gregs = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        [libc::REG_RDI, libc::REG_RSI].map(|r| {
+            usize::try_from(r)
+                .ok()
+                .and_then(|r| gregs.get(r))
+                .map_or(0, |v| v.cast_unsigned())
+        })
     };
-    put(b"brig-vmm: seccomp: the ");
-    put(match kind {
-        Some(ThreadKind::Vcpu) => b"vCPU",
-        Some(ThreadKind::Vsock) => b"vsock",
-        Some(ThreadKind::Fs) => b"virtio-fs",
-        Some(ThreadKind::Net) => b"virtio-net",
-        Some(ThreadKind::Signals) => b"signal",
-        Some(ThreadKind::Main) => b"main",
-        None => b"unknown",
-    });
-    put(b" thread made system call ");
-    let mut digits = [0u8; 12];
-    let mut i = digits.len();
-    let mut v = nr.unsigned_abs();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    put(&digits[i..]);
-    put(b", which its filter does not allow (brig-vmm --seccomp log finds what a path needs)\n");
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` outlives the call.
+    let message = Message::refused(KIND.with(|k| k.get()), nr, args);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `message` outlives the call.
     unsafe {
-        libc::write(2, buf.as_ptr().cast(), len);
+        libc::write(2, message.buf.as_ptr().cast(), message.len);
         libc::_exit(EXIT_SECCOMP);
+    }
+}
+
+/// The SIGSYS handler's message, built on the stack (a signal handler must not allocate).
+struct Message {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Message {
+    /// What a thread of `kind` was refused: system call `nr`, with the first two arguments
+    /// `args` named for the calls filtered by argument.
+    fn refused(kind: Option<ThreadKind>, nr: libc::c_int, args: [u64; 2]) -> Message {
+        let mut m = Message {
+            buf: [0; 256],
+            len: 0,
+        };
+        m.put(b"brig-vmm: seccomp: the ");
+        m.put(match kind {
+            Some(ThreadKind::Vcpu) => b"vCPU",
+            Some(ThreadKind::Vsock) => b"vsock",
+            Some(ThreadKind::Fs) => b"virtio-fs",
+            Some(ThreadKind::Net) => b"virtio-net",
+            Some(ThreadKind::Signals) => b"signal",
+            Some(ThreadKind::Main) => b"main",
+            None => b"unknown",
+        });
+        m.put(b" thread made system call ");
+        m.number(u64::from(nr.unsigned_abs()), 10);
+        match libc::c_long::from(nr) {
+            libc::SYS_ioctl => {
+                m.put(b" (ioctl, request 0x");
+                m.number(args[1] & 0xffff_ffff, 16);
+                m.put(b")");
+            }
+            libc::SYS_socket => {
+                m.put(b" (socket, domain ");
+                m.number(args[0] & 0xffff_ffff, 10);
+                m.put(b", type 0x");
+                m.number(args[1] & 0xffff_ffff, 16);
+                m.put(b")");
+            }
+            _ => {}
+        }
+        m.put(
+            b", which its filter does not allow (brig-vmm --seccomp log finds what a path needs)\n",
+        );
+        m
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn number(&mut self, mut v: u64, base: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            // base is 10 or 16: the digit is under 16.
+            let digit = u8::try_from(v % base).unwrap_or(0);
+            digits[i] = b"0123456789abcdef"[usize::from(digit & 0xf)];
+            v /= base;
+            if v == 0 {
+                break;
+            }
+        }
+        self.put(&digits[i..]);
+    }
+
+    #[cfg(test)]
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap()
+    }
+}
+
+/// Exit status of a forked child that installs `kind`'s filter and then runs `body` (None
+/// if a signal ended it). The program is built before the fork; `body` should keep to raw
+/// system calls and the device code under test: the child of a threaded process must not
+/// take locks another thread held at the fork.
+#[cfg(test)]
+pub(crate) fn exit_code_under_filter(kind: ThreadKind, body: impl FnOnce() -> i32) -> Option<i32> {
+    let prog = program(kind, SeccompMode::Enforce).unwrap();
+    // SAFETY: the child installs the handler and filter, runs `body`, and leaves with _exit
+    // without touching the parent's state.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = match (install_sigsys_handler(), install(kind, &prog)) {
+                (Ok(()), Ok(())) => body(),
+                _ => 1,
+            };
+            // SAFETY: leaving the forked child at once.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            match nix::sys::wait::waitpid(child, None).unwrap() {
+                nix::sys::wait::WaitStatus::Exited(_, code) => Some(code),
+                _ => None,
+            }
+        }
     }
 }
 
@@ -329,35 +540,10 @@ mod tests {
         ] {
             let prog = program(kind, SeccompMode::Enforce).unwrap();
             assert!(
-                prog.len() > allowed(kind).count(),
+                prog.len() > compile(tables(kind)).unwrap().len(),
                 "{kind:?}: {} instructions",
                 prog.len()
             );
-        }
-    }
-
-    /// Exit status of a forked child that installs `kind`'s filter and then runs `body`.
-    /// The program is built before the fork: the child of a threaded process must not
-    /// allocate, and `body` only makes raw system calls.
-    fn exit_code_under_filter(kind: ThreadKind, body: fn() -> i32) -> Option<i32> {
-        let prog = program(kind, SeccompMode::Enforce).unwrap();
-        // SAFETY: the child installs the handler and filter, runs `body`, and leaves with
-        // _exit without touching the parent's state.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let code = match (install_sigsys_handler(), install(kind, &prog)) {
-                    (Ok(()), Ok(())) => body(),
-                    _ => 1,
-                };
-                // SAFETY: leaving the forked child at once.
-                unsafe { libc::_exit(code) }
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                match nix::sys::wait::waitpid(child, None).unwrap() {
-                    nix::sys::wait::WaitStatus::Exited(_, code) => Some(code),
-                    _ => None,
-                }
-            }
         }
     }
 
@@ -382,8 +568,202 @@ mod tests {
         assert_eq!(code, Some(7));
     }
 
+    /// `ioctl(-1, request)` under `kind`'s filter: 0 if the kernel answered EBADF (the filter
+    /// let the call through), another errno's number if it answered otherwise, 159 if the
+    /// filter stopped it.
+    fn ioctl_on_a_bad_fd(kind: ThreadKind, request: u64) -> Option<i32> {
+        exit_code_under_filter(kind, move || {
+            // SAFETY: the descriptor is invalid, so the kernel looks at nothing else. The
+            // request goes in as the raw 64-bit register value, upper half included.
+            let ret = unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EBADF) if ret == -1 => 0,
+                Some(errno) => errno,
+                None => 2,
+            }
+        })
+    }
+
+    /// `socket(domain, ty, 0)` under `kind`'s filter: 0 if it returned a descriptor, 1 if
+    /// the kernel refused it, 159 if the filter stopped it.
+    fn socket_under_filter(kind: ThreadKind, domain: i32, ty: i32) -> Option<i32> {
+        exit_code_under_filter(kind, move || {
+            // SAFETY: socket(2) takes no pointers.
+            let fd = unsafe { libc::socket(domain, ty, 0) };
+            i32::from(fd < 0)
+        })
+    }
+
     #[test]
-    fn the_net_thread_may_move_frames() {
+    fn the_vcpu_may_run_kvm_and_no_other_ioctl() {
+        let kvm_run = u64::from(KVM_RUN);
+        assert_eq!(ioctl_on_a_bad_fd(ThreadKind::Vcpu, kvm_run), Some(0));
+        // The kernel reads the request as an unsigned int; what a C library leaves in the
+        // upper half (musl sign-extends an int) changes nothing, for it or for the filter.
+        assert_eq!(
+            ioctl_on_a_bad_fd(ThreadKind::Vcpu, 0xffff_ffff_0000_0000 | kvm_run),
+            Some(0)
+        );
+        for other in [
+            FIONBIO,
+            TUNSETOFFLOAD,
+            0x5401, /* TCGETS */
+            0xae01, /* KVM_CREATE_VM */
+        ] {
+            assert_eq!(
+                ioctl_on_a_bad_fd(ThreadKind::Vcpu, u64::from(other)),
+                Some(EXIT_SECCOMP),
+                "ioctl {other:#x} on the vCPU thread"
+            );
+        }
+    }
+
+    #[test]
+    fn the_vsock_thread_may_set_fionbio_and_no_other_ioctl() {
+        let fionbio = u64::from(FIONBIO);
+        assert_eq!(ioctl_on_a_bad_fd(ThreadKind::Vsock, fionbio), Some(0));
+        let kvm_run = u64::from(KVM_RUN);
+        assert_eq!(
+            ioctl_on_a_bad_fd(ThreadKind::Vsock, kvm_run),
+            Some(EXIT_SECCOMP)
+        );
+    }
+
+    #[test]
+    fn the_fs_and_other_threads_make_no_ioctl() {
+        for kind in [ThreadKind::Fs, ThreadKind::Signals, ThreadKind::Main] {
+            for request in [FIONBIO, KVM_RUN] {
+                assert_eq!(
+                    ioctl_on_a_bad_fd(kind, u64::from(request)),
+                    Some(EXIT_SECCOMP),
+                    "{kind:?}: ioctl {request:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_vsock_thread_gets_unix_streams_and_no_other_socket() {
+        use libc::{AF_INET, AF_INET6, AF_UNIX, AF_VSOCK, SOCK_CLOEXEC, SOCK_DGRAM};
+        use libc::{SOCK_NONBLOCK, SOCK_STREAM};
+        for ty in [
+            SOCK_STREAM,
+            SOCK_STREAM | SOCK_CLOEXEC,
+            SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+        ] {
+            assert_eq!(
+                socket_under_filter(ThreadKind::Vsock, AF_UNIX, ty),
+                Some(0),
+                "AF_UNIX, type {ty:#x}"
+            );
+        }
+        for (domain, ty) in [
+            (AF_INET, SOCK_STREAM | SOCK_CLOEXEC),
+            (AF_INET6, SOCK_STREAM),
+            (AF_VSOCK, SOCK_STREAM),
+            (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC),
+        ] {
+            assert_eq!(
+                socket_under_filter(ThreadKind::Vsock, domain, ty),
+                Some(EXIT_SECCOMP),
+                "domain {domain}, type {ty:#x}"
+            );
+        }
+        // No other thread opens sockets at all.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Fs] {
+            assert_eq!(
+                socket_under_filter(kind, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC),
+                Some(EXIT_SECCOMP),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_file_is_opened_on_a_vcpu_thread() {
+        let path = c"/proc/self/status";
+        let code = exit_code_under_filter(ThreadKind::Vcpu, || {
+            // SAFETY: `path` is a NUL-terminated string that outlives the call.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            i32::from(fd < 0)
+        });
+        assert_eq!(code, Some(EXIT_SECCOMP));
+    }
+
+    #[test]
+    fn the_request_numbers_are_the_kernels() {
+        use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
+        assert_eq!(
+            ioctl_expr(_IOC_NONE, 0xae, 0x80, 0),
+            libc::c_ulong::from(KVM_RUN)
+        );
+        // libc's request type is an int on musl and an unsigned long on glibc.
+        let low_bits = |request: libc::Ioctl| u32::try_from(i128::from(request) & 0xffff_ffff);
+        assert_eq!(low_bits(libc::FIONBIO), Ok(FIONBIO));
+        assert_eq!(low_bits(libc::TUNSETOFFLOAD), Ok(TUNSETOFFLOAD));
+    }
+
+    #[test]
+    fn a_call_allowed_with_any_arguments_in_one_table_is_not_narrowed_by_another() {
+        const NARROW: &[Rule] = &[Rule {
+            nr: libc::SYS_ioctl,
+            only: &[&[request(FIONBIO)]],
+            why: "test",
+        }];
+        const WIDE: &[Rule] = &[any(libc::SYS_ioctl, "test")];
+        let rules = compile(&[NARROW, WIDE]).unwrap();
+        assert_eq!(rules.get(&libc::SYS_ioctl).map(Vec::len), Some(0));
+        let rules = compile(&[NARROW, NARROW]).unwrap();
+        assert_eq!(rules.get(&libc::SYS_ioctl).map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn the_refusal_names_the_thread_the_call_and_what_it_was_refused_for() {
+        let m = Message::refused(Some(ThreadKind::Vcpu), 16, [7, 0xffff_ffff_0000_5401]);
+        assert!(
+            m.text().starts_with(
+                "brig-vmm: seccomp: the vCPU thread made system call 16 (ioctl, request 0x5401), \
+                 which its filter does not allow"
+            ),
+            "{}",
+            m.text()
+        );
+        let m = Message::refused(Some(ThreadKind::Vsock), 41, [2, 0x80001]);
+        assert!(
+            m.text()
+                .contains("system call 41 (socket, domain 2, type 0x80001), which"),
+            "{}",
+            m.text()
+        );
+        let m = Message::refused(None, 110, [0, 0]);
+        assert!(m
+            .text()
+            .contains("unknown thread made system call 110, which"));
+        assert!(m.text().ends_with("needs)\n"), "{}", m.text());
+    }
+
+    #[test]
+    fn the_net_thread_may_set_tunsetoffload_and_no_other_ioctl() {
+        assert_eq!(
+            ioctl_on_a_bad_fd(ThreadKind::Net, u64::from(TUNSETOFFLOAD)),
+            Some(0)
+        );
+        for other in [
+            KVM_RUN,
+            FIONBIO,
+            0x4004_54ca, /* TUNSETIFF */
+            0x4004_54d8, /* TUNSETVNETHDRSZ: set before the filters */
+        ] {
+            assert_eq!(
+                ioctl_on_a_bad_fd(ThreadKind::Net, u64::from(other)),
+                Some(EXIT_SECCOMP),
+                "ioctl {other:#x} on the net thread"
+            );
+        }
+    }
+
+    #[test]
+    fn the_net_thread_may_move_frames_and_opens_no_socket() {
         // A frame's writev and read (here on bad descriptors: EBADF, but allowed).
         let code = exit_code_under_filter(ThreadKind::Net, || {
             // SAFETY: no memory is passed (zero iovecs, zero-length read).
@@ -394,5 +774,9 @@ mod tests {
             7
         });
         assert_eq!(code, Some(7));
+        assert_eq!(
+            socket_under_filter(ThreadKind::Net, libc::AF_UNIX, libc::SOCK_STREAM),
+            Some(EXIT_SECCOMP)
+        );
     }
 }

@@ -4643,6 +4643,837 @@ impl ::protobuf::reflect::ProtobufValue for RemoveContainerRequest {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:brig.agent.v1.IpNet)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct IpNet {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.IpNet.address)
+    pub address: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.IpNet.prefix)
+    pub prefix: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.IpNet.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a IpNet {
+    fn default() -> &'a IpNet {
+        <IpNet as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl IpNet {
+    pub fn new() -> IpNet {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "address",
+            |m: &IpNet| { &m.address },
+            |m: &mut IpNet| { &mut m.address },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "prefix",
+            |m: &IpNet| { &m.prefix },
+            |m: &mut IpNet| { &mut m.prefix },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<IpNet>(
+            "IpNet",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for IpNet {
+    const NAME: &'static str = "IpNet";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.address = is.read_string()?;
+                },
+                16 => {
+                    self.prefix = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.address.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.address);
+        }
+        if self.prefix != 0 {
+            my_size += ::protobuf::rt::uint32_size(2, self.prefix);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.address.is_empty() {
+            os.write_string(1, &self.address)?;
+        }
+        if self.prefix != 0 {
+            os.write_uint32(2, self.prefix)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> IpNet {
+        IpNet::new()
+    }
+
+    fn clear(&mut self) {
+        self.address.clear();
+        self.prefix = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static IpNet {
+        static instance: IpNet = IpNet {
+            address: ::std::string::String::new(),
+            prefix: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for IpNet {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("IpNet").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for IpNet {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.Interface)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Interface {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.Interface.mac)
+    pub mac: ::std::vec::Vec<u8>,
+    // @@protoc_insertion_point(field:brig.agent.v1.Interface.name)
+    pub name: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.Interface.mtu)
+    pub mtu: u32,
+    // @@protoc_insertion_point(field:brig.agent.v1.Interface.addresses)
+    pub addresses: ::std::vec::Vec<IpNet>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.Interface.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Interface {
+    fn default() -> &'a Interface {
+        <Interface as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Interface {
+    pub fn new() -> Interface {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "mac",
+            |m: &Interface| { &m.mac },
+            |m: &mut Interface| { &mut m.mac },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "name",
+            |m: &Interface| { &m.name },
+            |m: &mut Interface| { &mut m.name },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "mtu",
+            |m: &Interface| { &m.mtu },
+            |m: &mut Interface| { &mut m.mtu },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "addresses",
+            |m: &Interface| { &m.addresses },
+            |m: &mut Interface| { &mut m.addresses },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Interface>(
+            "Interface",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Interface {
+    const NAME: &'static str = "Interface";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.mac = is.read_bytes()?;
+                },
+                18 => {
+                    self.name = is.read_string()?;
+                },
+                24 => {
+                    self.mtu = is.read_uint32()?;
+                },
+                34 => {
+                    self.addresses.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.mac.is_empty() {
+            my_size += ::protobuf::rt::bytes_size(1, &self.mac);
+        }
+        if !self.name.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.name);
+        }
+        if self.mtu != 0 {
+            my_size += ::protobuf::rt::uint32_size(3, self.mtu);
+        }
+        for value in &self.addresses {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.mac.is_empty() {
+            os.write_bytes(1, &self.mac)?;
+        }
+        if !self.name.is_empty() {
+            os.write_string(2, &self.name)?;
+        }
+        if self.mtu != 0 {
+            os.write_uint32(3, self.mtu)?;
+        }
+        for v in &self.addresses {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Interface {
+        Interface::new()
+    }
+
+    fn clear(&mut self) {
+        self.mac.clear();
+        self.name.clear();
+        self.mtu = 0;
+        self.addresses.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Interface {
+        static instance: Interface = Interface {
+            mac: ::std::vec::Vec::new(),
+            name: ::std::string::String::new(),
+            mtu: 0,
+            addresses: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Interface {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Interface").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Interface {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Interface {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.Route)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Route {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.Route.destination)
+    pub destination: ::protobuf::MessageField<IpNet>,
+    // @@protoc_insertion_point(field:brig.agent.v1.Route.gateway)
+    pub gateway: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.Route.device)
+    pub device: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.Route.source)
+    pub source: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.Route.scope)
+    pub scope: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.Route.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Route {
+    fn default() -> &'a Route {
+        <Route as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Route {
+    pub fn new() -> Route {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, IpNet>(
+            "destination",
+            |m: &Route| { &m.destination },
+            |m: &mut Route| { &mut m.destination },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "gateway",
+            |m: &Route| { &m.gateway },
+            |m: &mut Route| { &mut m.gateway },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "device",
+            |m: &Route| { &m.device },
+            |m: &mut Route| { &mut m.device },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "source",
+            |m: &Route| { &m.source },
+            |m: &mut Route| { &mut m.source },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "scope",
+            |m: &Route| { &m.scope },
+            |m: &mut Route| { &mut m.scope },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Route>(
+            "Route",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Route {
+    const NAME: &'static str = "Route";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.destination)?;
+                },
+                18 => {
+                    self.gateway = is.read_string()?;
+                },
+                26 => {
+                    self.device = is.read_string()?;
+                },
+                34 => {
+                    self.source = is.read_string()?;
+                },
+                40 => {
+                    self.scope = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if let Some(v) = self.destination.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        if !self.gateway.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.gateway);
+        }
+        if !self.device.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.device);
+        }
+        if !self.source.is_empty() {
+            my_size += ::protobuf::rt::string_size(4, &self.source);
+        }
+        if self.scope != 0 {
+            my_size += ::protobuf::rt::uint32_size(5, self.scope);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if let Some(v) = self.destination.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(1, v, os)?;
+        }
+        if !self.gateway.is_empty() {
+            os.write_string(2, &self.gateway)?;
+        }
+        if !self.device.is_empty() {
+            os.write_string(3, &self.device)?;
+        }
+        if !self.source.is_empty() {
+            os.write_string(4, &self.source)?;
+        }
+        if self.scope != 0 {
+            os.write_uint32(5, self.scope)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Route {
+        Route::new()
+    }
+
+    fn clear(&mut self) {
+        self.destination.clear();
+        self.gateway.clear();
+        self.device.clear();
+        self.source.clear();
+        self.scope = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Route {
+        static instance: Route = Route {
+            destination: ::protobuf::MessageField::none(),
+            gateway: ::std::string::String::new(),
+            device: ::std::string::String::new(),
+            source: ::std::string::String::new(),
+            scope: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Route {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Route").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Route {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Route {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.Neighbor)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Neighbor {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.Neighbor.address)
+    pub address: ::std::string::String,
+    // @@protoc_insertion_point(field:brig.agent.v1.Neighbor.mac)
+    pub mac: ::std::vec::Vec<u8>,
+    // @@protoc_insertion_point(field:brig.agent.v1.Neighbor.device)
+    pub device: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.Neighbor.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Neighbor {
+    fn default() -> &'a Neighbor {
+        <Neighbor as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Neighbor {
+    pub fn new() -> Neighbor {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "address",
+            |m: &Neighbor| { &m.address },
+            |m: &mut Neighbor| { &mut m.address },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "mac",
+            |m: &Neighbor| { &m.mac },
+            |m: &mut Neighbor| { &mut m.mac },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "device",
+            |m: &Neighbor| { &m.device },
+            |m: &mut Neighbor| { &mut m.device },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Neighbor>(
+            "Neighbor",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Neighbor {
+    const NAME: &'static str = "Neighbor";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.address = is.read_string()?;
+                },
+                18 => {
+                    self.mac = is.read_bytes()?;
+                },
+                26 => {
+                    self.device = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.address.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.address);
+        }
+        if !self.mac.is_empty() {
+            my_size += ::protobuf::rt::bytes_size(2, &self.mac);
+        }
+        if !self.device.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.device);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.address.is_empty() {
+            os.write_string(1, &self.address)?;
+        }
+        if !self.mac.is_empty() {
+            os.write_bytes(2, &self.mac)?;
+        }
+        if !self.device.is_empty() {
+            os.write_string(3, &self.device)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Neighbor {
+        Neighbor::new()
+    }
+
+    fn clear(&mut self) {
+        self.address.clear();
+        self.mac.clear();
+        self.device.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Neighbor {
+        static instance: Neighbor = Neighbor {
+            address: ::std::string::String::new(),
+            mac: ::std::vec::Vec::new(),
+            device: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Neighbor {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Neighbor").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Neighbor {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Neighbor {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:brig.agent.v1.ConfigureNetworkRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ConfigureNetworkRequest {
+    // message fields
+    // @@protoc_insertion_point(field:brig.agent.v1.ConfigureNetworkRequest.interfaces)
+    pub interfaces: ::std::vec::Vec<Interface>,
+    // @@protoc_insertion_point(field:brig.agent.v1.ConfigureNetworkRequest.routes)
+    pub routes: ::std::vec::Vec<Route>,
+    // @@protoc_insertion_point(field:brig.agent.v1.ConfigureNetworkRequest.neighbors)
+    pub neighbors: ::std::vec::Vec<Neighbor>,
+    // special fields
+    // @@protoc_insertion_point(special_field:brig.agent.v1.ConfigureNetworkRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ConfigureNetworkRequest {
+    fn default() -> &'a ConfigureNetworkRequest {
+        <ConfigureNetworkRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ConfigureNetworkRequest {
+    pub fn new() -> ConfigureNetworkRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "interfaces",
+            |m: &ConfigureNetworkRequest| { &m.interfaces },
+            |m: &mut ConfigureNetworkRequest| { &mut m.interfaces },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "routes",
+            |m: &ConfigureNetworkRequest| { &m.routes },
+            |m: &mut ConfigureNetworkRequest| { &mut m.routes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "neighbors",
+            |m: &ConfigureNetworkRequest| { &m.neighbors },
+            |m: &mut ConfigureNetworkRequest| { &mut m.neighbors },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ConfigureNetworkRequest>(
+            "ConfigureNetworkRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ConfigureNetworkRequest {
+    const NAME: &'static str = "ConfigureNetworkRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.interfaces.push(is.read_message()?);
+                },
+                18 => {
+                    self.routes.push(is.read_message()?);
+                },
+                26 => {
+                    self.neighbors.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        for value in &self.interfaces {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        for value in &self.routes {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        for value in &self.neighbors {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        for v in &self.interfaces {
+            ::protobuf::rt::write_message_field_with_cached_size(1, v, os)?;
+        };
+        for v in &self.routes {
+            ::protobuf::rt::write_message_field_with_cached_size(2, v, os)?;
+        };
+        for v in &self.neighbors {
+            ::protobuf::rt::write_message_field_with_cached_size(3, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ConfigureNetworkRequest {
+        ConfigureNetworkRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.interfaces.clear();
+        self.routes.clear();
+        self.neighbors.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ConfigureNetworkRequest {
+        static instance: ConfigureNetworkRequest = ConfigureNetworkRequest {
+            interfaces: ::std::vec::Vec::new(),
+            routes: ::std::vec::Vec::new(),
+            neighbors: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ConfigureNetworkRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ConfigureNetworkRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ConfigureNetworkRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ConfigureNetworkRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 static file_descriptor_proto_data: &'static [u8] = b"\
     \n\x0bagent.proto\x12\rbrig.agent.v1\"\x07\n\x05Empty\"\x10\n\x0eVersion\
     Request\"\x89\x02\n\x0fVersionResponse\x12#\n\ragent_version\x18\x01\x20\
@@ -4731,30 +5562,46 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     OomEventResponse\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainer\
     Id\x12\x1b\n\toom_kills\x18\x02\x20\x01(\x04R\x08oomKills\";\n\x16Remove\
     ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainer\
-    Id2\xd8\n\n\x05Agent\x12H\n\x07Version\x12\x1d.brig.agent.v1.VersionRequ\
-    est\x1a\x1e.brig.agent.v1.VersionResponse\x12@\n\x08Shutdown\x12\x1e.bri\
-    g.agent.v1.ShutdownRequest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rVsockSelf\
-    Test\x12#.brig.agent.v1.VsockSelfTestRequest\x1a$.brig.agent.v1.VsockSel\
-    fTestResponse\x12`\n\x0fCreateContainer\x12%.brig.agent.v1.CreateContain\
-    erRequest\x1a&.brig.agent.v1.CreateContainerResponse\x12L\n\x0eStartCont\
-    ainer\x12$.brig.agent.v1.StartContainerRequest\x1a\x14.brig.agent.v1.Emp\
-    ty\x12T\n\x0bExecProcess\x12!.brig.agent.v1.ExecProcessRequest\x1a\".bri\
-    g.agent.v1.ExecProcessResponse\x12J\n\rSignalProcess\x12#.brig.agent.v1.\
-    SignalProcessRequest\x1a\x14.brig.agent.v1.Empty\x12T\n\x0bWaitProcess\
-    \x12!.brig.agent.v1.WaitProcessRequest\x1a\".brig.agent.v1.WaitProcessRe\
-    sponse\x12D\n\nCloseStdin\x12\x20.brig.agent.v1.CloseStdinRequest\x1a\
-    \x14.brig.agent.v1.Empty\x12B\n\tResizeTty\x12\x1f.brig.agent.v1.ResizeT\
-    tyRequest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rListProcesses\x12#.brig.ag\
-    ent.v1.ListProcessesRequest\x1a$.brig.agent.v1.ListProcessesResponse\x12\
-    B\n\x05Stats\x12\x1b.brig.agent.v1.StatsRequest\x1a\x1c.brig.agent.v1.St\
-    atsResponse\x12N\n\x0fRemoveContainer\x12%.brig.agent.v1.RemoveContainer\
-    Request\x1a\x14.brig.agent.v1.Empty\x12L\n\x0ePauseContainer\x12$.brig.a\
-    gent.v1.PauseContainerRequest\x1a\x14.brig.agent.v1.Empty\x12N\n\x0fResu\
-    meContainer\x12%.brig.agent.v1.ResumeContainerRequest\x1a\x14.brig.agent\
-    .v1.Empty\x12N\n\x0fUpdateContainer\x12%.brig.agent.v1.UpdateContainerRe\
-    quest\x1a\x14.brig.agent.v1.Empty\x12W\n\x0cWaitOomEvent\x12\".brig.agen\
-    t.v1.WaitOomEventRequest\x1a#.brig.agent.v1.WaitOomEventResponseb\x06pro\
-    to3\
+    Id\"9\n\x05IpNet\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\
+    \x16\n\x06prefix\x18\x02\x20\x01(\rR\x06prefix\"w\n\tInterface\x12\x10\n\
+    \x03mac\x18\x01\x20\x01(\x0cR\x03mac\x12\x12\n\x04name\x18\x02\x20\x01(\
+    \tR\x04name\x12\x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x122\n\taddresse\
+    s\x18\x04\x20\x03(\x0b2\x14.brig.agent.v1.IpNetR\taddresses\"\x9f\x01\n\
+    \x05Route\x126\n\x0bdestination\x18\x01\x20\x01(\x0b2\x14.brig.agent.v1.\
+    IpNetR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01(\tR\x07gatewa\
+    y\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\x16\n\x06source\
+    \x18\x04\x20\x01(\tR\x06source\x12\x14\n\x05scope\x18\x05\x20\x01(\rR\
+    \x05scope\"N\n\x08Neighbor\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07a\
+    ddress\x12\x10\n\x03mac\x18\x02\x20\x01(\x0cR\x03mac\x12\x16\n\x06device\
+    \x18\x03\x20\x01(\tR\x06device\"\xb8\x01\n\x17ConfigureNetworkRequest\
+    \x128\n\ninterfaces\x18\x01\x20\x03(\x0b2\x18.brig.agent.v1.InterfaceR\n\
+    interfaces\x12,\n\x06routes\x18\x02\x20\x03(\x0b2\x14.brig.agent.v1.Rout\
+    eR\x06routes\x125\n\tneighbors\x18\x03\x20\x03(\x0b2\x17.brig.agent.v1.N\
+    eighborR\tneighbors2\xaa\x0b\n\x05Agent\x12H\n\x07Version\x12\x1d.brig.a\
+    gent.v1.VersionRequest\x1a\x1e.brig.agent.v1.VersionResponse\x12@\n\x08S\
+    hutdown\x12\x1e.brig.agent.v1.ShutdownRequest\x1a\x14.brig.agent.v1.Empt\
+    y\x12Z\n\rVsockSelfTest\x12#.brig.agent.v1.VsockSelfTestRequest\x1a$.bri\
+    g.agent.v1.VsockSelfTestResponse\x12`\n\x0fCreateContainer\x12%.brig.age\
+    nt.v1.CreateContainerRequest\x1a&.brig.agent.v1.CreateContainerResponse\
+    \x12L\n\x0eStartContainer\x12$.brig.agent.v1.StartContainerRequest\x1a\
+    \x14.brig.agent.v1.Empty\x12T\n\x0bExecProcess\x12!.brig.agent.v1.ExecPr\
+    ocessRequest\x1a\".brig.agent.v1.ExecProcessResponse\x12J\n\rSignalProce\
+    ss\x12#.brig.agent.v1.SignalProcessRequest\x1a\x14.brig.agent.v1.Empty\
+    \x12T\n\x0bWaitProcess\x12!.brig.agent.v1.WaitProcessRequest\x1a\".brig.\
+    agent.v1.WaitProcessResponse\x12D\n\nCloseStdin\x12\x20.brig.agent.v1.Cl\
+    oseStdinRequest\x1a\x14.brig.agent.v1.Empty\x12B\n\tResizeTty\x12\x1f.br\
+    ig.agent.v1.ResizeTtyRequest\x1a\x14.brig.agent.v1.Empty\x12Z\n\rListPro\
+    cesses\x12#.brig.agent.v1.ListProcessesRequest\x1a$.brig.agent.v1.ListPr\
+    ocessesResponse\x12B\n\x05Stats\x12\x1b.brig.agent.v1.StatsRequest\x1a\
+    \x1c.brig.agent.v1.StatsResponse\x12N\n\x0fRemoveContainer\x12%.brig.age\
+    nt.v1.RemoveContainerRequest\x1a\x14.brig.agent.v1.Empty\x12L\n\x0ePause\
+    Container\x12$.brig.agent.v1.PauseContainerRequest\x1a\x14.brig.agent.v1\
+    .Empty\x12N\n\x0fResumeContainer\x12%.brig.agent.v1.ResumeContainerReque\
+    st\x1a\x14.brig.agent.v1.Empty\x12N\n\x0fUpdateContainer\x12%.brig.agent\
+    .v1.UpdateContainerRequest\x1a\x14.brig.agent.v1.Empty\x12W\n\x0cWaitOom\
+    Event\x12\".brig.agent.v1.WaitOomEventRequest\x1a#.brig.agent.v1.WaitOom\
+    EventResponse\x12P\n\x10ConfigureNetwork\x12&.brig.agent.v1.ConfigureNet\
+    workRequest\x1a\x14.brig.agent.v1.Emptyb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -4772,7 +5619,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(30);
+            let mut messages = ::std::vec::Vec::with_capacity(35);
             messages.push(Empty::generated_message_descriptor_data());
             messages.push(VersionRequest::generated_message_descriptor_data());
             messages.push(VersionResponse::generated_message_descriptor_data());
@@ -4803,6 +5650,11 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
             messages.push(WaitOomEventRequest::generated_message_descriptor_data());
             messages.push(WaitOomEventResponse::generated_message_descriptor_data());
             messages.push(RemoveContainerRequest::generated_message_descriptor_data());
+            messages.push(IpNet::generated_message_descriptor_data());
+            messages.push(Interface::generated_message_descriptor_data());
+            messages.push(Route::generated_message_descriptor_data());
+            messages.push(Neighbor::generated_message_descriptor_data());
+            messages.push(ConfigureNetworkRequest::generated_message_descriptor_data());
             let mut enums = ::std::vec::Vec::with_capacity(0);
             ::protobuf::reflect::GeneratedFileDescriptor::new_generated(
                 file_descriptor_proto(),

@@ -131,6 +131,12 @@ impl AgentClient {
         ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitOomEvent", cres);
         Ok(cres)
     }
+
+    pub fn configure_network(&self, ctx: ttrpc::context::Context, req: &super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::client_request!(self, ctx, req, "brig.agent.v1.Agent", "ConfigureNetwork", cres);
+        Ok(cres)
+    }
 }
 
 struct VersionMethod {
@@ -320,6 +326,17 @@ impl ::ttrpc::MethodHandler for WaitOomEventMethod {
     }
 }
 
+struct ConfigureNetworkMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ConfigureNetworkMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ConfigureNetworkRequest, configure_network);
+        Ok(())
+    }
+}
+
 pub trait Agent {
     fn version(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/Version is not supported".to_string())))
@@ -371,6 +388,9 @@ pub trait Agent {
     }
     fn wait_oom_event(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitOomEvent is not supported".to_string())))
+    }
+    fn configure_network(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ConfigureNetwork is not supported".to_string())))
     }
 }
 
@@ -427,6 +447,9 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, Bo
 
     methods.insert("/brig.agent.v1.Agent/WaitOomEvent".to_string(),
                     Box::new(WaitOomEventMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/brig.agent.v1.Agent/ConfigureNetwork".to_string(),
+                    Box::new(ConfigureNetworkMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
 
     methods
 }

@@ -115,6 +115,11 @@ impl AgentClient {
         let mut cres = super::agent::WaitOomEventResponse::new();
         ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "WaitOomEvent", cres);
     }
+
+    pub async fn configure_network(&self, ctx: ttrpc::context::Context, req: &super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "brig.agent.v1.Agent", "ConfigureNetwork", cres);
+    }
 }
 
 struct VersionMethod {
@@ -304,6 +309,17 @@ impl ::ttrpc::r#async::MethodHandler for WaitOomEventMethod {
     }
 }
 
+struct ConfigureNetworkMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ConfigureNetworkMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ConfigureNetworkRequest, configure_network);
+    }
+}
+
 #[async_trait]
 pub trait Agent: Sync {
     async fn version(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::VersionRequest) -> ::ttrpc::Result<super::agent::VersionResponse> {
@@ -356,6 +372,9 @@ pub trait Agent: Sync {
     }
     async fn wait_oom_event(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::WaitOomEventRequest) -> ::ttrpc::Result<super::agent::WaitOomEventResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/WaitOomEvent is not supported".to_string())))
+    }
+    async fn configure_network(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/brig.agent.v1.Agent/ConfigureNetwork is not supported".to_string())))
     }
 }
 
@@ -414,6 +433,9 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, ::
 
     methods.insert("WaitOomEvent".to_string(),
                     Box::new(WaitOomEventMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ConfigureNetwork".to_string(),
+                    Box::new(ConfigureNetworkMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     ret.insert("brig.agent.v1.Agent".to_string(), ::ttrpc::r#async::Service{ methods, streams });
     ret

@@ -88,6 +88,62 @@ fn image_archive(dir: &Path, rootfs: &Path, name: &str, config: &str) -> PathBuf
     archive
 }
 
+/// Where Debian's containernetworking-plugins are.
+pub const CNI_BIN: &str = "/usr/lib/cni";
+
+/// A CNI bridge network as a node's would be: bridge + host-local IPAM (+ portmap).
+pub struct CniNetwork {
+    /// Network and bridge name.
+    pub name: String,
+    /// IPv4 subnet, e.g. "10.88.7.0/24"; the bridge (gateway) has its .1.
+    pub subnet: String,
+    /// MTU of the pod interfaces.
+    pub mtu: u32,
+}
+
+impl CniNetwork {
+    /// The gateway: the bridge's address, which is the host's on this network.
+    pub fn gateway(&self) -> String {
+        let base = self.subnet.split('/').next().unwrap();
+        let mut octets: Vec<&str> = base.split('.').collect();
+        octets[3] = "1";
+        octets.join(".")
+    }
+
+    fn conflist(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"{0}","plugins":[{{"type":"bridge","bridge":"{0}","isGateway":true,"ipMasq":true,"mtu":{2},"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{1}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#,
+            self.name, self.subnet, self.mtu
+        )
+    }
+
+    /// Interfaces, netns files and IP allocations a removed pod may have left.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        for line in text(&links.stdout).lines() {
+            if line.contains(&format!("master {}", self.name)) {
+                left.push(format!("veth on the bridge: {line}"));
+            }
+        }
+        let ips = Path::new("/var/lib/cni/networks").join(&self.name);
+        for ip in dir_entries(&ips) {
+            if !matches!(ip.as_str(), "lock" | "last_reserved_ip.0") {
+                left.push(format!("IP allocation {ip}"));
+            }
+        }
+        for ns in dir_entries(Path::new("/var/run/netns")) {
+            if ns.starts_with("cni-") {
+                left.push(format!("netns {ns}"));
+            }
+        }
+        left
+    }
+}
+
 /// A containerd of one test.
 pub struct Containerd {
     /// Its directory (a tmpfs): root, state, socket, logs.
@@ -106,14 +162,24 @@ pub struct Containerd {
 impl Containerd {
     /// containerd as `ctr` users meet it: CRI off, Brig's state root from BRIG_ROOT.
     pub fn start(test: &str) -> Self {
-        Self::launch(test, false)
+        Self::launch(test, false, None)
     }
 
     /// containerd as kubelet meets it: CRI on, with `configs/containerd.toml` (runtime handler
     /// `sandboxed`) whose ConfigPath names a brig.toml of the test that sets the state root.
     /// The pause image is imported already. There is no CNI: pods use the host's network.
     pub fn start_cri(test: &str) -> Self {
-        let me = Self::launch(test, true);
+        Self::start_cri_with(test, None)
+    }
+
+    /// containerd with CRI whose pods get their network from CNI, as a cluster's nodes do:
+    /// Debian's CNI plugins (bridge, host-local, portmap) on `network`.
+    pub fn start_cri_cni(test: &str, network: &CniNetwork) -> Self {
+        Self::start_cri_with(test, Some(network))
+    }
+
+    fn start_cri_with(test: &str, network: Option<&CniNetwork>) -> Self {
+        let me = Self::launch(test, true, network);
         me.import(
             PAUSE_IMAGE,
             r#"{"Env":["PATH=/bin"],"Entrypoint":["/bin/sleep","2147483647"]}"#,
@@ -121,7 +187,7 @@ impl Containerd {
         me
     }
 
-    fn launch(test: &str, cri: bool) -> Self {
+    fn launch(test: &str, cri: bool, network: Option<&CniNetwork>) -> Self {
         let dir = PathBuf::from(format!(
             "/var/tmp/brig-e2e-containerd-{test}-{}",
             std::process::id()
@@ -155,13 +221,21 @@ impl Containerd {
             for d in ["cni-conf", "cni-bin"] {
                 std::fs::create_dir_all(dir.join(d)).unwrap();
             }
+            let bin_dir = match network {
+                Some(net) => {
+                    std::fs::write(dir.join("cni-conf/10-e2e.conflist"), net.conflist()).unwrap();
+                    PathBuf::from(CNI_BIN)
+                }
+                None => dir.join("cni-bin"),
+            };
             toml.push_str(&format!(
                 "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n  \
                  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  \
                  restrict_oom_score_adj = true\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"{0}/cni-conf\"\n  \
-                 bin_dir = \"{0}/cni-bin\"\n",
-                dir.display()
+                 bin_dir = \"{1}\"\n",
+                dir.display(),
+                bin_dir.display()
             ));
             let snippet = CONFIG_SNIPPET
                 .lines()

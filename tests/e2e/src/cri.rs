@@ -145,6 +145,40 @@ impl Cri {
         }
     }
 
+    /// ExecSync `cmd` in container `id`: exit code, stdout, stderr.
+    pub fn exec(&self, id: &str, cmd: &[&str]) -> (i32, String, String) {
+        let mut rt = self.runtime.clone();
+        let r = self.ok(
+            &format!("ExecSync {cmd:?}"),
+            rt.exec_sync(api::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            }),
+        );
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    }
+
+    /// The pod's IP address, as CNI gave it (PodSandboxStatus).
+    pub fn pod_ip(&self, pod: &str) -> String {
+        let mut rt = self.runtime.clone();
+        self.ok(
+            "PodSandboxStatus",
+            rt.pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            }),
+        )
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .expect("a pod network status")
+    }
+
     /// StopPodSandbox and RemovePodSandbox, as kubelet removes a pod.
     pub fn remove_pod(&self, pod: &str) {
         let mut rt = self.runtime.clone();
@@ -171,6 +205,53 @@ fn pod_namespaces() -> api::NamespaceOption {
         ipc: api::NamespaceMode::Pod as i32,
         ..Default::default()
     }
+}
+
+/// A pod sandbox config with a network of its own from CNI (as every pod that is not
+/// hostNetwork has), DNS settings as kubelet passes them, and logs under `log_directory`.
+pub fn networked_pod_config(name: &str, log_directory: &Path) -> api::PodSandboxConfig {
+    let mut config = pod_config(name, log_directory);
+    let linux = config.linux.as_mut().unwrap();
+    linux
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = api::NamespaceMode::Pod as i32;
+    config.dns_config = Some(api::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec![
+            "default.svc.cluster.local".into(),
+            "svc.cluster.local".into(),
+        ],
+        options: vec!["ndots:5".into()],
+    });
+    config
+}
+
+/// Containers of a networked pod: in its network, PID and IPC namespaces.
+pub fn networked_container_config(
+    name: &str,
+    image: &str,
+    command: &[&str],
+) -> api::ContainerConfig {
+    let mut config = container_config(name, image, command);
+    config
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options = Some(api::NamespaceOption {
+        network: api::NamespaceMode::Pod as i32,
+        pid: api::NamespaceMode::Pod as i32,
+        ipc: api::NamespaceMode::Pod as i32,
+        ..Default::default()
+    });
+    config
 }
 
 /// A pod sandbox config on the host's network (there is no CNI in these tests), with its

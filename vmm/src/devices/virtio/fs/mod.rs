@@ -25,7 +25,8 @@
 //!
 //! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the device's
 //! own event loop thread calls [`MutEventSubscriber::process`], which serves requests
-//! synchronously. Both hold the device's mutex.
+//! synchronously. Both hold the device's mutex. The vCPU side opens no files: a reset only
+//! marks the file server stale, and the event loop builds the fresh one.
 
 #[cfg(test)]
 mod tests;
@@ -111,6 +112,9 @@ pub struct Fs {
     queue_evts: Vec<EventFd>,
     wake_evt: EventFd,
     active: Option<Active>,
+    /// The driver reset the device: the event loop replaces `server` with a fresh one
+    /// before it serves anything else.
+    server_stale: bool,
 }
 
 impl std::fmt::Debug for Fs {
@@ -199,6 +203,7 @@ impl Fs {
             queue_evts: vec![make()?, make()?],
             wake_evt: make()?,
             active: None,
+            server_stale: false,
         })
     }
 
@@ -231,6 +236,23 @@ impl Fs {
         &self.shared_dir
     }
 
+    /// After a reset: replace the file server with a fresh one (on the event loop thread).
+    fn restart_server(&mut self) {
+        self.server_stale = false;
+        match self
+            .shared_dir
+            .to_str()
+            .map(|root| new_server(root, self.cache))
+        {
+            Some(Ok(server)) => self.server = server,
+            Some(Err(e)) => guest_warn!(
+                "virtio-fs: cannot restart the file server for {}, keeping the old one: {e}",
+                self.shared_dir.display()
+            ),
+            None => {}
+        }
+    }
+
     /// Ask the event loop to run `process` soon.
     fn wake(&self) {
         if let Err(e) = self.wake_evt.write(1) {
@@ -252,6 +274,9 @@ impl Fs {
     /// Serve up to `CHAINS_PER_RUN` requests of queue `idx`. Returns true if it stopped
     /// early with requests left.
     fn process_queue(&mut self, idx: usize) -> bool {
+        if self.server_stale {
+            self.restart_server();
+        }
         let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
             return false;
         };
@@ -487,18 +512,11 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.active = None;
         // Forget every inode and open file the guest had: a fresh server for the next driver.
-        match self
-            .shared_dir
-            .to_str()
-            .map(|root| new_server(root, self.cache))
-        {
-            Some(Ok(server)) => self.server = server,
-            Some(Err(e)) => guest_warn!(
-                "virtio-fs: cannot restart the file server for {}, keeping the old one: {e}",
-                self.shared_dir.display()
-            ),
-            None => {}
-        }
+        // Not built here: this runs on the vCPU thread that wrote the status register, and a
+        // new server opens files, which vCPU threads may not (see `crate::seccomp`). The
+        // device's own thread builds it before it serves the next request.
+        self.server_stale = true;
+        self.wake();
     }
 }
 

@@ -46,6 +46,11 @@ struct Guest {
 impl Guest {
     /// A guest whose driver activated a virtio-fs device sharing `dir`.
     fn new(dir: &Path) -> Self {
+        Self::with_device(Fs::new("brig", dir.to_path_buf()).unwrap())
+    }
+
+    /// A guest whose driver activated `fs`.
+    fn with_device(mut fs: Fs) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
         let request = MockSplitQueue::create(&mem, GuestAddress(0x8000), QSIZE);
@@ -58,7 +63,6 @@ impl Guest {
             request.avail_addr(),
             request.used_addr(),
         );
-        let mut fs = Fs::new("brig", dir.to_path_buf()).unwrap();
         let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         fs.activate(mem.clone(), queues, irq, VIRTIO_F_VERSION_1)
             .unwrap();
@@ -281,6 +285,46 @@ fn lookup_of_a_shared_file_returns_its_attributes() {
     assert_ne!(entry.nodeid, ROOT_ID);
 
     assert_eq!(guest.lookup(ROOT_ID, "missing").err(), Some(-libc::ENOENT));
+}
+
+#[test]
+fn a_reset_opens_no_file_on_the_vcpu_and_the_next_driver_gets_a_fresh_server() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::fs::write(dir.path().join("etc/hostname"), b"pod\n").unwrap();
+    let mut guest = Guest::new(dir.path());
+    guest.init();
+    let etc = guest
+        .lookup(ROOT_ID, "etc")
+        .expect("the directory is found");
+    assert!(guest.lookup(etc.nodeid, "hostname").is_ok());
+
+    // The driver resets the device from a vCPU thread, whose filter allows no file opening.
+    let code = crate::seccomp::exit_code_under_filter(crate::seccomp::ThreadKind::Vcpu, || {
+        guest.fs.reset();
+        0
+    });
+    assert_eq!(code, Some(0), "the reset makes only calls a vCPU may make");
+
+    // The device's own thread builds the fresh server, under its own filter.
+    guest.fs.reset();
+    let code = crate::seccomp::exit_code_under_filter(crate::seccomp::ThreadKind::Fs, || {
+        guest.fs.process_queue(REQUEST_QUEUE);
+        i32::from(guest.fs.server_stale)
+    });
+    assert_eq!(code, Some(0), "the virtio-fs thread may build a server");
+
+    // The next driver starts over: the inodes of the old one are gone, the share is not.
+    let mut guest = Guest::with_device(guest.fs);
+    guest.init();
+    assert!(
+        guest.lookup(etc.nodeid, "hostname").is_err(),
+        "an inode of the driver before the reset is forgotten"
+    );
+    let etc = guest
+        .lookup(ROOT_ID, "etc")
+        .expect("the share is served again");
+    assert!(guest.lookup(etc.nodeid, "hostname").is_ok());
 }
 
 #[test]
