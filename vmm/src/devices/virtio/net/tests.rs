@@ -149,6 +149,13 @@ impl Harness {
     }
 
     fn with_tap(tap: Tap, peer: Option<Socket>, features: u64, mtu: Option<u16>) -> Self {
+        let mut h = Self::activated(tap, peer, features, mtu);
+        h.run();
+        h
+    }
+
+    /// The device activated by a driver, its event loop not yet run.
+    fn activated(tap: Tap, peer: Option<Socket>, features: u64, mtu: Option<u16>) -> Self {
         let dev = Arc::new(Mutex::new(Net::new(tap, MAC, mtu).unwrap()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (rxq, q0) = Driver::new(&mem, 0);
@@ -165,7 +172,7 @@ impl Harness {
                 VIRTIO_F_VERSION_1 | features,
             )
             .unwrap();
-        let mut h = Harness {
+        Harness {
             mem,
             dev,
             em,
@@ -174,9 +181,7 @@ impl Harness {
             next_buf: BUF_BASE,
             peer,
             irq,
-        };
-        h.run();
-        h
+        }
     }
 
     /// Run the event loop until it is idle; a busy loop that never settles is a bug.
@@ -832,9 +837,57 @@ fn through_a_real_tap_the_guest_asks_for_a_mac_and_the_host_answers() {
     in_private_netns(|| {
         let tap = Tap::open("brig-net2").unwrap();
         link_up_with_address("brig-net2", [10, 0, 0, 1]);
-        // The event loop sets the TAP's offloads to the driver's: every one a guest may take.
         let offloads = GUEST_OFFLOADS.iter().fold(0u64, |acc, b| acc | (1 << b));
         let mut h = Harness::with_tap(tap, None, MRG | offloads, None);
+        arp_round_trip(&mut h);
+    });
+}
+
+#[test]
+fn the_device_makes_only_the_calls_its_threads_filters_allow() {
+    use crate::seccomp::{exit_code_under_filter, ThreadKind};
+    in_private_netns(|| {
+        let tap = Tap::open("brig-net3").unwrap();
+        link_up_with_address("brig-net3", [10, 0, 0, 1]);
+        let offloads = GUEST_OFFLOADS.iter().fold(0u64, |acc, b| acc | (1 << b));
+        let mut h = Harness::activated(tap, None, MRG | offloads, None);
+        // Activation and reset run on a vCPU thread.
+        let mem = h.mem.clone();
+        let (_, q0) = Driver::new(&mem, 0x8000);
+        let (_, q1) = Driver::new(&mem, 0xc000);
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let dev = h.dev.clone();
+        let code = exit_code_under_filter(ThreadKind::Vcpu, move || {
+            let mut dev = dev.lock().unwrap();
+            dev.reset();
+            let activated = dev.activate(mem, vec![q0, q1], irq, VIRTIO_F_VERSION_1);
+            i32::from(activated.is_err())
+        });
+        assert_eq!(
+            code,
+            Some(0),
+            "activation and reset make only calls a vCPU may make"
+        );
+        // The event loop (offloads, TX, RX over a real TAP) runs under the net thread's.
+        let code = exit_code_under_filter(ThreadKind::Net, || {
+            let body = std::panic::AssertUnwindSafe(|| arp_round_trip(&mut h));
+            // A failed assertion must not unwind into the forked copy of the test harness.
+            i32::from(std::panic::catch_unwind(body).is_err())
+        });
+        assert_eq!(
+            code,
+            Some(0),
+            "the event loop makes only calls its thread may make"
+        );
+    });
+}
+
+/// The guest asks for 10.0.0.1's MAC through the device; the host kernel's answer comes
+/// back into its RX buffers. The device was activated with every guest offload.
+fn arp_round_trip(h: &mut Harness) {
+    {
+        h.run();
+        // The event loop set the TAP's offloads to the driver's.
         let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO;
         assert_eq!(h.dev.lock().unwrap().offloads(), Some(all));
         let bufs: std::collections::HashMap<u16, u64> =
@@ -864,5 +917,5 @@ fn through_a_real_tap_the_guest_asks_for_a_mac_and_the_host_answers() {
                 h.counters()
             );
         }
-    });
+    }
 }
