@@ -88,6 +88,15 @@ impl Driver {
         head
     }
 
+    /// Whether a driver that made buffers available from index `old` up to now must notify
+    /// the device under EVENT_IDX (the device's `avail_event`, as Linux's vring_need_event).
+    fn needs_kick(&self, mem: &GuestMemoryMmap, old: u16) -> bool {
+        let event: u16 = mem
+            .read_obj(self.used.unchecked_add(4 + 8 * u64::from(QSIZE)))
+            .unwrap();
+        self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+    }
+
     /// Used entries (head, length) published since the last call.
     fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         let idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();
@@ -435,6 +444,32 @@ fn a_frame_spans_several_buffers_with_mrg_rxbuf() {
     got.extend(h.guest_bytes(more[0].1, 964));
     assert_eq!(got, as_received(&f2, 3));
     assert_eq!(h.counters().rx_frames, 2);
+}
+
+#[test]
+fn with_event_idx_the_device_asks_for_the_buffers_a_waiting_frame_needs() {
+    let mut h = Harness::new(MRG | VIRTIO_RING_F_EVENT_IDX);
+    let first = h.rx_buffers(2, 1024);
+    h.kick(RXQ);
+    // A frame that needs three buffers arrives: two are there, so it waits.
+    let f = frame(3000, 80);
+    h.network_sends(&f);
+    h.run();
+    assert!(h.rxq.take_used(&h.mem).is_empty());
+    // The guest posts one more and notifies only if the device asked (avail_event): a
+    // device that forgot to ask would never hear of it, and the frame would wait forever.
+    let old = h.rxq.avail_idx;
+    let more = h.rx_buffers(1, 1024);
+    assert!(
+        h.rxq.needs_kick(&h.mem, old),
+        "the device asked to hear of new buffers"
+    );
+    h.kick(RXQ);
+    let used = h.rxq.take_used(&h.mem);
+    assert_eq!(
+        used,
+        vec![(first[0].0, 1024), (first[1].0, 1024), (more[0].0, 964)]
+    );
 }
 
 #[test]
