@@ -62,6 +62,31 @@ pub enum FsCache {
     Always,
 }
 
+/// Where the net device's frames go: a TAP, inherited or opened by the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A TAP descriptor the parent opened (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) and left
+    /// open across exec.
+    Fd(i32),
+    /// A TAP by name, attached to (or created) in the VMM's network namespace.
+    Tap(String),
+}
+
+/// The virtio-net device: its TAP, the guest's MAC address and, optionally, the MTU the
+/// guest is told (the TAP's own MTU is the caller's to set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP.
+    pub backend: NetBackend,
+    /// The guest interface's MAC address (unicast, not all zeros).
+    pub mac: [u8; 6],
+    /// MTU announced to the guest (`VIRTIO_NET_F_MTU`), 68 to 65535.
+    pub mtu: Option<u16>,
+}
+
+/// Smallest MTU `--net mtu=` takes (IPv4's minimum).
+pub const NET_MIN_MTU: u32 = 68;
+
 /// A microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -81,6 +106,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The virtio-fs share, if any.
     pub fs: Option<FsConfig>,
+    /// The virtio-net device, if any.
+    pub net: Option<NetConfig>,
     /// Per-thread system call filters.
     pub seccomp: crate::seccomp::SeccompMode,
     /// Move into a mount namespace whose root is the sandbox directory (see `confine`).
@@ -114,6 +141,39 @@ pub enum ConfigError {
     /// With confinement the VMM sees only one directory; the share is not in it.
     #[error("--fs directory {0} is not inside {1}, the directory of --vsock-uds: confined, the VMM sees only that directory (put the share there, or pass --no-confine)")]
     OutsideRoot(PathBuf, PathBuf),
+    /// A `--net` option this VMM does not know.
+    #[error(
+        "--net: unknown option '{0}': use fd=N or tap=NAME, then mac=MAC and optionally mtu=M"
+    )]
+    NetOption(String),
+    /// A `--net` option given twice.
+    #[error("--net: option '{0}' is given twice")]
+    NetDuplicate(String),
+    /// Neither or both of `fd=` and `tap=`.
+    #[error("--net '{0}': name exactly one TAP, either fd=N (an open TAP descriptor) or tap=NAME")]
+    NetBackend(String),
+    /// `fd=` is not a descriptor number.
+    #[error("--net fd={0} is not a file descriptor number")]
+    NetFd(String),
+    /// `tap=` is not an interface name.
+    #[error(
+        "--net tap={0} is not an interface name: use 1 to 15 bytes without '/', ':' or whitespace"
+    )]
+    NetTapName(String),
+    /// `mac=` is missing.
+    #[error(
+        "--net '{0}' has no mac=MAC: the guest needs its MAC address (e.g. mac=02:00:00:00:00:01)"
+    )]
+    NetMacMissing(String),
+    /// `mac=` is not a unicast MAC address.
+    #[error("--net mac={0} is not a usable MAC address: give six hex bytes like 02:00:00:00:00:01, unicast and not all zeros")]
+    NetMac(String),
+    /// `mtu=` out of range.
+    #[error("--net mtu={0} is out of range: use {NET_MIN_MTU} to 65535")]
+    NetMtu(String),
+    /// The descriptor of `fd=` is not a TAP the device can use.
+    #[error("--net fd={fd}: {reason}")]
+    NetNotTap { fd: i32, reason: String },
     /// The console file cannot be opened.
     #[error("cannot open console file {path}: {reason}")]
     ConsoleFile { path: PathBuf, reason: String },
@@ -171,8 +231,93 @@ impl VmConfig {
                 }
             }
         }
+        if let Some(NetConfig {
+            backend: NetBackend::Fd(fd),
+            ..
+        }) = &self.net
+        {
+            crate::devices::virtio::net::check_tap_fd(*fd).map_err(|e| match e {
+                crate::devices::virtio::net::TapError::NotTap { fd, reason } => {
+                    ConfigError::NetNotTap { fd, reason }
+                }
+                other => ConfigError::NetNotTap {
+                    fd: *fd,
+                    reason: other.to_string(),
+                },
+            })?;
+        }
         Ok(())
     }
+}
+
+/// Parse `fd=N,mac=MAC[,mtu=M]` or `tap=NAME,mac=MAC[,mtu=M]` (the `--net` flag).
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let (mut fd, mut tap, mut mac, mut mtu) = (None, None, None, None);
+    for option in s.split(',') {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| ConfigError::NetOption(option.to_string()))?;
+        let slot = match key {
+            "fd" => &mut fd,
+            "tap" => &mut tap,
+            "mac" => &mut mac,
+            "mtu" => &mut mtu,
+            _ => return Err(ConfigError::NetOption(option.to_string())),
+        };
+        if slot.replace(value).is_some() {
+            return Err(ConfigError::NetDuplicate(key.to_string()));
+        }
+    }
+    let backend = match (fd, tap) {
+        (Some(fd), None) => NetBackend::Fd(
+            fd.parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ConfigError::NetFd(fd.to_string()))?,
+        ),
+        (None, Some(name)) => {
+            let bad = name.is_empty()
+                || name.len() > 15
+                || name == "."
+                || name == ".."
+                || name
+                    .bytes()
+                    .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
+            if bad {
+                return Err(ConfigError::NetTapName(name.to_string()));
+            }
+            NetBackend::Tap(name.to_string())
+        }
+        _ => return Err(ConfigError::NetBackend(s.to_string())),
+    };
+    let mac = mac.ok_or_else(|| ConfigError::NetMacMissing(s.to_string()))?;
+    let mac = parse_mac(mac).ok_or_else(|| ConfigError::NetMac(mac.to_string()))?;
+    let mtu = match mtu {
+        None => None,
+        Some(m) => Some(
+            m.parse::<u32>()
+                .ok()
+                .filter(|v| *v >= NET_MIN_MTU)
+                .and_then(|v| u16::try_from(v).ok())
+                .ok_or_else(|| ConfigError::NetMtu(m.to_string()))?,
+        ),
+    };
+    Ok(NetConfig { backend, mac, mtu })
+}
+
+/// A unicast, non-zero MAC address written as six `:`-separated hex bytes.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    let multicast = mac[0] & 1 != 0;
+    (parts.next().is_none() && !multicast && mac != [0; 6]).then_some(mac)
 }
 
 /// Parse `TAG=DIR` (the `--fs` flag).
@@ -219,6 +364,7 @@ mod tests {
             console: ConsoleTarget::Off,
             vsock: None,
             fs: None,
+            net: None,
             seccomp: crate::seccomp::SeccompMode::Enforce,
             confine: true,
         }
@@ -286,5 +432,104 @@ mod tests {
         assert!(parse_fs("nodir").is_err());
         assert!(parse_fs("=/x").is_err());
         assert!(parse_fs(&format!("{}=/x", "t".repeat(37))).is_err());
+    }
+
+    #[test]
+    fn net_flags_parse() {
+        assert_eq!(
+            parse_net("fd=3,mac=02:00:00:00:00:01"),
+            Ok(NetConfig {
+                backend: NetBackend::Fd(3),
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: None
+            })
+        );
+        assert_eq!(
+            parse_net("tap=tap0,mac=aa:bb:cc:dd:ee:fe,mtu=9000"),
+            Ok(NetConfig {
+                backend: NetBackend::Tap("tap0".into()),
+                mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xfe],
+                mtu: Some(9000)
+            })
+        );
+        let mac = "mac=02:00:00:00:00:01";
+        assert_eq!(
+            parse_net("mac=02:00:00:00:00:01"),
+            Err(ConfigError::NetBackend(mac.into()))
+        );
+        assert!(matches!(
+            parse_net(&format!("fd=3,tap=t,{mac}")),
+            Err(ConfigError::NetBackend(_))
+        ));
+        assert_eq!(
+            parse_net("fd=three,mac=02:00:00:00:00:01"),
+            Err(ConfigError::NetFd("three".into()))
+        );
+        assert_eq!(
+            parse_net(&format!("tap=a/b,{mac}")),
+            Err(ConfigError::NetTapName("a/b".into()))
+        );
+        assert_eq!(
+            parse_net(&format!("tap={},{mac}", "t".repeat(16))),
+            Err(ConfigError::NetTapName("t".repeat(16)))
+        );
+        assert!(matches!(
+            parse_net("fd=3"),
+            Err(ConfigError::NetMacMissing(_))
+        ));
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "zz:00:00:00:00:01",
+            "2:0:0:0:0:1",
+        ] {
+            assert_eq!(
+                parse_net(&format!("fd=3,mac={bad}")),
+                Err(ConfigError::NetMac(bad.into())),
+                "{bad}"
+            );
+        }
+        for bad in ["67", "65536", "0", "-1", "big"] {
+            assert_eq!(
+                parse_net(&format!("fd=3,{mac},mtu={bad}")),
+                Err(ConfigError::NetMtu(bad.into()))
+            );
+        }
+        assert_eq!(
+            parse_net(&format!("fd=3,{mac},speed=10")),
+            Err(ConfigError::NetOption("speed=10".into()))
+        );
+        assert_eq!(
+            parse_net(&format!("fd=3,{mac},fd=4")),
+            Err(ConfigError::NetDuplicate("fd".into()))
+        );
+        let msg = parse_net("fd=3,mac=01:00:5e:00:00:01")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("01:00:5e:00:00:01") && msg.contains("unicast"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_net_fd_that_is_not_a_tap_is_refused() {
+        let exe = std::env::current_exe().unwrap();
+        let file = std::fs::File::open(&exe).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut c = config(exe);
+        c.net = Some(parse_net(&format!("fd={fd},mac=02:00:00:00:00:01")).unwrap());
+        match c.validate() {
+            Err(ConfigError::NetNotTap { fd: got, reason }) => {
+                assert_eq!(got, fd);
+                assert!(reason.contains("not a TUN/TAP"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(file);
+        // Closed now: not open at all.
+        assert!(matches!(c.validate(), Err(ConfigError::NetNotTap { .. })));
     }
 }

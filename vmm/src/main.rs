@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use brig_vmm::config::{
-    parse_fs, parse_mem_mib, ConsoleTarget, FsCache, FsConfig, VmConfig, VsockConfig,
-    DEFAULT_CMDLINE,
+    parse_fs, parse_mem_mib, parse_net, ConsoleTarget, FsCache, FsConfig, NetConfig, VmConfig,
+    VsockConfig, DEFAULT_CMDLINE,
 };
 use brig_vmm::seccomp::SeccompMode;
 use brig_vmm::vm::{self, VmError, VmExit};
@@ -73,6 +73,14 @@ struct Args {
     /// What the guest may cache of the --fs share.
     #[arg(long, value_enum, default_value_t = FsCache::Auto, requires = "fs")]
     fs_cache: FsCache,
+    /// Add a virtio-net device whose frames go through a TAP: `fd=N,mac=MAC[,mtu=M]` takes the
+    /// TAP the parent opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR and passed as descriptor N
+    /// (left open across exec); `tap=NAME,mac=MAC[,mtu=M]` attaches to TAP NAME in the VMM's
+    /// network namespace, creating it if missing (needs CAP_NET_ADMIN there). MAC is the
+    /// guest's address (e.g. 02:00:00:00:00:01, unicast); M, the MTU the guest is told (68 to
+    /// 65535), should match the TAP's. Example: `--net fd=3,mac=02:00:00:00:00:01,mtu=1500`.
+    #[arg(long, value_name = "fd=N|tap=NAME,mac=MAC[,mtu=M]", value_parser = parse_net)]
+    net: Option<NetConfig>,
     /// System call filters per thread: `enforce` stops the VMM (status 159, the call named on
     /// stderr) when a thread makes a call its job does not need; `log` only has the kernel
     /// log it (audit type 1326); `off` installs none.
@@ -127,6 +135,7 @@ fn main() -> ExitCode {
             cache: args.fs_cache,
             ..fs
         }),
+        net: args.net,
         seccomp: args.seccomp,
         confine: !args.no_confine,
     };

@@ -7,6 +7,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -22,13 +23,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::*;
 use crate::arch::{cpu, mptable, pvh};
-use crate::config::{ConsoleTarget, VmConfig};
+use crate::config::{ConsoleTarget, NetBackend, VmConfig};
 use crate::devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::{
     ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET,
 };
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqTrigger, VirtioDevice};
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
@@ -84,6 +86,9 @@ pub enum VmError {
     /// The virtio-fs device could not be created.
     #[error(transparent)]
     Fs(#[from] crate::devices::virtio::fs::FsError),
+    /// The virtio-net device could not be created.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -206,6 +211,24 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         mmio.push(transport);
         fs_dev = Some(fs);
     }
+    if let Some(net_cfg) = &config.net {
+        // Opened (or taken) here, before confinement hides /dev and capabilities are dropped.
+        let tap = match &net_cfg.backend {
+            NetBackend::Tap(name) => Tap::open(name),
+            NetBackend::Fd(fd) => {
+                // SAFETY: the parent passed descriptor `fd` for this device, `validate`
+                // checked that it is an open TAP, and nothing else in the VMM owns it.
+                Tap::from_fd(unsafe { OwnedFd::from_raw_fd(*fd) })
+            }
+        }
+        .map_err(crate::devices::virtio::net::NetError::from)?;
+        let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
+        let transport = attach_mmio_device(&vm, &mem, net.clone(), mmio.len(), &mut cmdline)?;
+        let mut events = new_event_loop()?;
+        events.add_subscriber(net);
+        loops.push((ThreadKind::Net, events));
+        mmio.push(transport);
+    }
 
     // Boot data.
     let entry = pvh::load_kernel(&mem, &config.kernel)?;
@@ -272,10 +295,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         move || signals.wait().ok().map(|sig| VmExit::Signal(sig as i32)),
     )?;
     for (kind, mut events) in loops {
-        let name = if kind == ThreadKind::Fs {
-            "virtio-fs"
-        } else {
-            "vsock"
+        let name = match kind {
+            ThreadKind::Fs => "virtio-fs",
+            ThreadKind::Net => "virtio-net",
+            _ => "vsock",
         };
         spawn_filtered(name.into(), filters.get(kind), &exit_tx, move || loop {
             if let Err(e) = events.run() {
@@ -329,6 +352,7 @@ struct ThreadFilters {
     vcpu: ThreadFilter,
     vsock: ThreadFilter,
     fs: ThreadFilter,
+    net: ThreadFilter,
     signals: ThreadFilter,
     main: ThreadFilter,
 }
@@ -349,6 +373,7 @@ impl ThreadFilters {
             vcpu: one(ThreadKind::Vcpu)?,
             vsock: one(ThreadKind::Vsock)?,
             fs: one(ThreadKind::Fs)?,
+            net: one(ThreadKind::Net)?,
             signals: one(ThreadKind::Signals)?,
             main: one(ThreadKind::Main)?,
         })
@@ -359,6 +384,7 @@ impl ThreadFilters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::Vsock => &self.vsock,
             ThreadKind::Fs => &self.fs,
+            ThreadKind::Net => &self.net,
             ThreadKind::Signals => &self.signals,
             ThreadKind::Main => &self.main,
         }

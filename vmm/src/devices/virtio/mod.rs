@@ -7,6 +7,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
