@@ -25,7 +25,7 @@ fn one_vcpu_guest_answers_with_its_version_and_powers_off_cleanly() {
         let sandbox = Sandbox::start(&cfg, &spec).await.expect("boot");
         let v = sandbox.agent().version().await.expect("Version over vsock");
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(v.api_version, 3);
+        assert_eq!(v.api_version, brig_protocols::AGENT_API_VERSION);
         assert!(
             v.kernel_release.starts_with("6.1"),
             "guest kernel {}",
@@ -132,7 +132,10 @@ fn guest_connection_to_a_port_nobody_listens_on_is_refused() {
         let msg = err.to_string().to_lowercase();
         assert!(msg.contains("refused") || msg.contains("reset"), "{msg}");
         // The agent is still fine afterwards.
-        assert_eq!(sandbox.agent().version().await.unwrap().api_version, 3);
+        assert_eq!(
+            sandbox.agent().version().await.unwrap().api_version,
+            brig_protocols::AGENT_API_VERSION
+        );
         assert!(sandbox.shutdown().await.unwrap().success());
     });
 }
@@ -249,7 +252,10 @@ fn ten_boots_in_a_row_leave_nothing_behind() {
             let sandbox = Sandbox::start(&cfg, &SandboxSpec::new(format!("b{i}"), &cfg))
                 .await
                 .expect("boot");
-            assert_eq!(sandbox.agent().version().await.unwrap().api_version, 3);
+            assert_eq!(
+                sandbox.agent().version().await.unwrap().api_version,
+                brig_protocols::AGENT_API_VERSION
+            );
             if i % 2 == 0 {
                 assert!(sandbox.shutdown().await.unwrap().success());
             } else {
@@ -291,8 +297,9 @@ fn brig_boot_prints_the_agent_version_and_boot_time() {
     );
     assert!(
         stdout.contains(&format!(
-            "agent {} (API 3) answering over vsock",
-            env!("CARGO_PKG_VERSION")
+            "agent {} (API {}) answering over vsock",
+            env!("CARGO_PKG_VERSION"),
+            brig_protocols::AGENT_API_VERSION
         )),
         "{stdout}"
     );
