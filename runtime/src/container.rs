@@ -707,6 +707,16 @@ pub fn share_container(
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));
+    // The guest's network namespace is the sandbox's network (the pod's, through its TAP,
+    // or loopback only): every container of the sandbox shares it, as a pod's containers
+    // share the pause container's, instead of an empty one of its own.
+    if let Some(namespaces) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    {
+        namespaces.retain(|ns| ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
+    }
     let spec_json =
         serde_json::to_string(&spec).map_err(|e| ContainerError::Spec(e.to_string()))?;
     let rootfs = guest_dir(&config.id).join("rootfs").display().to_string();

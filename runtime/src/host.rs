@@ -235,6 +235,34 @@ pub fn inspect(root: &Path) -> HostReport {
             "/dev/net/tun missing: modprobe tun (needed for pod networking)".into()
         },
     });
+    // tc's ingress qdisc, u32 classifier and mirred action move frames between a pod's
+    // interface and its TAP: tried for real on this host's kernel.
+    let tc = if root == Path::new("/") {
+        crate::net::probe_tc()
+    } else {
+        Err("not tried (not the running host)".into())
+    };
+    facts.push(Fact {
+        name: "tc",
+        ok: tc.is_ok(),
+        detail: match tc {
+            Ok(()) => "tc ingress qdisc, u32 filter and mirred redirect work (a pod's interface is wired to its TAP)".into(),
+            Err(e) => format!("{e}: pods with a network cannot be wired to their microVM (load sch_ingress, cls_u32 and act_mirred)"),
+        },
+    });
+    let cni = ["bridge", "host-local", "portmap"]
+        .into_iter()
+        .filter(|p| !root.join("usr/lib/cni").join(p).exists())
+        .collect::<Vec<_>>();
+    facts.push(Fact {
+        name: "cni",
+        ok: true,
+        detail: if cni.is_empty() {
+            "CNI plugins bridge, host-local and portmap in /usr/lib/cni (brig run --network bridge)".into()
+        } else {
+            format!("CNI plugins {} missing from /usr/lib/cni: `brig run` needs --network none (or apt-get install containernetworking-plugins); pods get their network from the cluster's CNI", cni.join(", "))
+        },
+    });
     let vhost = root.join("dev/vhost-vsock").exists();
     facts.push(Fact {
         name: "vsock",

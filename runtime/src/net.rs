@@ -184,6 +184,53 @@ fn is_pod_interface(link: &LinkMessage) -> bool {
         && link_name(link).is_some_and(|n| n != TAP_NAME)
 }
 
+/// Whether this kernel can do what [`attach`] does (an ingress qdisc, a u32 filter with a
+/// mirred redirect), tried in a throwaway network namespace; the kernel loads the modules
+/// on demand. Needs CAP_SYS_ADMIN (root).
+pub fn probe_tc() -> Result<(), String> {
+    let thread = std::thread::spawn(|| -> Result<(), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("cannot make a network namespace to try tc in: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+            let conn = tokio::spawn(connection);
+            // Loopback is interface 1 in a new namespace.
+            let result = async {
+                handle
+                    .qdisc()
+                    .replace(1)
+                    .ingress()
+                    .execute()
+                    .await
+                    .map_err(|e| format!("ingress qdisc (sch_ingress): {e}"))?;
+                handle
+                    .traffic_filter(1)
+                    .add()
+                    .parent(INGRESS_HANDLE)
+                    .priority(1)
+                    .protocol(ETH_P_ALL_BE)
+                    .redirect(1)
+                    .map_err(|e| e.to_string())?
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        format!("u32 filter with mirred redirect (cls_u32, act_mirred): {e}")
+                    })
+            }
+            .await;
+            conn.abort();
+            result
+        })
+    });
+    thread
+        .join()
+        .unwrap_or_else(|_| Err("the probe panicked".into()))
+}
+
 /// Run `body` with a netlink handle inside the network namespace `netns`, on a thread of its
 /// own (setns changes only the calling thread, and no other work may land in the pod's
 /// namespace).

@@ -160,7 +160,7 @@ fn a_brig_pod_on_a_cni_bridge_is_a_pod_like_a_runc_one() {
     let got = in_pod(
         &cri,
         &brig,
-        &format!("wget -q -T 20 -O- http://{}:{port}/", net.gateway()),
+        &format!("wget -q -O- http://{}:{port}/", net.gateway()),
     );
     assert_eq!(got.trim(), "hello-from-host");
 
@@ -183,7 +183,7 @@ fn a_brig_pod_on_a_cni_bridge_is_a_pod_like_a_runc_one() {
         vec![],
     );
     let brig2_ip = cri.pod_ip(&brig2_pod);
-    let get = |ctr: &str, ip: &str| in_pod(&cri, ctr, &format!("wget -q -T 20 -O- http://{ip}/"));
+    let get = |ctr: &str, ip: &str| in_pod(&cri, ctr, &format!("wget -q -O- http://{ip}/"));
     assert_eq!(
         get(&runc, &brig_ip).trim(),
         "hello-from-brig",

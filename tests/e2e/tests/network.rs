@@ -136,7 +136,7 @@ fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing()
     // The container reaches the host; --dns is its resolver.
     let port = host_server("10.89.0.1", "hello-from-host");
     assert_eq!(
-        exec(&format!("wget -q -T 20 -O- http://10.89.0.1:{port}/")).trim(),
+        exec(&format!("wget -q -O- http://10.89.0.1:{port}/")).trim(),
         "hello-from-host"
     );
     let resolv = exec("cat /etc/resolv.conf");
@@ -215,7 +215,7 @@ fn network_netns_joins_a_namespace_someone_else_made() {
         .args([
             "sh",
             "-c",
-            &format!("ip -o -4 addr show eth0; wget -q -T 20 -O- http://10.99.7.1:{port}/"),
+            &format!("ip -o -4 addr show eth0; wget -q -O- http://10.99.7.1:{port}/"),
         ])
         .stdin(Stdio::null())
         .output()
