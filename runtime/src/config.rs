@@ -16,6 +16,7 @@
 //! network = "bridge"       # `brig run`'s default --network: bridge or none
 //! bridge_subnet = "10.89.0.0/24"  # addresses of the bridge network (gateway: its .1)
 //! cni_plugin_dir = "/usr/lib/cni" # where the CNI plugins are
+//! net_offload = true       # offer guests checksum/segmentation offloads on their NIC
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
 //! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
@@ -83,6 +84,7 @@ struct ConfigFile {
     network: Option<String>,
     bridge_subnet: Option<String>,
     cni_plugin_dir: Option<PathBuf>,
+    net_offload: Option<bool>,
 }
 
 /// Resolved runtime configuration.
@@ -115,6 +117,9 @@ pub struct RuntimeConfig {
     pub bridge_subnet: String,
     /// Where the CNI plugins are.
     pub cni_plugin_dir: PathBuf,
+    /// Offer guests checksum and segmentation offloads on their NIC (brig-vmm
+    /// `--net …,offload=`): off, every frame crosses whole and checksummed.
+    pub net_offload: bool,
 }
 
 impl RuntimeConfig {
@@ -212,6 +217,7 @@ impl RuntimeConfig {
             cni_plugin_dir: file
                 .cni_plugin_dir
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/cni")),
+            net_offload: file.net_offload.unwrap_or(true),
         })
     }
 }

@@ -371,9 +371,10 @@ impl Sandbox {
             if let Some(a) = &attached {
                 let nic = &a.network.interface;
                 cmd.arg("--net").arg(format!(
-                    "fd={NET_FD},mac={},mtu={}",
+                    "fd={NET_FD},mac={},mtu={},offload={}",
                     crate::net::mac_text(&nic.mac),
-                    nic.mtu
+                    nic.mtu,
+                    if config.net_offload { "on" } else { "off" }
                 ));
             }
             // SAFETY: setns, dup2 and fcntl are async-signal-safe and touch only descriptors
@@ -927,6 +928,7 @@ mod tests {
             network: "none".into(),
             bridge_subnet: "10.89.0.0/24".into(),
             cni_plugin_dir: "/usr/lib/cni".into(),
+            net_offload: true,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

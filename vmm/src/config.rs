@@ -82,6 +82,8 @@ pub struct NetConfig {
     pub mac: [u8; 6],
     /// MTU announced to the guest (`VIRTIO_NET_F_MTU`), 68 to 65535.
     pub mtu: Option<u16>,
+    /// Offer checksum and segmentation offloads (`offload=on`, the default) or not.
+    pub offload: bool,
 }
 
 /// Smallest MTU `--net mtu=` takes (IPv4's minimum).
@@ -252,7 +254,7 @@ impl VmConfig {
 
 /// Parse `fd=N,mac=MAC[,mtu=M]` or `tap=NAME,mac=MAC[,mtu=M]` (the `--net` flag).
 pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
-    let (mut fd, mut tap, mut mac, mut mtu) = (None, None, None, None);
+    let (mut fd, mut tap, mut mac, mut mtu, mut offload) = (None, None, None, None, None);
     for option in s.split(',') {
         let (key, value) = option
             .split_once('=')
@@ -262,6 +264,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
             "tap" => &mut tap,
             "mac" => &mut mac,
             "mtu" => &mut mtu,
+            "offload" => &mut offload,
             _ => return Err(ConfigError::NetOption(option.to_string())),
         };
         if slot.replace(value).is_some() {
@@ -302,7 +305,17 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
                 .ok_or_else(|| ConfigError::NetMtu(m.to_string()))?,
         ),
     };
-    Ok(NetConfig { backend, mac, mtu })
+    let offload = match offload {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(other) => return Err(ConfigError::NetOption(format!("offload={other}"))),
+    };
+    Ok(NetConfig {
+        backend,
+        mac,
+        mtu,
+        offload,
+    })
 }
 
 /// A unicast, non-zero MAC address written as six `:`-separated hex bytes.
@@ -441,15 +454,26 @@ mod tests {
             Ok(NetConfig {
                 backend: NetBackend::Fd(3),
                 mac: [2, 0, 0, 0, 0, 1],
-                mtu: None
+                mtu: None,
+                offload: true,
             })
         );
+        assert!(
+            !parse_net("fd=3,mac=02:00:00:00:00:01,offload=off")
+                .unwrap()
+                .offload
+        );
+        assert!(matches!(
+            parse_net("fd=3,mac=02:00:00:00:00:01,offload=maybe"),
+            Err(ConfigError::NetOption(_))
+        ));
         assert_eq!(
             parse_net("tap=tap0,mac=aa:bb:cc:dd:ee:fe,mtu=9000"),
             Ok(NetConfig {
                 backend: NetBackend::Tap("tap0".into()),
                 mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xfe],
-                mtu: Some(9000)
+                mtu: Some(9000),
+                offload: true,
             })
         );
         let mac = "mac=02:00:00:00:00:01";

@@ -78,8 +78,9 @@ struct Args {
     /// (left open across exec); `tap=NAME,mac=MAC[,mtu=M]` attaches to TAP NAME in the VMM's
     /// network namespace, creating it if missing (needs CAP_NET_ADMIN there). MAC is the
     /// guest's address (e.g. 02:00:00:00:00:01, unicast); M, the MTU the guest is told (68 to
-    /// 65535), should match the TAP's. Example: `--net fd=3,mac=02:00:00:00:00:01,mtu=1500`.
-    #[arg(long, value_name = "fd=N|tap=NAME,mac=MAC[,mtu=M]", value_parser = parse_net)]
+    /// 65535), should match the TAP's. `offload=off` offers the guest no checksum or
+    /// segmentation offloads. Example: `--net fd=3,mac=02:00:00:00:00:01,mtu=1500`.
+    #[arg(long, value_name = "fd=N|tap=NAME,mac=MAC[,mtu=M][,offload=on|off]", value_parser = parse_net)]
     net: Option<NetConfig>,
     /// System call filters per thread: `enforce` stops the VMM (status 159, the call named on
     /// stderr) when a thread makes a call its job does not need; `log` only has the kernel

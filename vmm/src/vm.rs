@@ -222,7 +222,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
             }
         }
         .map_err(crate::devices::virtio::net::NetError::from)?;
-        let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
+        let mut device = Net::new(tap, net_cfg.mac, net_cfg.mtu)?;
+        device.set_offload(net_cfg.offload);
+        let net = Arc::new(Mutex::new(device));
         let transport = attach_mmio_device(&vm, &mem, net.clone(), mmio.len(), &mut cmdline)?;
         let mut events = new_event_loop()?;
         events.add_subscriber(net);

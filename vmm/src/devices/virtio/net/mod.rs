@@ -82,6 +82,17 @@ pub const NET_FEATURES: u64 = VIRTIO_F_VERSION_1
     | bit(vn::VIRTIO_NET_F_HOST_TSO6)
     | bit(vn::VIRTIO_NET_F_HOST_UFO);
 
+/// The checksum and segmentation offloads among [`NET_FEATURES`]: left out when offloads are
+/// turned off (`--net …,offload=off`), so that every frame crosses whole and checksummed.
+pub const OFFLOAD_FEATURES: u64 = bit(vn::VIRTIO_NET_F_CSUM)
+    | bit(vn::VIRTIO_NET_F_GUEST_CSUM)
+    | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+    | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
+    | bit(vn::VIRTIO_NET_F_GUEST_UFO)
+    | bit(vn::VIRTIO_NET_F_HOST_TSO4)
+    | bit(vn::VIRTIO_NET_F_HOST_TSO6)
+    | bit(vn::VIRTIO_NET_F_HOST_UFO);
+
 /// The TAP offloads (`TUN_F_*`) that match what the guest acknowledged: what the TAP may
 /// hand the guest unchecksummed or unsegmented. Segmentation is only ever set together with
 /// checksum offload (the TAP refuses it alone, and the spec makes `GUEST_TSO*`/`GUEST_UFO`
@@ -140,6 +151,8 @@ pub struct Net {
     tap: Tap,
     mac: [u8; 6],
     mtu: Option<u16>,
+    /// Whether checksum and segmentation offloads are offered.
+    offload: bool,
     queue_evts: Vec<EventFd>,
     wake_evt: EventFd,
     active: Option<Active>,
@@ -180,6 +193,7 @@ impl Net {
             tap,
             mac,
             mtu: mtu.map(|m| m.max(MIN_MTU)),
+            offload: true,
             queue_evts: vec![make()?, make()?],
             wake_evt: make()?,
             active: None,
@@ -193,6 +207,11 @@ impl Net {
             tx_scratch: TxScratch::default(),
             counters: NetCounters::default(),
         })
+    }
+
+    /// Offer checksum and segmentation offloads (the default) or not.
+    pub fn set_offload(&mut self, offload: bool) {
+        self.offload = offload;
     }
 
     /// What happened to frames so far.
@@ -402,7 +421,12 @@ impl VirtioDevice for Net {
         } else {
             0
         };
-        NET_FEATURES | mtu
+        let features = NET_FEATURES | mtu;
+        if self.offload {
+            features
+        } else {
+            features & !OFFLOAD_FEATURES
+        }
     }
 
     fn queue_events(&self) -> &[EventFd] {

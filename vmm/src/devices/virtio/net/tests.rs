@@ -657,6 +657,22 @@ fn config_space_has_the_mac_link_up_and_the_mtu() {
 }
 
 #[test]
+fn with_offloads_off_no_checksum_or_segmentation_feature_is_offered() {
+    let h = Harness::new(MRG);
+    let mut dev = h.dev.lock().unwrap();
+    assert_eq!(dev.avail_features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
+    dev.set_offload(false);
+    let offered = dev.avail_features();
+    assert_eq!(offered & OFFLOAD_FEATURES, 0);
+    assert_ne!(offered & (1 << vn::VIRTIO_NET_F_MRG_RXBUF), 0);
+    assert_eq!(
+        tap_offloads(offered),
+        0,
+        "the TAP is told no offloads either"
+    );
+}
+
+#[test]
 fn offered_offloads_come_with_what_they_depend_on() {
     let has = |b: u32| NET_FEATURES & (1 << b) != 0;
     for b in [
