@@ -33,7 +33,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-net bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -144,6 +144,18 @@ bench-pods: stage
 	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_pods --nocapture --test-threads=1) | tee bench/reports/pods.log \
 		| sed -n 's/^report: //p' > bench/reports/pods.md.new
 	@test -s bench/reports/pods.md.new && mv bench/reports/pods.md.new bench/reports/pods.md && rm -f bench/reports/pods.log && cat bench/reports/pods.md
+
+# Pod networking, a Brig pod against a runc pod on one CNI bridge (iperf3, wrk), in one lab
+# boot; the report is committed.
+bench-net: stage
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_net --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	test -n "$$exe" || { echo "the network benchmark did not build"; exit 1; }; \
+	mkdir -p bench/reports; set -o pipefail; \
+	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_net --nocapture --test-threads=1) | tee bench/reports/net.log \
+		| sed -n 's/^report: //p' > bench/reports/net.md.new
+	@test -s bench/reports/net.md.new && mv bench/reports/net.md.new bench/reports/net.md && rm -f bench/reports/net.log && cat bench/reports/net.md
 
 # virtiofsd's build needs libseccomp and libcap-ng; it is installed once, outside the tree.
 bench-deps: deps
