@@ -6,6 +6,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod net;
 
 use std::path::PathBuf;
 use std::process::Command;

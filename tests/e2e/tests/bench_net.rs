@@ -115,7 +115,7 @@ fn server_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (
     let pod = cri.run_pod(handler, &config);
     let script =
         "mkdir -p /www && head -c 1024 /dev/zero > /www/index.html && httpd -p 80 -h /www && \
-         exec /host/usr/lib64/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \
+         exec /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \
          /host/usr/bin/iperf3 -s";
     let mut container = networked_container_config("srv", IMAGE, &["sh", "-c", script]);
     container.mounts = vec![api::Mount {

@@ -4,12 +4,11 @@
 //! bridge: same kind of IP, reachable both ways, the network's MTU, the pod spec's DNS and
 //! hostname, host ports; and nothing left once it is removed.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use brig_e2e::containerd::{CniNetwork, Containerd, IMAGE};
 use brig_e2e::cri::{api, networked_container_config, networked_pod_config, Cri};
+use brig_e2e::net::{host_server, http_get};
 
 const HANDLER: &str = "sandboxed";
 const RUNC: &str = "runc";
@@ -21,54 +20,6 @@ fn web_server(body: &str) -> Vec<String> {
         "-c".into(),
         format!("mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 80 -h /www"),
     ]
-}
-
-/// GET http://ADDR/ until it answers or `within` passes; the response body.
-fn http_get(addr: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    let mut last;
-    loop {
-        let attempt = (|| -> std::io::Result<String> {
-            let sock = addr
-                .parse()
-                .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
-            let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")?;
-            let mut response = String::new();
-            s.read_to_string(&mut response)?;
-            Ok(response)
-        })();
-        match attempt {
-            Ok(r) if r.starts_with("HTTP/1.") && r.contains(" 200 ") => {
-                return r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-            }
-            Ok(r) => last = format!("answer {r:?}"),
-            Err(e) => last = e.to_string(),
-        }
-        assert!(Instant::now() < deadline, "GET http://{addr}/: {last}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// An HTTP server on the host at `ip` answering `body` to every request; its port.
-fn host_server(ip: &str, body: &'static str) -> u16 {
-    let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let mut buf = [0u8; 1024];
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = stream.read(&mut buf);
-            let _ = write!(
-                stream,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
 }
 
 /// Run a pod of one container `name` running `command` with runtime handler `handler`.
@@ -130,11 +81,11 @@ fn a_brig_pod_on_a_cni_bridge_is_a_pod_like_a_runc_one() {
 
     // The host reaches the pod on its IP, and on the host port.
     assert_eq!(
-        http_get(&format!("{brig_ip}:80"), Duration::from_secs(60)).trim(),
+        http_get(&format!("{brig_ip}:80"), Duration::from_secs(60)),
         "hello-from-brig"
     );
     assert_eq!(
-        http_get(&format!("{}:18080", net.gateway()), Duration::from_secs(30)).trim(),
+        http_get(&format!("{}:18080", net.gateway()), Duration::from_secs(30)),
         "hello-from-brig",
         "the hostPort"
     );

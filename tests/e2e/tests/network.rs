@@ -4,11 +4,12 @@
 //! the host, and nothing is left once it is removed.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use brig_e2e::net::{host_server, http_get, VethNetns};
 use brig_e2e::{brig, busybox_rootfs, dir_entries};
 
 fn rootfs() -> &'static std::path::Path {
@@ -32,56 +33,6 @@ fn ok(out: Output, what: &str) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
-}
-
-/// GET http://ADDR/ until it answers 200 or `within` passes; the body.
-fn http_get(addr: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    let mut last;
-    loop {
-        let attempt = (|| -> std::io::Result<String> {
-            let sock = addr.parse().map_err(std::io::Error::other)?;
-            let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\nHost: c\r\n\r\n")?;
-            let mut r = String::new();
-            s.read_to_string(&mut r)?;
-            Ok(r)
-        })();
-        match attempt {
-            Ok(r) if r.contains(" 200 ") => {
-                return r
-                    .split("\r\n\r\n")
-                    .nth(1)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            }
-            Ok(r) => last = format!("answer {r:?}"),
-            Err(e) => last = e.to_string(),
-        }
-        assert!(Instant::now() < deadline, "GET http://{addr}/: {last}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// An HTTP server on the host at `ip` that answers `body`; its port.
-fn host_server(ip: &str, body: &'static str) -> u16 {
-    let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut buf = [0u8; 1024];
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = stream.read(&mut buf);
-            let _ = write!(
-                stream,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
 }
 
 fn iptables_rules() -> String {
@@ -189,28 +140,10 @@ fn network_none_has_loopback_only_and_it_is_up() {
 
 #[test]
 fn network_netns_joins_a_namespace_someone_else_made() {
-    let ns = format!("brig-e2e-{}", std::process::id());
-    let peer = format!("bp{}", std::process::id());
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().unwrap();
-        assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-    };
-    ip(&["netns", "add", &ns]);
-    ip(&[
-        "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-    ]);
-    ip(&["addr", "add", "10.99.7.1/24", "dev", &peer]);
-    ip(&["link", "set", &peer, "up"]);
-    ip(&["-n", &ns, "addr", "add", "10.99.7.2/24", "dev", "eth0"]);
-    ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+    let ns = VethNetns::new(&format!("brig-e2e-{}", std::process::id()), "10.99.7");
     let port = host_server("10.99.7.1", "hello-netns");
     let out = brig("net-netns")
-        .args([
-            "run",
-            "--rm",
-            "--network",
-            &format!("netns:/run/netns/{ns}"),
-        ])
+        .args(["run", "--rm", "--network", &ns.network_arg()])
         .arg(rootfs())
         .args([
             "sh",
@@ -220,7 +153,7 @@ fn network_netns_joins_a_namespace_someone_else_made() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    drop(ns);
     let out = ok(out, "--network netns:");
     assert!(out.contains("10.99.7.2/24"), "{out}");
     assert!(out.trim_end().ends_with("hello-netns"), "{out}");
@@ -293,20 +226,7 @@ fn bulk_data_crosses_the_nic_intact_both_ways_with_offloads_on_and_off() {
             "net-bulk-off"
         };
         let pid = std::process::id();
-        let ns = format!("brig-bulk-{pid}-{offload}");
-        let peer = format!("bb{pid}{}", u8::from(offload));
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().unwrap();
-            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
-        };
-        ip(&["netns", "add", &ns]);
-        ip(&[
-            "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ]);
-        ip(&["addr", "add", "10.99.9.1/24", "dev", &peer]);
-        ip(&["link", "set", &peer, "up"]);
-        ip(&["-n", &ns, "addr", "add", "10.99.9.2/24", "dev", "eth0"]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        let ns = VethNetns::new(&format!("brig-bulk-{pid}-{offload}"), "10.99.9");
         let sender = TcpListener::bind("10.99.9.1:0").unwrap();
         let send_port = sender.local_addr().unwrap().port();
         let receiver = TcpListener::bind("10.99.9.1:0").unwrap();
@@ -338,7 +258,7 @@ fn bulk_data_crosses_the_nic_intact_both_ways_with_offloads_on_and_off() {
         std::fs::write(&config, format!("net_offload = {offload}\n")).unwrap();
         let out = brig(test)
             .env("BRIG_CONFIG", &config)
-            .args(["run", "--rm", "--memory", "256M", "--network", &format!("netns:/run/netns/{ns}")])
+            .args(["run", "--rm", "--memory", "256M", "--network", &ns.network_arg()])
             .arg(rootfs())
             .args([
                 "sh",
@@ -350,7 +270,7 @@ fn bulk_data_crosses_the_nic_intact_both_ways_with_offloads_on_and_off() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        drop(ns);
         let out = ok(out, &format!("bulk transfer, offload {offload}"));
         let in_time = sending.join().unwrap();
         let (n, got_out, out_time) = receiving.join().unwrap();
