@@ -159,6 +159,8 @@ fn bench_net() {
     let (runc_pod, runc_ip) = server_pod(&cri, "runc", "bench-runc", &logs);
     let (brig_pod, brig_ip) = server_pod(&cri, "sandboxed", "bench-brig", &logs);
 
+    // The test harness's "test bench_net ... " has no newline: end it before the report.
+    println!();
     report("# Pod networking: Brig against runc on one CNI bridge");
     report("");
     report(&format!(
