@@ -45,8 +45,9 @@ pub enum BootError {
     /// The initrd does not fit in guest memory above the kernel image.
     #[error(
         "initrd {path} ({size} bytes) would be placed at {initrd_start:#x}..{initrd_end:#x}, \
-         over the kernel image at {kernel_start:#x}..{kernel_end:#x} (guest memory ends at \
-         {mem_end:#x}); give the VM more memory (--memory) or use a smaller initrd"
+         over the kernel image at {kernel_start:#x}..{kernel_end:#x} or the memory it uses \
+         while booting (an initrd must start at {lowest_start:#x} or above; guest memory \
+         ends at {mem_end:#x}); give the VM more memory (--memory) or use a smaller initrd"
     )]
     InitrdOverlapsKernel {
         path: PathBuf,
@@ -55,6 +56,7 @@ pub enum BootError {
         initrd_end: u64,
         kernel_start: u64,
         kernel_end: u64,
+        lowest_start: u64,
         mem_end: u64,
     },
     /// The initrd is larger than guest memory.
@@ -142,15 +144,16 @@ fn initrd_start(path: &Path, size: u64, mem_end: u64, kernel_end: u64) -> Result
         & !(PAGE_SIZE - 1);
     // The kernel's image, and the 16 MiB above its load address it may use before it has
     // read the memory map.
-    let reserved_end = kernel_end.max(HIMEM_START + (16 << 20));
-    if start < reserved_end {
+    let lowest_start = kernel_end.max(HIMEM_START + (16 << 20));
+    if start < lowest_start {
         return Err(BootError::InitrdOverlapsKernel {
             path: path.into(),
             size,
             initrd_start: start,
             initrd_end: start.saturating_add(size),
             kernel_start: HIMEM_START,
-            kernel_end: reserved_end,
+            kernel_end,
+            lowest_start,
             mem_end,
         });
     }
@@ -258,12 +261,14 @@ mod tests {
                 initrd_end,
                 kernel_start,
                 kernel_end: end,
+                lowest_start,
                 ..
             } => {
                 assert_eq!(*initrd_start, 34 * MIB);
                 assert_eq!(*initrd_end, 64 * MIB);
                 assert_eq!(*kernel_start, HIMEM_START);
                 assert_eq!(*end, kernel_end);
+                assert_eq!(*lowest_start, kernel_end);
             }
             other => panic!("wrong error: {other}"),
         }
@@ -281,6 +286,15 @@ mod tests {
         let kernel_end = HIMEM_START + 40 * MIB;
         assert_eq!(place(23 * MIB, 64 * MIB, kernel_end).unwrap(), 41 * MIB);
         assert!(place(23 * MIB + 1, 64 * MIB, kernel_end).is_err());
+    }
+
+    #[test]
+    fn an_initrd_reaching_into_the_kernels_boot_memory_is_refused() {
+        // A 2 MiB kernel, but the 16 MiB above 1 MiB stay the kernel's while it boots.
+        let err = place(50 * MIB, 64 * MIB, HIMEM_START + 2 * MIB).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("0x100000..0x300000"), "{msg}");
+        assert!(msg.contains("at 0x1100000 or above"), "{msg}");
     }
 
     #[test]
