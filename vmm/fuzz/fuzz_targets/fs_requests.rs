@@ -36,13 +36,33 @@ const REQUEST_RINGS: u64 = 0x22000;
 fn device() -> &'static Mutex<(PathBuf, Fs)> {
     static DEVICE: OnceLock<Mutex<(PathBuf, Fs)>> = OnceLock::new();
     DEVICE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("brig-fuzz-fs-{}", std::process::id()));
+        remove_stale_shares();
+        let dir = std::env::temp_dir().join(format!("{SHARE_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
         let fs = Fs::new("fuzz", dir.clone()).unwrap();
         let dir = fs.shared_dir().to_path_buf();
         Mutex::new((dir, fs))
     })
+}
+
+/// The scratch share is `<tmp>/brig-fuzz-fs-<pid>`: libFuzzer ends the process with
+/// `exit()`, so nothing removes it then; each run removes those of processes gone.
+const SHARE_PREFIX: &str = "brig-fuzz-fs-";
+
+fn remove_stale_shares() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(SHARE_PREFIX)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Put the shared directory back to `a` and `d` and nothing else.
