@@ -235,7 +235,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     // Boot data.
     let entry = pvh::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(pvh::load_initrd(&mem, path)?),
+        Some(path) => Some(pvh::load_initrd(&mem, path, entry.kernel_end)?),
         None => None,
     };
     pvh::write_cmdline(&mem, &cmdline)?;

@@ -28,6 +28,7 @@
 //! synchronously. Both hold the device's mutex. The vCPU side opens no files: a reset only
 //! marks the file server stale, and the event loop builds the fresh one.
 
+mod shared_dir_fs;
 #[cfg(test)]
 mod tests;
 
@@ -37,7 +38,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitIn, InitOut, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -46,6 +46,7 @@ use tracing::debug;
 use crate::guest_warn::guest_warn;
 
 use crate::config::FsCache;
+use shared_dir_fs::SharedDirFs;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -93,7 +94,7 @@ pub enum FsError {
     EventFd(io::Error),
 }
 
-type FileServer = Server<Arc<PassthroughFs>>;
+type FileServer = Server<SharedDirFs>;
 
 /// Queues and memory the driver handed over at activation.
 struct Active {
@@ -146,7 +147,7 @@ fn new_server(root: &str, cache: FsCache) -> io::Result<FileServer> {
     };
     let fs = PassthroughFs::<()>::new(cfg)?;
     fs.import()?;
-    Ok(Server::new(Arc::new(fs)))
+    Ok(Server::new(SharedDirFs(fs)))
 }
 
 impl Fs {
@@ -260,6 +261,14 @@ impl Fs {
         }
     }
 
+    /// Serve the requests the driver has made available on both queues, as the event loop
+    /// does when the guest notifies one (at most `CHAINS_PER_RUN` per queue; the event loop
+    /// is woken for the rest). The VMM's event loop is the caller; the fuzz target
+    /// `fs_requests` drives the device through it.
+    pub fn serve_available(&mut self) {
+        self.run_queues();
+    }
+
     /// Serve both queues: the high-priority one first.
     fn run_queues(&mut self) {
         let mut more = false;
@@ -301,7 +310,7 @@ impl Fs {
             };
             handled += 1;
             let head = chain.head_index();
-            let len = serve_request(&self.server, mem, chain);
+            let len = handle_request(&self.server, mem, chain);
             if let Err(e) = q.add_used(&*mem, head, len) {
                 guest_warn!("virtio-fs: cannot return a buffer to the guest: {e}");
             }
@@ -322,105 +331,9 @@ impl Fs {
     }
 }
 
-/// Serve one FUSE request held in `chain`; returns the number of bytes written into the
-/// chain's device-writable part (0 for requests with no reply and for malformed chains).
-fn serve_request<'m>(
-    server: &FileServer,
-    mem: &'m GuestMemory,
-    chain: virtio_queue::DescriptorChain<&'m GuestMemory>,
-) -> u32 {
-    let init_offered = init_flags_offered(mem, &chain);
-    let reply_chain = init_offered.map(|_| chain.clone());
-    let len = handle_request(server, mem, chain);
-    if let (Some(offered), Some(reply_chain)) = (init_offered, reply_chain) {
-        if let Err(e) = widen_init_reply(mem, &reply_chain, offered, len as usize) {
-            guest_warn!("virtio-fs: cannot widen the FUSE_INIT reply, keeping the server's: {e}");
-        }
-    }
-    len
-}
-
-/// FUSE_INIT's opcode.
-const FUSE_INIT: u32 = 26;
-/// Pages per request we offer (the server's own limit: 1 MiB, `MAX_BUFFER_SIZE`).
-const MAX_REQUEST_PAGES: u16 = fuse_backend_rs::api::server::MAX_REQ_PAGES;
-
-/// The flags the guest's FUSE_INIT offers, if `chain` holds a FUSE_INIT.
-fn init_flags_offered<'m>(
-    mem: &'m GuestMemory,
-    chain: &virtio_queue::DescriptorChain<&'m GuestMemory>,
-) -> Option<u32> {
-    let mut r = Reader::from_descriptor_chain(mem, chain.clone()).ok()?;
-    let header: InHeader = r.read_obj().ok()?;
-    if header.opcode != FUSE_INIT {
-        return None;
-    }
-    let init: InitIn = r.read_obj().ok()?;
-    Some(init.flags)
-}
-
-/// The passthrough server does not ask for large requests in its FUSE_INIT answer, so the
-/// guest would write one 4 KiB page per request (no `BIG_WRITES`) and read in 128 KiB
-/// (default `max_pages`): each request is a round trip through the VMM. Where the guest
-/// offered them, turn on `BIG_WRITES` and `MAX_PAGES` with 1 MiB requests, which the server
-/// accepts (its buffers are 1 MiB), by rewriting the reply in the chain's writable buffers.
-fn widen_init_reply<'m>(
-    mem: &'m GuestMemory,
-    chain: &virtio_queue::DescriptorChain<&'m GuestMemory>,
-    offered: u32,
-    written: usize,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    use vm_memory::{ByteValued, Bytes};
-    const HEADER: usize = std::mem::size_of::<OutHeader>();
-    let want = HEADER + std::mem::size_of::<InitOut>();
-    if written < want {
-        return Ok(()); // an error reply, or the short answer of an old protocol version
-    }
-    let buffers: Vec<_> = chain
-        .clone()
-        .writable()
-        .map(|d| (d.addr(), d.len() as usize))
-        .collect();
-    let mut reply = vec![0u8; want];
-    copy_chain(&buffers, &mut reply, |addr, part| {
-        mem.read_slice(part, addr)
-    })?;
-    let mut init = InitOut::default();
-    init.as_mut_slice().copy_from_slice(&reply[HEADER..]);
-    let wanted = ((FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() & 0xffff_ffff) as u32;
-    init.flags |= offered & wanted;
-    if init.flags & (FsOptions::MAX_PAGES.bits() & 0xffff_ffff) as u32 != 0 {
-        init.max_pages = MAX_REQUEST_PAGES;
-    }
-    if init.flags & (FsOptions::BIG_WRITES.bits() & 0xffff_ffff) as u32 != 0 {
-        init.max_write = u32::from(MAX_REQUEST_PAGES) * 4096;
-    }
-    reply[HEADER..].copy_from_slice(init.as_slice());
-    copy_chain(&buffers, &mut reply, |addr, part| {
-        mem.write_slice(part, addr)
-    })
-}
-
-/// Walk `buffers` (guest address, length) over the first `bytes.len()` bytes, calling `io`
-/// on each piece with the matching part of `bytes`.
-fn copy_chain<E>(
-    buffers: &[(vm_memory::GuestAddress, usize)],
-    bytes: &mut [u8],
-    mut io: impl FnMut(vm_memory::GuestAddress, &mut [u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    let mut done = 0;
-    for &(addr, len) in buffers {
-        if done == bytes.len() {
-            break;
-        }
-        let n = len.min(bytes.len() - done);
-        io(addr, &mut bytes[done..done + n])?;
-        done += n;
-    }
-    Ok(())
-}
-
-/// Hand one request to the file server.
+/// Hand one FUSE request held in `chain` to the file server; returns the number of bytes
+/// written into the chain's device-writable part (0 for requests with no reply and for
+/// malformed chains).
 fn handle_request<'m>(
     server: &FileServer,
     mem: &'m GuestMemory,

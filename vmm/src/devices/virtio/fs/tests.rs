@@ -5,7 +5,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, InitOut, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    CreateIn, EntryOut, FsOptions, InHeader, InitIn, InitOut, OpenOut, OutHeader, WriteIn, WriteOut,
+};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -19,6 +21,8 @@ const F_WRITE: u16 = 2;
 const BUF_BASE: u64 = 0x10_0000;
 const FUSE_INIT: u32 = 26;
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_WRITE: u32 = 16;
+const FUSE_CREATE: u32 = 35;
 const ROOT_ID: u64 = 1;
 
 /// One descriptor as the test driver lays it out: guest address, length, device-writable.
@@ -209,6 +213,47 @@ impl Guest {
         init_out
     }
 
+    /// CREATE `name` in directory `parent` for writing: its inode and file handle.
+    fn create(&mut self, parent: u64, name: &str) -> (u64, u64) {
+        let args = CreateIn {
+            flags: u32::try_from(libc::O_RDWR).unwrap(),
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let mut body = args.as_slice().to_vec();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        let (out, reply) = self.request(
+            FUSE_CREATE,
+            parent,
+            &body,
+            std::mem::size_of::<EntryOut>() + std::mem::size_of::<OpenOut>(),
+        );
+        assert_eq!(out.error, 0, "CREATE {name} succeeds");
+        let (entry, open) = reply.split_at(std::mem::size_of::<EntryOut>());
+        let entry = EntryOut::from_slice(entry).copied().unwrap();
+        let open = OpenOut::from_slice(open).copied().unwrap();
+        (entry.nodeid, open.fh)
+    }
+
+    /// WRITE `data` at offset 0 of open file `fh` of inode `nodeid`: the bytes written, or
+    /// the (negative) errno.
+    fn write(&mut self, nodeid: u64, fh: u64, data: &[u8]) -> Result<u32, i32> {
+        let args = WriteIn {
+            fh,
+            size: u32::try_from(data.len()).unwrap(),
+            ..Default::default()
+        };
+        let mut body = args.as_slice().to_vec();
+        body.extend_from_slice(data);
+        let (out, reply) = self.request(FUSE_WRITE, nodeid, &body, std::mem::size_of::<WriteOut>());
+        if out.error != 0 {
+            return Err(out.error);
+        }
+        Ok(WriteOut::from_slice(&reply).copied().unwrap().size)
+    }
+
     /// LOOKUP `name` in directory `parent`: the entry, or the (negative) errno.
     fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
         let mut body = name.as_bytes().to_vec();
@@ -254,20 +299,98 @@ fn init_turns_on_one_mebibyte_requests_when_the_guest_offers_them() {
 }
 
 #[test]
-fn a_reply_is_copied_across_split_buffers() {
-    // Two "guest buffers" of 3 and 10 bytes in a fake memory; 5 bytes go 3 + 2.
-    let mut memory = [0u8; 32];
-    let buffers = [(GuestAddress(4), 3), (GuestAddress(20), 10)];
-    let mut reply = *b"hello";
-    copy_chain(&buffers, &mut reply, |addr, part| {
-        let at = addr.0 as usize;
-        memory[at..at + part.len()].copy_from_slice(part);
-        Ok::<(), ()>(())
-    })
-    .unwrap();
-    assert_eq!(&memory[4..7], b"hel");
-    assert_eq!(&memory[20..22], b"lo");
-    assert_eq!(memory.iter().filter(|b| **b != 0).count(), 5);
+fn a_reply_split_over_several_buffers_reaches_the_guest_whole() {
+    // The guest posts FUSE_INIT with its reply buffer split in three: 5 bytes, 11 bytes and
+    // the rest. The reply the guest reassembles is the same as from one buffer.
+    let dir = tempfile::tempdir().unwrap();
+    let whole = Guest::new(dir.path()).init();
+
+    let mut guest = Guest::new(dir.path());
+    guest.unique += 2;
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 1 << 17,
+        flags: 0,
+    };
+    let mut req = InHeader {
+        len: u32::try_from(std::mem::size_of::<InHeader>() + std::mem::size_of::<InitIn>())
+            .unwrap(),
+        opcode: FUSE_INIT,
+        unique: guest.unique,
+        ..Default::default()
+    }
+    .as_slice()
+    .to_vec();
+    req.extend_from_slice(init.as_slice());
+    let reply_len = std::mem::size_of::<OutHeader>() + std::mem::size_of::<InitOut>();
+    let parts = [5, 11, reply_len - 16];
+    let req_addr = guest.buffer(&req, req.len());
+    let mut chain = vec![Desc {
+        addr: req_addr,
+        len: u32::try_from(req.len()).unwrap(),
+        write: false,
+    }];
+    let mut addrs = Vec::new();
+    for len in parts {
+        let addr = guest.buffer(&[], len);
+        addrs.push((addr, len));
+        chain.push(Desc {
+            addr,
+            len: u32::try_from(len).unwrap(),
+            write: true,
+        });
+    }
+    let used = guest.submit(&chain);
+    assert_eq!(used as usize, reply_len);
+    let mut reply = Vec::new();
+    for (addr, len) in addrs {
+        let mut part = vec![0u8; len];
+        guest.mem.read_slice(&mut part, GuestAddress(addr)).unwrap();
+        reply.extend_from_slice(&part);
+    }
+    let out = OutHeader::from_slice(&reply[..std::mem::size_of::<OutHeader>()])
+        .copied()
+        .unwrap();
+    assert_eq!((out.error, out.unique), (0, guest.unique));
+    let split = InitOut::from_slice(&reply[std::mem::size_of::<OutHeader>()..])
+        .copied()
+        .unwrap();
+    assert_eq!(split.as_slice(), whole.as_slice());
+}
+
+#[test]
+fn the_init_reply_the_guest_reads_is_what_the_server_serves() {
+    // Whatever the guest offers, the request sizes in the reply agree with each other and
+    // with the server's buffers, and a WRITE as large as the reply's `max_write` is served
+    // in full: the guest and the server negotiated the same thing.
+    let big_writes = FsOptions::BIG_WRITES.bits() as u32;
+    let max_pages = FsOptions::MAX_PAGES.bits() as u32;
+    let server_buffer = fuse_backend_rs::api::server::MAX_BUFFER_SIZE;
+    for offered in [0, big_writes, max_pages, big_writes | max_pages] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut guest = Guest::new(dir.path());
+        let init = guest.init_offering(offered);
+        assert_eq!(init.flags & !offered & (big_writes | max_pages), 0);
+        if offered == 0 {
+            assert_eq!(init.max_write, 4096, "offered {offered:#x}");
+        } else {
+            assert_eq!(init.max_write, server_buffer, "offered {offered:#x}");
+            assert_eq!(init.flags & offered, offered);
+        }
+        if init.flags & max_pages != 0 {
+            assert_eq!(
+                u32::from(init.max_pages) * 4096,
+                init.max_write,
+                "offered {offered:#x}"
+            );
+        }
+        let (inode, fh) = guest.create(ROOT_ID, "big");
+        let data = vec![0x5au8; init.max_write as usize];
+        assert_eq!(guest.write(inode, fh, &data), Ok(init.max_write));
+        let written = std::fs::read(dir.path().join("big")).unwrap();
+        assert_eq!(written.len(), data.len(), "offered {offered:#x}");
+    }
 }
 
 #[test]
