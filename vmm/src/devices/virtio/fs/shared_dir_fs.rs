@@ -7,11 +7,10 @@
 //! `MAX_PAGES` are on. The reply the guest reads is the one the server wrote, so the two
 //! cannot disagree on request sizes.
 //!
-//! Every other method is handed to the passthrough file system unchanged. The list is
-//! adapted from `fuse-backend-rs` 0.14's own `impl FileSystem for Arc<FS>` (Apache-2.0 OR
-//! BSD-3-Clause): the trait gives every method a default that answers ENOSYS, so a method
-//! missing here would compile and fail at run time. Compare it with that impl when
-//! `fuse-backend-rs` is upgraded.
+//! Every other method of the `FileSystem` trait is handed to the passthrough file system
+//! unchanged. The trait gives every method a default that answers ENOSYS, so a method
+//! missing here would compile and fail at run time: check the list against the trait's
+//! methods when `fuse-backend-rs` is upgraded.
 
 use std::ffi::CStr;
 use std::io;
