@@ -119,6 +119,17 @@ fn mount_one(rootfs: &Path, m: &Mount, userns: bool) -> Result<()> {
             Err(err) if matches!(fstype, "cgroup2" | "mqueue") && err == Errno::EPERM => {
                 crate::warn!("skipping {fstype} on {}: {err}", m.destination().display());
             }
+            // In a user namespace sharing the guest's network namespace, /sys is the guest's
+            // bound whole (see below), with the guest's cgroup2 on /sys/fs/cgroup already:
+            // the same superblock again is EBUSY, and the bound one cannot be unmounted (it
+            // is locked to the user namespace). The container keeps that view: the guest's
+            // whole hierarchy, whose files its unmapped root cannot write.
+            Err(Errno::EBUSY) if fstype == "cgroup2" && userns => {
+                crate::warn!(
+                    "{} keeps the guest's cgroup2 bound with /sys (a user namespace without a network namespace of its own)",
+                    m.destination().display()
+                );
+            }
             // A user namespace may mount sysfs only together with a network namespace of
             // its own; without one, bind the guest's /sys (runc does the same).
             Err(Errno::EPERM) if fstype == "sysfs" && userns => {

@@ -99,6 +99,8 @@ pub struct CniNetwork {
     pub subnet: String,
     /// MTU of the pod interfaces.
     pub mtu: u32,
+    /// An IPv6 subnet too (dual stack), e.g. "fd00:88:7::/64"; the bridge has its ::1.
+    pub subnet6: Option<String>,
 }
 
 impl CniNetwork {
@@ -111,9 +113,16 @@ impl CniNetwork {
     }
 
     fn conflist(&self) -> String {
+        let (v6_range, v6_route) = match &self.subnet6 {
+            Some(s) => (
+                format!(r#",[{{"subnet":"{s}"}}]"#),
+                r#",{"dst":"::/0"}"#.to_string(),
+            ),
+            None => (String::new(), String::new()),
+        };
         format!(
-            r#"{{"cniVersion":"1.0.0","name":"{0}","plugins":[{{"type":"bridge","bridge":"{0}","isGateway":true,"ipMasq":true,"mtu":{2},"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{1}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#,
-            self.name, self.subnet, self.mtu
+            r#"{{"cniVersion":"1.0.0","name":"{0}","plugins":[{{"type":"bridge","bridge":"{0}","isGateway":true,"ipMasq":true,"mtu":{2},"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{1}"}}]{3}],"routes":[{{"dst":"0.0.0.0/0"}}{4}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#,
+            self.name, self.subnet, self.mtu, v6_range, v6_route
         )
     }
 

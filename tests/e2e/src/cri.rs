@@ -179,6 +179,22 @@ impl Cri {
         .expect("a pod network status")
     }
 
+    /// The pod's further addresses (the IPv6 one of a dual-stack network).
+    pub fn pod_additional_ips(&self, pod: &str) -> Vec<String> {
+        let mut rt = self.runtime.clone();
+        self.ok(
+            "PodSandboxStatus",
+            rt.pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            }),
+        )
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.additional_ips.into_iter().map(|ip| ip.ip).collect())
+        .unwrap_or_default()
+    }
+
     /// StopPodSandbox and RemovePodSandbox, as kubelet removes a pod.
     pub fn remove_pod(&self, pod: &str) {
         let mut rt = self.runtime.clone();

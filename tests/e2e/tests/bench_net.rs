@@ -150,6 +150,7 @@ fn bench_net() {
         name: "brigbench0".into(),
         subnet: "10.88.90.0/24".into(),
         mtu: 1500,
+        subnet6: None,
     };
     let c = Containerd::start_cri_cni("bench-net", &net);
     c.import_busybox();

@@ -55,6 +55,7 @@ fn a_brig_pod_on_a_cni_bridge_is_a_pod_like_a_runc_one() {
         name: "brige2e1".into(),
         subnet: "10.88.71.0/24".into(),
         mtu: 1400,
+        subnet6: Some("fd00:88:71::/64".into()),
     };
     let c = Containerd::start_cri_cni("cri-net", &net);
     c.import_busybox();
@@ -88,6 +89,20 @@ fn a_brig_pod_on_a_cni_bridge_is_a_pod_like_a_runc_one() {
         http_get(&format!("{}:18080", net.gateway()), Duration::from_secs(30)),
         "hello-from-brig",
         "the hostPort"
+    );
+
+    // Dual stack: the IPv6 address CNI gave the pod is the guest's, and it serves on it.
+    let v6 = cri
+        .pod_additional_ips(&brig_pod)
+        .into_iter()
+        .find(|ip| ip.starts_with("fd00:88:71:"))
+        .expect("an IPv6 pod address");
+    let addr6 = in_pod(&cri, &brig, "ip -o -6 addr show eth0 scope global");
+    assert!(addr6.contains(&format!("{v6}/64")), "{addr6}");
+    assert_eq!(
+        http_get(&format!("[{v6}]:80"), Duration::from_secs(60)),
+        "hello-from-brig",
+        "over IPv6"
     );
 
     // Inside, the guest is the pod: its address, the network's MTU, DNS and hostname.
