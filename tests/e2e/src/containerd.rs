@@ -140,7 +140,8 @@ impl CniNetwork {
         }
         let ips = Path::new("/var/lib/cni/networks").join(&self.name);
         for ip in dir_entries(&ips) {
-            if !matches!(ip.as_str(), "lock" | "last_reserved_ip.0") {
+            // host-local's own bookkeeping: its lock and the last address of each range.
+            if ip != "lock" && !ip.starts_with("last_reserved_ip.") {
                 left.push(format!("IP allocation {ip}"));
             }
         }
