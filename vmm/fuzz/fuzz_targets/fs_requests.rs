@@ -13,21 +13,21 @@
 //! a shared directory holding only `a` (a small file) and `d` (an empty directory).
 #![no_main]
 
+#[path = "common/chains.rs"]
+mod chains;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use brig_vmm::devices::virtio::fs::Fs;
 use brig_vmm::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 0x30000;
 const QSIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const END_OF_CHAIN: u8 = 0x80;
 const TABLE: u64 = 0x20000;
 const HIPRIO_RINGS: u64 = 0x21000;
 const REQUEST_RINGS: u64 = 0x22000;
@@ -108,29 +108,15 @@ fuzz_target!(|data: &[u8]| {
     let hiprio = data[0] & 1 != 0;
     let count = usize::from(data[1] % 16) + 1;
     let rest = &data[2..];
-    if rest.len() < count * 13 {
+    if rest.len() < count * chains::RECORD {
         return;
     }
-    let (descs, payload) = rest.split_at(count * 13);
+    let (descs, payload) = rest.split_at(count * chains::RECORD);
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let payload = &payload[..payload.len().min(0x8000)];
     mem.write_slice(payload, GuestAddress(0x1000)).unwrap();
 
-    let mut heads = vec![0u16];
-    for (i, d) in descs.chunks_exact(13).enumerate() {
-        let addr = u64::from_le_bytes(d[0..8].try_into().unwrap());
-        let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
-        let last = i + 1 == count || d[12] & END_OF_CHAIN != 0;
-        let mut flags = u16::from(d[12] & !END_OF_CHAIN) & !F_NEXT;
-        if !last {
-            flags |= F_NEXT;
-        } else if i + 1 < count {
-            heads.push((i + 1) as u16);
-        }
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (i + 1) as u16));
-        mem.write_obj(desc, GuestAddress(TABLE).unchecked_add(16 * i as u64))
-            .unwrap();
-    }
+    let heads = chains::write_table(&mem, TABLE, descs);
     let (hiprio_heads, request_heads): (&[u16], &[u16]) =
         if hiprio { (&heads, &[]) } else { (&[], &heads) };
     let queues = vec![

@@ -9,6 +9,9 @@
 //! the rest is written to guest memory at 0x1000. Every chain goes to TX, then to RX.
 #![no_main]
 
+#[path = "common/chains.rs"]
+mod chains;
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
@@ -18,14 +21,11 @@ use brig_vmm::devices::virtio::net::frame::{
 };
 use brig_vmm::devices::virtio::GuestMemory;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x30000;
 const QSIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const END_OF_CHAIN: u8 = 0x80;
 
 /// A queue of QSIZE over the descriptor table at `table`, its rings at `rings`, with the
 /// chains starting at `heads` made available.
@@ -60,31 +60,17 @@ fuzz_target!(|data: &[u8]| {
     let frame_len = usize::from(u16::from_le_bytes([data[2], data[3]]))
         + if data[0] & 2 != 0 { 65536 } else { 0 };
     let rest = &data[4..];
-    if rest.len() < count * 13 {
+    if rest.len() < count * chains::RECORD {
         return;
     }
-    let (descs, payload) = rest.split_at(count * 13);
+    let (descs, payload) = rest.split_at(count * chains::RECORD);
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let payload = &payload[..payload.len().min(0x8000)];
     mem.write_slice(payload, GuestAddress(0x1000)).unwrap();
 
     // One descriptor table for both queues; chains end where the input says.
     let table = 0x20000u64;
-    let mut heads = vec![0u16];
-    for (i, d) in descs.chunks_exact(13).enumerate() {
-        let addr = u64::from_le_bytes(d[0..8].try_into().unwrap());
-        let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
-        let last = i + 1 == count || d[12] & END_OF_CHAIN != 0;
-        let mut flags = u16::from(d[12] & !END_OF_CHAIN) & !F_NEXT;
-        if !last {
-            flags |= F_NEXT;
-        } else if i + 1 < count {
-            heads.push((i + 1) as u16);
-        }
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (i + 1) as u16));
-        mem.write_obj(desc, GuestAddress(table).unchecked_add(16 * i as u64))
-            .unwrap();
-    }
+    let heads = chains::write_table(&mem, table, descs);
 
     // TX: every chain is sent whole or refused.
     let mut txq = queue(&mem, table, 0x21000, &heads);
