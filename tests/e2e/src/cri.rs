@@ -163,8 +163,8 @@ impl Cri {
         )
     }
 
-    /// The pod's IP address, as CNI gave it (PodSandboxStatus).
-    pub fn pod_ip(&self, pod: &str) -> String {
+    /// The pod's network status, as CNI gave it (PodSandboxStatus).
+    fn pod_network(&self, pod: &str) -> api::PodSandboxNetworkStatus {
         let mut rt = self.runtime.clone();
         self.ok(
             "PodSandboxStatus",
@@ -175,24 +175,21 @@ impl Cri {
         )
         .status
         .and_then(|s| s.network)
-        .map(|n| n.ip)
         .expect("a pod network status")
+    }
+
+    /// The pod's IP address.
+    pub fn pod_ip(&self, pod: &str) -> String {
+        self.pod_network(pod).ip
     }
 
     /// The pod's further addresses (the IPv6 one of a dual-stack network).
     pub fn pod_additional_ips(&self, pod: &str) -> Vec<String> {
-        let mut rt = self.runtime.clone();
-        self.ok(
-            "PodSandboxStatus",
-            rt.pod_sandbox_status(api::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.into(),
-                verbose: false,
-            }),
-        )
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.additional_ips.into_iter().map(|ip| ip.ip).collect())
-        .unwrap_or_default()
+        self.pod_network(pod)
+            .additional_ips
+            .into_iter()
+            .map(|ip| ip.ip)
+            .collect()
     }
 
     /// StopPodSandbox and RemovePodSandbox, as kubelet removes a pod.
