@@ -19,13 +19,16 @@ const QSIZE: u16 = 16;
 const F_NEXT: u16 = 1;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&count, rest)) = data.split_first() else { return };
+    let Some((&count, rest)) = data.split_first() else {
+        return;
+    };
     let count = usize::from(count % 8) + 1;
     if rest.len() < count * 13 {
         return;
     }
     let (descs, payload) = rest.split_at(count * 13);
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let payload = &payload[..payload.len().min(0x8000)];
     mem.write_slice(payload, GuestAddress(0x1000)).unwrap();
 
@@ -38,10 +41,13 @@ fuzz_target!(|data: &[u8]| {
             flags |= F_NEXT;
         }
         let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, (i + 1) as u16));
-        mem.write_obj(desc, mock.desc_table_addr().unchecked_add(16 * i as u64)).unwrap();
+        mem.write_obj(desc, mock.desc_table_addr().unchecked_add(16 * i as u64))
+            .unwrap();
     }
-    mem.write_obj(0u16, mock.avail_addr().unchecked_add(4)).unwrap();
-    mem.write_obj(1u16, mock.avail_addr().unchecked_add(2)).unwrap();
+    mem.write_obj(0u16, mock.avail_addr().unchecked_add(4))
+        .unwrap();
+    mem.write_obj(1u16, mock.avail_addr().unchecked_add(2))
+        .unwrap();
 
     let mut queue: Queue = mock.create_queue().unwrap();
     if let Some(chain) = queue.pop_descriptor_chain(&mem) {

@@ -33,3 +33,19 @@ pub fn write_table(mem: &GuestMemory, table: u64, records: &[u8]) -> Vec<u16> {
     }
     heads
 }
+
+/// Whether the device may write over `[start, end)` (the harness's table and rings) while
+/// serving `records`: a device-writable descriptor overlaps it, or a descriptor is indirect
+/// (its table lies in guest memory, beyond what the input says directly). A guest may point
+/// its buffers at its own rings; the device must survive that, but then the rings' indices
+/// are the guest's scribbles, and counts read from them prove nothing.
+pub fn may_write_rings(records: &[u8], start: u64, end: u64) -> bool {
+    const F_WRITE: u8 = 2;
+    const F_INDIRECT: u8 = 4;
+    records.chunks_exact(RECORD).any(|d| {
+        let addr = u64::from_le_bytes(d[0..8].try_into().unwrap());
+        let len = u64::from(u32::from_le_bytes(d[8..12].try_into().unwrap()));
+        d[12] & F_INDIRECT != 0
+            || (d[12] & F_WRITE != 0 && addr < end && addr.saturating_add(len) > start)
+    })
+}
