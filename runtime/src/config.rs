@@ -17,6 +17,7 @@
 //! bridge_subnet = "10.89.0.0/24"  # addresses of the bridge network (gateway: its .1)
 //! cni_plugin_dir = "/usr/lib/cni" # where the CNI plugins are
 //! net_offload = true       # offer guests checksum/segmentation offloads on their NIC
+//! pvm_guest_kernel = false # on a PVM host: trust that `kernel` is a PVM guest kernel
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
 //! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
@@ -85,6 +86,7 @@ struct ConfigFile {
     bridge_subnet: Option<String>,
     cni_plugin_dir: Option<PathBuf>,
     net_offload: Option<bool>,
+    pvm_guest_kernel: Option<bool>,
 }
 
 /// Resolved runtime configuration.
@@ -120,6 +122,9 @@ pub struct RuntimeConfig {
     /// Offer guests checksum and segmentation offloads on their NIC (brig-vmm
     /// `--net …,offload=`): off, every frame crosses whole and checksummed.
     pub net_offload: bool,
+    /// On a PVM host, take `kernel` for a PVM guest kernel even when Brig finds none of the
+    /// marks such kernels carry (the boot check is skipped then).
+    pub pvm_guest_kernel: bool,
 }
 
 impl RuntimeConfig {
@@ -218,6 +223,7 @@ impl RuntimeConfig {
                 .cni_plugin_dir
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/cni")),
             net_offload: file.net_offload.unwrap_or(true),
+            pvm_guest_kernel: file.pvm_guest_kernel.unwrap_or(false),
         })
     }
 }

@@ -68,7 +68,8 @@ pub fn kvm_kind(root: &Path) -> KvmKind {
 /// What to do on a PVM host, said the same way by [`preflight`] and by boot errors.
 pub const PVM_FIX: &str = "point `kernel =` in brig.toml (or BRIG_KERNEL) at a PVM guest kernel \
      (CONFIG_PVM_GUEST=y), use a host with hardware virtualization (kvm_intel or kvm_amd), or \
-     run Brig inside the project's nested-KVM lab (tests/lab/run.sh)";
+     run Brig inside the project's nested-KVM lab (tests/lab/run.sh); if the kernel is a PVM \
+     guest kernel that Brig fails to recognise, set `pvm_guest_kernel = true` in brig.toml";
 
 /// Why this host cannot boot the configured guest kernel (found before the VMM starts).
 #[derive(Debug, thiserror::Error)]
@@ -98,13 +99,14 @@ pub enum HostError {
 
 /// Check, before a boot, what `brig check` checks about KVM on the host rooted at `root`:
 /// that `/dev/kvm` exists and opens read-write, and, on a PVM host, that `kernel` is a PVM
-/// guest kernel. Takes milliseconds. A kernel that cannot be read is left for the VMM to
-/// name.
-pub fn preflight(root: &Path, kernel: &Path) -> Result<KvmKind, HostError> {
+/// guest kernel (unless `pvm_guest_kernel` says so already: the user's word for a kernel whose
+/// PVM support [`is_pvm_guest_kernel`] cannot see, e.g. a stripped one with a quiet boot).
+/// Takes milliseconds. A kernel that cannot be read is left for the VMM to name.
+pub fn preflight(root: &Path, kernel: &Path, pvm_guest_kernel: bool) -> Result<KvmKind, HostError> {
     let kvm = kvm_kind(root);
     match kvm {
         KvmKind::None => return Err(HostError::NoKvm),
-        KvmKind::Pvm if !is_pvm_guest_kernel(kernel).unwrap_or(true) => {
+        KvmKind::Pvm if !pvm_guest_kernel && !is_pvm_guest_kernel(kernel).unwrap_or(true) => {
             return Err(HostError::PvmStockKernel {
                 kernel: kernel.to_path_buf(),
             })
@@ -340,7 +342,7 @@ mod tests {
     fn a_pvm_host_refuses_a_stock_kernel_at_once_and_names_the_fix() {
         let pvm = fake_host(&["dev/kvm", "sys/module/kvm_pvm/x"]);
         let stock = kernel_with(&pvm, b"stock", 0, 3 << 20);
-        let err = preflight(&pvm, &stock).unwrap_err();
+        let err = preflight(&pvm, &stock, false).unwrap_err();
         assert!(matches!(err, HostError::PvmStockKernel { .. }), "{err}");
         let msg = err.to_string();
         for needed in [
@@ -349,9 +351,12 @@ mod tests {
             "brig.toml",
             "hardware virtualization",
             "tests/lab/run.sh",
+            "pvm_guest_kernel = true",
         ] {
             assert!(msg.contains(needed), "{needed:?} missing: {msg}");
         }
+        // The user's word overrides what the markers say.
+        assert_eq!(preflight(&pvm, &stock, true).unwrap(), KvmKind::Pvm);
         std::fs::remove_dir_all(pvm).unwrap();
     }
 
@@ -362,12 +367,12 @@ mod tests {
         for at in [0, (1 << 20) - 5, (3 << 20) - 15] {
             let kernel = kernel_with(&pvm, b"pvm_early_setup", at, 3 << 20);
             assert!(is_pvm_guest_kernel(&kernel).unwrap(), "marker at {at}");
-            assert_eq!(preflight(&pvm, &kernel).unwrap(), KvmKind::Pvm);
+            assert_eq!(preflight(&pvm, &kernel, false).unwrap(), KvmKind::Pvm);
         }
         let kernel = kernel_with(&pvm, b"\x016pvm-guest: ", 12345, 1 << 16);
         assert!(is_pvm_guest_kernel(&kernel).unwrap());
         // A kernel that cannot be read is the VMM's to name (with the path it was given).
-        assert!(preflight(&pvm, &pvm.join("missing")).is_ok());
+        assert!(preflight(&pvm, &pvm.join("missing"), false).is_ok());
         std::fs::remove_dir_all(pvm).unwrap();
     }
 
@@ -375,14 +380,14 @@ mod tests {
     fn no_kvm_is_refused_and_hardware_kvm_boots_any_kernel() {
         let none = fake_host(&["sys/module/kvm/x"]);
         let stock = kernel_with(&none, b"stock", 0, 4096);
-        let msg = preflight(&none, &stock).unwrap_err().to_string();
+        let msg = preflight(&none, &stock, false).unwrap_err().to_string();
         assert!(
             msg.contains("no /dev/kvm") && msg.contains("tests/lab/run.sh"),
             "{msg}"
         );
         let amd = fake_host(&["dev/kvm", "sys/module/kvm_amd/x"]);
         assert_eq!(
-            preflight(&amd, &stock).unwrap(),
+            preflight(&amd, &stock, false).unwrap(),
             KvmKind::Hardware("kvm_amd")
         );
         for d in [none, amd] {

@@ -230,7 +230,7 @@ impl Sandbox {
         state::validate_id("sandbox", &spec.id)?;
         // What `brig check` checks, before anything is created: a host that cannot run the
         // guest kernel fails now, not after the boot timeout.
-        let kvm = host::preflight(Path::new("/"), &config.kernel)?;
+        let kvm = host::preflight(Path::new("/"), &config.kernel, config.pvm_guest_kernel)?;
         let layout = Layout::new(&config.root);
         let dir = layout.sandbox(&spec.id);
         let parent = layout.sandboxes();
@@ -929,6 +929,7 @@ mod tests {
             bridge_subnet: "10.89.0.0/24".into(),
             cni_plugin_dir: "/usr/lib/cni".into(),
             net_offload: true,
+            pvm_guest_kernel: false,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));
