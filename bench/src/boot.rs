@@ -74,7 +74,14 @@ async fn boot_brig(config: &RuntimeConfig, memory: u64, i: usize) -> Result<Samp
     let boot = sandbox.boot_time();
     let pid = sandbox.vmm_pid().context("brig-vmm pid")?;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the guest settle into idle
-    let (own_rss_kib, own_pss_kib) = own_memory(pid, memory << 10)?;
+                                                          // brig-vmm is two processes: the supervisor (`pid`) and the VM in its PID namespace.
+    let mut own_rss_kib = 0;
+    let mut own_pss_kib = 0;
+    for pid in std::iter::once(pid).chain(children(pid)) {
+        let (rss, pss) = own_memory(pid, memory << 10)?;
+        own_rss_kib += rss;
+        own_pss_kib += pss;
+    }
     let status = sandbox.shutdown().await?;
     if !status.success() {
         bail!("brig-vmm exited with {status}");
@@ -158,6 +165,15 @@ async fn boot_qemu(config: &RuntimeConfig, args: &Args, i: usize) -> Result<Samp
         own_rss_kib,
         own_pss_kib,
     })
+}
+
+/// The children of `pid` (its main thread's).
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// RSS and PSS of `pid` outside its guest-RAM mapping(s) (anonymous mappings at least as

@@ -163,7 +163,17 @@ async fn brig_run(
     if let Some(mut s) = stdio.stdout {
         s.read_to_string(&mut out).await?;
     }
-    let pss = sandbox.vmm_pid().map(pss_kib).unwrap_or(0);
+    // brig-vmm's supervisor and the VM process, its child in a PID namespace of its own.
+    let pss = sandbox
+        .vmm_pid()
+        .map(|pid| {
+            pss_kib(pid)
+                + crate::boot::children(pid)
+                    .into_iter()
+                    .map(pss_kib)
+                    .sum::<u64>()
+        })
+        .unwrap_or(0);
     let status = record.wait(&sandbox).await?;
     if status.code != 0 {
         bail!("container exited with {}", status.code);

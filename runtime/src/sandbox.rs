@@ -449,7 +449,7 @@ impl Sandbox {
                 });
             }
             if started.elapsed() > config.boot_timeout {
-                let _ = vmm.kill().await;
+                kill_child(&mut vmm).await;
                 return Err(SandboxError::BootTimeout {
                     secs: config.boot_timeout.as_secs(),
                     last,
@@ -491,7 +491,7 @@ impl Sandbox {
                             return Ok(sandbox);
                         }
                         Err(e @ AgentError::Version { .. }) => {
-                            let _ = vmm.kill().await;
+                            kill_child(&mut vmm).await;
                             return Err(e.into());
                         }
                         Err(e) => last = e.to_string(),
@@ -677,7 +677,11 @@ impl Sandbox {
 
     fn signal_vmm(&self, signal: i32) {
         if let Some(vmm) = self.vmm() {
-            let _ = vmm.signal(signal);
+            if signal == libc::SIGKILL {
+                kill_vmm(&vmm);
+            } else {
+                let _ = vmm.signal(signal);
+            }
         }
     }
 
@@ -720,6 +724,33 @@ impl Sandbox {
     }
 }
 
+/// SIGKILL a VMM. brig-vmm runs the VM in a process of its own, PID 1 of its own PID
+/// namespace, under a supervisor (the VMM's PID to us) that ends as the VM ends. The kill goes
+/// to the VM, and the supervisor follows once it has reaped it: so when the supervisor is
+/// gone, the VM is too (a kill of the supervisor would leave the VM dying on its own for a
+/// moment after we took it for gone). The supervisor itself when it has no child: before its
+/// fork, or a VMM run with --no-confine.
+fn kill_vmm(vmm: &ProcessRef) {
+    let mut sent = false;
+    for vm in vmm.children() {
+        sent |= vm.signal(libc::SIGKILL).unwrap_or(false);
+    }
+    if !sent {
+        let _ = vmm.signal(libc::SIGKILL);
+    }
+}
+
+/// [`kill_vmm`] for the VMM we started, and reap it.
+async fn kill_child(vmm: &mut tokio::process::Child) {
+    match vmm.id().and_then(ProcessRef::of) {
+        Some(r) => kill_vmm(&r),
+        None => {
+            let _ = vmm.start_kill();
+        }
+    }
+    let _ = vmm.wait().await;
+}
+
 /// Remove what is left of sandbox `id` under `root` from any process: kill its VMM if it
 /// still runs (and wait until it is gone), unmount its binds and remove its directory. For
 /// a sandbox whose owner died (the shim's `delete`, `brig rm -f`).
@@ -729,7 +760,7 @@ pub fn remove_sandbox(root: &Path, id: &str) -> Result<(), SandboxError> {
     let dir = layout.sandbox(id);
     undo_network(&dir);
     if let Ok(record) = read_record(&dir) {
-        let _ = record.vmm.signal(libc::SIGKILL);
+        kill_vmm(&record.vmm);
         // Until it is gone from the process table, not only dead: its parent reaps it.
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while !record.vmm.gone() && Instant::now() < deadline {
@@ -812,7 +843,12 @@ impl Drop for Sandbox {
             return;
         };
         if let Ok(None) = child.try_wait() {
-            let _ = child.start_kill();
+            match child.id().and_then(ProcessRef::of) {
+                Some(vmm) => kill_vmm(&vmm),
+                None => {
+                    let _ = child.start_kill();
+                }
+            }
             if let Some(pid) = child.id() {
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }

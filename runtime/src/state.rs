@@ -97,6 +97,11 @@ pub struct ProcessRef {
 
 /// Start time and whether the process is a zombie, from `/proc/<pid>/stat`.
 fn read_stat(pid: u32) -> Option<(u64, bool)> {
+    read_stat_fields(pid).map(|(start, zombie, _)| (start, zombie))
+}
+
+/// Start time, whether the process is a zombie, and its parent's PID.
+fn read_stat_fields(pid: u32) -> Option<(u64, bool, u32)> {
     let mut stat = String::new();
     std::fs::File::open(format!("/proc/{pid}/stat"))
         .ok()?
@@ -107,7 +112,8 @@ fn read_stat(pid: u32) -> Option<(u64, bool)> {
     let fields: Vec<&str> = rest.split(' ').collect();
     // `rest` starts at field 3 (state); the start time is field 22.
     let start_time = fields.get(19)?.parse().ok()?;
-    Some((start_time, fields.first() == Some(&"Z")))
+    let ppid = fields.get(1)?.parse().ok()?;
+    Some((start_time, fields.first() == Some(&"Z"), ppid))
 }
 
 impl ProcessRef {
@@ -128,6 +134,23 @@ impl ProcessRef {
     /// Whether this very process still runs (not exited, not a zombie, PID not reused).
     pub fn alive(&self) -> bool {
         matches!(read_stat(self.pid), Some((start, false)) if start == self.start_time)
+    }
+
+    /// The live children of this process (of its main thread), each checked to be ours after
+    /// its start time was read, so a PID reused in between is not taken for a child.
+    pub fn children(&self) -> Vec<Self> {
+        if !self.alive() {
+            return Vec::new();
+        }
+        let list = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        list.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|pid| {
+                let (start_time, zombie, ppid) = read_stat_fields(pid)?;
+                (ppid == self.pid && !zombie).then_some(Self { pid, start_time })
+            })
+            .collect()
     }
 
     /// Whether the PID is gone from the process table (a zombie still counts as present).

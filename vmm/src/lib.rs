@@ -13,6 +13,7 @@ pub mod confine;
 pub mod console_file;
 pub mod devices;
 pub mod guest_warn;
+pub mod pid_ns;
 pub mod privileges;
 pub mod seccomp;
 pub mod vm;

@@ -87,9 +87,10 @@ struct Args {
     /// log it (audit type 1326); `off` installs none.
     #[arg(long, value_enum, default_value_t = SeccompMode::Enforce, value_name = "MODE")]
     seccomp: SeccompMode,
-    /// Do not move into a mount namespace of our own. By default, once its devices exist, the
-    /// VMM's root becomes the directory of --vsock-uds (else the --fs directory), which must
-    /// then hold the --fs directory; this needs CAP_SYS_ADMIN.
+    /// Do not move into namespaces of our own. By default the VM runs as PID 1 of a PID
+    /// namespace of its own (this process stays outside, forwarding signals and exiting as it
+    /// does), and once its devices exist its root becomes the directory of --vsock-uds (else
+    /// the --fs directory), which must then hold the --fs directory; this needs CAP_SYS_ADMIN.
     #[arg(long)]
     no_confine: bool,
 }
@@ -113,6 +114,14 @@ fn main() -> ExitCode {
         .with_writer(writer)
         .with_ansi(ansi)
         .init();
+    // First, while we are one thread: the VM runs as PID 1 of a namespace of its own, and this
+    // process stays outside as its supervisor (the runtime's "VMM").
+    if !args.no_confine {
+        if let Err(e) = brig_vmm::pid_ns::enter(args.seccomp) {
+            eprintln!("brig-vmm: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    }
     let console = match args.console.as_str() {
         "stdout" => ConsoleTarget::Stdout,
         "off" => ConsoleTarget::Off,

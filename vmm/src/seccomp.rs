@@ -37,6 +37,8 @@ pub enum ThreadKind {
     Signals,
     /// The thread that started the others: waits for the end, cleans up, exits.
     Main,
+    /// The process outside the VMM's PID namespace (pid_ns.rs): forwards signals, waits.
+    Supervisor,
 }
 
 /// How filters treat a system call that is not on the list.
@@ -298,6 +300,20 @@ const MAIN: &[Rule] = &[
     any(libc::SYS_unlinkat, "kept: remove_file on a C library that uses unlinkat"),
 ];
 
+/// The supervisor outside the PID namespace: nothing of [`COMMON`], only what forwarding
+/// signals and ending as the VMM ended take.
+#[rustfmt::skip]
+const SUPERVISOR: &[Rule] = &[
+    any(libc::SYS_rt_sigtimedwait, "SigSet::wait for a signal to forward or SIGCHLD"),
+    any(libc::SYS_kill, "forwarding SIGTERM, SIGINT, SIGHUP to the VMM; dying by its signal"),
+    any(libc::SYS_getpid, "dying by the VMM's signal: kill(getpid())"),
+    any(libc::SYS_wait4, "waitpid for the VMM's end"),
+    any(libc::SYS_prctl, "no core file when dying by the VMM's signal"),
+    any(libc::SYS_rt_sigaction, "the default action for that signal"),
+    any(libc::SYS_rt_sigprocmask, "unblocking it"),
+    any(libc::SYS_exit_group, "ending with the VMM's status"),
+];
+
 /// The tables a thread of `kind` may make calls from.
 fn tables(kind: ThreadKind) -> &'static [&'static [Rule]] {
     match kind {
@@ -307,6 +323,7 @@ fn tables(kind: ThreadKind) -> &'static [&'static [Rule]] {
         ThreadKind::Net => &[COMMON, EVENT_LOOP, NET],
         ThreadKind::Signals => &[COMMON, SIGNALS],
         ThreadKind::Main => &[COMMON, MAIN],
+        ThreadKind::Supervisor => &[SUPERVISOR],
     }
 }
 
@@ -444,6 +461,7 @@ impl Message {
             Some(ThreadKind::Net) => b"virtio-net",
             Some(ThreadKind::Signals) => b"signal",
             Some(ThreadKind::Main) => b"main",
+            Some(ThreadKind::Supervisor) => b"supervisor",
             None => b"unknown",
         });
         m.put(b" thread made system call ");
@@ -537,6 +555,7 @@ mod tests {
             ThreadKind::Net,
             ThreadKind::Signals,
             ThreadKind::Main,
+            ThreadKind::Supervisor,
         ] {
             let prog = program(kind, SeccompMode::Enforce).unwrap();
             assert!(

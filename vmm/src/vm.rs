@@ -388,7 +388,8 @@ impl ThreadFilters {
             ThreadKind::Fs => &self.fs,
             ThreadKind::Net => &self.net,
             ThreadKind::Signals => &self.signals,
-            ThreadKind::Main => &self.main,
+            // The supervisor is another process (pid_ns.rs), filtered there; it never asks.
+            ThreadKind::Main | ThreadKind::Supervisor => &self.main,
         }
         .clone()
     }

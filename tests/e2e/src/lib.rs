@@ -62,6 +62,24 @@ pub fn processes_named(name: &str) -> Vec<u32> {
     pids
 }
 
+/// The VMMs running: brig-vmm processes whose parent is not one. brig-vmm is two processes,
+/// a supervisor and, as its child in a PID namespace of its own, the one running the VM;
+/// `processes_named("brig-vmm")` finds both (what checks for leftovers want).
+pub fn vmm_processes() -> Vec<u32> {
+    let all = processes_named("brig-vmm");
+    all.iter()
+        .copied()
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            !ppid.is_some_and(|p| all.contains(&p))
+        })
+        .collect()
+}
+
 /// Names of the entries of a directory (empty if it does not exist).
 pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

@@ -336,15 +336,43 @@ fn status_field(status: &str, name: &str) -> String {
 }
 
 #[test]
-fn the_vmm_runs_confined_filtered_and_without_root_capabilities() {
+fn the_vmm_runs_confined_filtered_in_its_own_pid_namespace_and_without_root_capabilities() {
     let cfg = config("confined");
     rt().block_on(async {
         for (share, want_eff) in [(false, 0u64), (true, 0x0800_00db)] {
             let mut spec = SandboxSpec::new("confined", &cfg);
             spec.share = share;
             let sandbox = Sandbox::start(&cfg, &spec).await.expect("boot");
-            let pid = sandbox.vmm_pid().unwrap();
+            // The runtime's VMM is a supervisor outside the VM's PID namespace: no
+            // capabilities, filtered, and the parent of the one process that runs the VM.
+            let supervisor = sandbox.vmm_pid().unwrap();
+            let outside = std::fs::read_to_string(format!("/proc/{supervisor}/status")).unwrap();
+            assert_eq!(status_field(&outside, "CapEff:"), "0000000000000000");
+            assert_eq!(
+                status_field(&outside, "Seccomp:"),
+                "2",
+                "supervisor unfiltered"
+            );
+            assert_eq!(status_field(&outside, "NoNewPrivs:"), "1");
+            assert_eq!(status_field(&outside, "Threads:"), "1");
+            let children =
+                std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                    .unwrap();
+            let children: Vec<u32> = children
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+            assert_eq!(children.len(), 1, "supervisor's children: {children:?}");
+            let pid = children[0];
             let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            // PID 1 of a namespace of its own: it can name no process of the host.
+            assert_eq!(
+                status_field(&main, "NSpid:")
+                    .split_whitespace()
+                    .collect::<Vec<_>>(),
+                [pid.to_string().as_str(), "1"],
+                "the VM's process is not PID 1 of its own namespace"
+            );
             // chown, dac_override, fowner, fsetid, setgid, setuid and mknod with a share.
             let eff = u64::from_str_radix(&status_field(&main, "CapEff:"), 16).unwrap();
             assert_eq!(eff, want_eff, "share {share}: CapEff {eff:#x}");

@@ -127,7 +127,7 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
         &config,
         container_config("b", IMAGE, &["sleep", "600"]),
     );
-    assert_eq!(processes_named("brig-vmm").len(), 1, "one microVM per pod");
+    assert_eq!(brig_e2e::vmm_processes().len(), 1, "one microVM per pod");
     assert_eq!(
         processes_named("containerd-shim").len(),
         1,
@@ -231,7 +231,7 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
         "sleep killed by SIGTERM: {stopped:?}"
     );
     assert_eq!(
-        processes_named("brig-vmm").len(),
+        brig_e2e::vmm_processes().len(),
         1,
         "the pod's microVM outlives one container"
     );
@@ -340,7 +340,7 @@ fn a_pod_whose_vmm_was_killed_shows_its_containers_exited_and_is_removed_cleanly
         &config,
         container_config("c", IMAGE, &["sleep", "600"]),
     );
-    let vmms = processes_named("brig-vmm");
+    let vmms = brig_e2e::vmm_processes();
     assert_eq!(vmms.len(), 1, "one microVM per pod");
     assert!(Command::new("kill")
         .args(["-9", &vmms[0].to_string()])

@@ -796,7 +796,7 @@ fn a_microvm_that_dies_under_a_container_is_reported_and_cleaned_up() {
 fn a_killed_brig_takes_its_microvm_with_it_and_brig_rm_cleans_up() {
     let t = "owner-killed";
     let mut child = start_running(t, "orphan", &[], &["sleep", "300"]);
-    assert_eq!(processes_named("brig-vmm").len(), 1);
+    assert_eq!(brig_e2e::vmm_processes().len(), 1);
     // SIGKILL: brig gets no chance to clean up; the kernel must end the VMM for it.
     child.kill().unwrap();
     child.wait().unwrap();
