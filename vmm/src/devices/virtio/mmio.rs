@@ -356,6 +356,9 @@ fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
     use super::super::ActivateError;
     use super::*;
     use vm_memory::GuestAddress;
@@ -400,12 +403,12 @@ mod tests {
 
     fn transport() -> (MmioTransport, Arc<Mutex<Counting>>) {
         let device = Arc::new(Mutex::new(Counting {
-            events: vec![EventFd::new(0).unwrap()],
+            events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             activations: 0,
             resets: 0,
         }));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let irq = Arc::new(IrqTrigger::new(EventFd::new(0).unwrap()));
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         (
             MmioTransport::new(device.clone(), mem, irq).unwrap(),
             device,
@@ -414,6 +417,106 @@ mod tests {
 
     fn write(t: &mut MmioTransport, offset: u64, v: u32) {
         t.write(offset, &v.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut got = [0u8; 4];
+        t.read(offset, &mut got);
+        u32::from_le_bytes(got)
+    }
+
+    /// How long the busy device in [`finishes_while_the_device_is_busy`] holds its lock
+    /// when the access does not finish first.
+    const BUSY_FOR: Duration = Duration::from_secs(5);
+
+    /// Run `access` on this thread (a vCPU) while another thread (the device's event loop)
+    /// holds the device's mutex, as it does while it serves a request. True when `access`
+    /// finished while the lock was held. The other thread lets go after [`BUSY_FOR`] at
+    /// most, so a transport that waits for the lock fails the test instead of hanging it.
+    fn finishes_while_the_device_is_busy(
+        device: &Arc<Mutex<Counting>>,
+        access: impl FnOnce(),
+    ) -> bool {
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let device = device.clone();
+        let event_loop = std::thread::spawn(move || {
+            let _busy = device.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            done_rx.recv_timeout(BUSY_FOR).is_ok()
+        });
+        locked_rx.recv().unwrap();
+        access();
+        let _ = done_tx.send(());
+        event_loop.join().unwrap()
+    }
+
+    #[test]
+    fn config_space_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut got = [0u8; 4];
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            t.read(reg::CONFIG + 2, &mut got);
+        });
+        assert!(finished, "the config read waited for the device's lock");
+        assert_eq!(got, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn device_id_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut id = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            id = read(&mut t, reg::DEVICE_ID);
+        });
+        assert!(finished, "the DeviceID read waited for the device's lock");
+        assert_eq!(id, 0x42);
+    }
+
+    #[test]
+    fn feature_negotiation_does_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut offered = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            write(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+            offered = read(&mut t, reg::DEVICE_FEATURES);
+            write(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+            write(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        });
+        assert!(finished, "feature negotiation waited for the device's lock");
+        assert_eq!(offered, 1, "VIRTIO_F_VERSION_1 is bit 0 of the high word");
+        assert_eq!(t.acked_features, 1 << 32, "only offered bits are taken");
+    }
+
+    #[test]
+    fn interrupt_status_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        t.irq.trigger(super::super::VIRTIO_MMIO_INT_VRING).unwrap();
+        let mut status = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            status = read(&mut t, reg::INTERRUPT_STATUS);
+        });
+        assert!(
+            finished,
+            "the InterruptStatus read waited for the device's lock"
+        );
+        assert_eq!(status, super::super::VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn queue_notify_writes_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            write(&mut t, reg::QUEUE_NOTIFY, 0);
+        });
+        assert!(
+            finished,
+            "the QueueNotify write waited for the device's lock"
+        );
+        assert_eq!(device.lock().unwrap().events[0].read().unwrap(), 1);
+        // A queue the device does not have is ignored.
+        write(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert!(device.lock().unwrap().events[0].read().is_err(), "no kick");
     }
 
     #[test]
