@@ -545,10 +545,10 @@ fn attach_mmio_device<D: VirtioDevice + 'static>(
     }
     let trigger = Arc::new(IrqTrigger::new(irq_evt));
     cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-    Ok((
-        base,
-        Mutex::new(MmioTransport::new(device, mem.clone(), trigger)),
-    ))
+    let transport = MmioTransport::new(device, mem.clone(), trigger).map_err(os(
+        "duplicating a queue eventfd for the virtio-mmio transport",
+    ))?;
+    Ok((base, Mutex::new(transport)))
 }
 
 /// The virtio-fs server keeps one open descriptor per file the guest has looked up, so with

@@ -37,12 +37,9 @@ impl VirtioDevice for Checking {
     fn queue_events(&self) -> &[EventFd] {
         &self.events
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.wrapping_add(i as u64) as u8;
-        }
+    fn config_space(&self) -> Vec<u8> {
+        (0..64).collect()
     }
-    fn write_config(&mut self, _: u64, _: &[u8]) {}
     fn activate(
         &mut self,
         _: GuestMemory,
@@ -70,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         active: false,
     }));
     let irq = Arc::new(IrqTrigger::new(EventFd::new(0).unwrap()));
-    let mut t = MmioTransport::new(device, mem, irq);
+    let mut t = MmioTransport::new(device, mem, irq).unwrap();
     for access in data.chunks_exact(6) {
         let offset = u64::from(access[1]) * 4 + if access[0] & 2 != 0 { 0x100 } else { 0 };
         let value = u32::from_le_bytes(access[2..6].try_into().unwrap());

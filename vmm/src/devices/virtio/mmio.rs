@@ -4,10 +4,18 @@
 //! from the addresses the driver writes, and activates the device when the driver sets
 //! DRIVER_OK. Queue notifications do not come through here at all: KVM turns writes to
 //! `QueueNotify` into the device's queue eventfds (ioeventfds).
+//!
+//! The transport runs on vCPU threads, and a device's mutex is held by the device's event
+//! loop while it does host I/O (a whole FUSE request, for virtio-fs). So that a guest's
+//! register access never waits behind that I/O, the transport copies what it serves from the
+//! device (identity, offered features, queue sizes, queue eventfds, config space) when it is
+//! built, and locks the device only to activate it (DRIVER_OK) and to reset it (status 0),
+//! which must be ordered with the event loop anyway.
 
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
 
@@ -55,7 +63,14 @@ pub mod status {
 
 /// virtio-mmio transport state for one device.
 pub struct MmioTransport {
+    /// Locked only for activation and reset; everything else is served from the copies below.
     device: Arc<Mutex<dyn VirtioDevice>>,
+    device_type: u32,
+    offered_features: u64,
+    queue_max_sizes: Vec<u16>,
+    /// Duplicates of the device's queue eventfds, for a `QueueNotify` the ioeventfd missed.
+    queue_events: Vec<EventFd>,
+    config_space: Box<[u8]>,
     mem: GuestMemory,
     irq: Arc<IrqTrigger>,
     queues: Vec<Queue>,
@@ -68,15 +83,38 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// A transport for `device` in `mem`, raising interrupts through `irq`.
+    /// A transport for `device` in `mem`, raising interrupts through `irq`. It copies the
+    /// device's identity, features, queue sizes and config space and duplicates its queue
+    /// eventfds (so build it before the VMM's threads are confined: that needs `dup`). Fails
+    /// only when an eventfd cannot be duplicated.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemory,
         irq: Arc<IrqTrigger>,
-    ) -> Self {
-        let queues = Self::fresh_queues(&device);
-        Self {
+    ) -> std::io::Result<Self> {
+        let (device_type, offered_features, queue_max_sizes, queue_events, config_space) = {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            let events = dev
+                .queue_events()
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            (
+                dev.device_type(),
+                dev.avail_features(),
+                dev.queue_max_sizes().to_vec(),
+                events,
+                dev.config_space().into_boxed_slice(),
+            )
+        };
+        let queues = fresh_queues(&queue_max_sizes);
+        Ok(Self {
             device,
+            device_type,
+            offered_features,
+            queue_max_sizes,
+            queue_events,
+            config_space,
             mem,
             irq,
             queues,
@@ -86,15 +124,7 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             config_generation: 0,
-        }
-    }
-
-    fn fresh_queues(device: &Arc<Mutex<dyn VirtioDevice>>) -> Vec<Queue> {
-        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
-        dev.queue_max_sizes()
-            .iter()
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect()
+        })
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -112,7 +142,7 @@ impl MmioTransport {
     /// Guest read of `data.len()` bytes at `offset` in the device window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
-            self.device().read_config(offset - reg::CONFIG, data);
+            read_config(&self.config_space, offset - reg::CONFIG, data);
             return;
         }
         if data.len() != 4 {
@@ -122,10 +152,10 @@ impl MmioTransport {
         let value = match offset {
             reg::MAGIC_VALUE => MAGIC_VALUE,
             reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => self.device().device_type(),
+            reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => {
-                let features = self.device().avail_features();
+                let features = self.offered_features;
                 match self.device_features_select {
                     0 => (features & 0xffff_ffff) as u32,
                     1 => (features >> 32) as u32,
@@ -151,7 +181,12 @@ impl MmioTransport {
     /// Guest write of `data` at `offset` in the device window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
-            self.device().write_config(offset - reg::CONFIG, data);
+            // Every device's config space is read-only (see `VirtioDevice::config_space`).
+            tracing::debug!(
+                "virtio-mmio: ignoring a {}-byte write to the read-only config space at {:#x}",
+                data.len(),
+                offset - reg::CONFIG
+            );
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -169,7 +204,7 @@ impl MmioTransport {
                 if self.status & status::FEATURES_OK != 0 {
                     return; // features are frozen once FEATURES_OK is set
                 }
-                let offered = self.device().avail_features();
+                let offered = self.offered_features;
                 let shift = match self.driver_features_select {
                     0 => 0,
                     1 => 32,
@@ -203,8 +238,7 @@ impl MmioTransport {
             reg::QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             reg::QUEUE_NOTIFY => {
                 // Normally caught by the ioeventfd; forward if it reached us anyway.
-                let dev = self.device();
-                if let Some(evt) = dev.queue_events().get(v as usize) {
+                if let Some(evt) = self.queue_events.get(v as usize) {
                     let _ = evt.write(1);
                 }
             }
@@ -265,7 +299,7 @@ impl MmioTransport {
         }
         // The device takes the queues over; the transport keeps fresh ones for the next
         // reset (queue registers are read-only after DRIVER_OK anyway).
-        let fresh = Self::fresh_queues(&self.device);
+        let fresh = fresh_queues(&self.queue_max_sizes);
         let queues = std::mem::replace(&mut self.queues, fresh);
         let result = self
             .device
@@ -301,12 +335,33 @@ impl MmioTransport {
     }
 }
 
+/// Unconfigured queues of the given maximum sizes.
+fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
+    max_sizes
+        .iter()
+        .filter_map(|&max| Queue::new(max).ok())
+        .collect()
+}
+
+/// Copy `config[offset..]` into `data`; bytes past the end of `config` read as 0.
+fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
     use super::super::ActivateError;
     use super::*;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
 
     /// A device with one queue that counts its activations and resets.
     struct Counting {
@@ -328,10 +383,9 @@ mod tests {
         fn queue_events(&self) -> &[EventFd] {
             &self.events
         }
-        fn read_config(&self, _: u64, data: &mut [u8]) {
-            data.fill(0);
+        fn config_space(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6]
         }
-        fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(
             &mut self,
             _: GuestMemory,
@@ -349,17 +403,132 @@ mod tests {
 
     fn transport() -> (MmioTransport, Arc<Mutex<Counting>>) {
         let device = Arc::new(Mutex::new(Counting {
-            events: vec![EventFd::new(0).unwrap()],
+            events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             activations: 0,
             resets: 0,
         }));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let irq = Arc::new(IrqTrigger::new(EventFd::new(0).unwrap()));
-        (MmioTransport::new(device.clone(), mem, irq), device)
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        (
+            MmioTransport::new(device.clone(), mem, irq).unwrap(),
+            device,
+        )
     }
 
     fn write(t: &mut MmioTransport, offset: u64, v: u32) {
         t.write(offset, &v.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut got = [0u8; 4];
+        t.read(offset, &mut got);
+        u32::from_le_bytes(got)
+    }
+
+    /// How long the busy device in [`finishes_while_the_device_is_busy`] holds its lock
+    /// when the access does not finish first.
+    const BUSY_FOR: Duration = Duration::from_secs(5);
+
+    /// Run `access` on this thread (a vCPU) while another thread (the device's event loop)
+    /// holds the device's mutex, as it does while it serves a request. True when `access`
+    /// finished while the lock was held. The other thread lets go after [`BUSY_FOR`] at
+    /// most, so a transport that waits for the lock fails the test instead of hanging it.
+    fn finishes_while_the_device_is_busy(
+        device: &Arc<Mutex<Counting>>,
+        access: impl FnOnce(),
+    ) -> bool {
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let device = device.clone();
+        let event_loop = std::thread::spawn(move || {
+            let _busy = device.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            done_rx.recv_timeout(BUSY_FOR).is_ok()
+        });
+        locked_rx.recv().unwrap();
+        access();
+        let _ = done_tx.send(());
+        event_loop.join().unwrap()
+    }
+
+    #[test]
+    fn config_space_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut got = [0u8; 4];
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            t.read(reg::CONFIG + 2, &mut got);
+        });
+        assert!(finished, "the config read waited for the device's lock");
+        assert_eq!(got, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn device_id_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut id = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            id = read(&mut t, reg::DEVICE_ID);
+        });
+        assert!(finished, "the DeviceID read waited for the device's lock");
+        assert_eq!(id, 0x42);
+    }
+
+    #[test]
+    fn feature_negotiation_does_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let mut offered = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            write(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+            offered = read(&mut t, reg::DEVICE_FEATURES);
+            write(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+            write(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        });
+        assert!(finished, "feature negotiation waited for the device's lock");
+        assert_eq!(offered, 1, "VIRTIO_F_VERSION_1 is bit 0 of the high word");
+        assert_eq!(t.acked_features, 1 << 32, "only offered bits are taken");
+    }
+
+    #[test]
+    fn interrupt_status_reads_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        t.irq.trigger(super::super::VIRTIO_MMIO_INT_VRING).unwrap();
+        let mut status = 0;
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            status = read(&mut t, reg::INTERRUPT_STATUS);
+        });
+        assert!(
+            finished,
+            "the InterruptStatus read waited for the device's lock"
+        );
+        assert_eq!(status, super::super::VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn queue_notify_writes_do_not_wait_for_a_busy_device() {
+        let (mut t, device) = transport();
+        let finished = finishes_while_the_device_is_busy(&device, || {
+            write(&mut t, reg::QUEUE_NOTIFY, 0);
+        });
+        assert!(
+            finished,
+            "the QueueNotify write waited for the device's lock"
+        );
+        assert_eq!(device.lock().unwrap().events[0].read().unwrap(), 1);
+        // A queue the device does not have is ignored.
+        write(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert!(device.lock().unwrap().events[0].read().is_err(), "no kick");
+    }
+
+    #[test]
+    fn config_space_is_read_only_and_reads_as_zero_past_its_end() {
+        let (mut t, _device) = transport();
+        t.write(reg::CONFIG, &[9, 9, 9, 9]);
+        let mut got = [0xaau8; 8];
+        t.read(reg::CONFIG, &mut got);
+        assert_eq!(got, [1, 2, 3, 4, 5, 6, 0, 0]);
+        let mut got = [0xaau8; 4];
+        t.read(u64::MAX, &mut got);
+        assert_eq!(got, [0; 4]);
     }
 
     fn set_up_queue(t: &mut MmioTransport) {

@@ -93,6 +93,13 @@ impl IrqTrigger {
 /// Queue notifications arrive on `queue_events()` (ioeventfds that KVM signals when the
 /// driver writes `QueueNotify`); the device registers them, with its backend file
 /// descriptors, on the event loop in its `MutEventSubscriber::init`.
+///
+/// The transport asks for the device's identity, features, queue sizes, queue eventfds and
+/// configuration space once, when it is built, and answers the driver's register accesses
+/// from its own copies: a vCPU never waits for the device's mutex, which the device's event
+/// loop holds while it does host I/O. So what these methods return must not change after the
+/// device is attached. Only [`activate`](Self::activate) and [`reset`](Self::reset) are
+/// called on vCPU threads with the device locked.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (e.g. 19 for vsock).
     fn device_type(&self) -> u32;
@@ -102,10 +109,12 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// One eventfd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &[EventFd];
-    /// Read from the device configuration space at `offset`; bytes past its end read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Write to the device configuration space; writes to read-only fields are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The device configuration space (the bytes at `Config`, offset 0x100, of the MMIO
+    /// window). It is fixed for the device's lifetime and read-only: the driver's writes to
+    /// it are ignored. A device whose configuration changes at runtime would have to share
+    /// it with the transport behind a lock of its own, bump `ConfigGeneration` and raise
+    /// `VIRTIO_MMIO_INT_CONFIG`; none of Brig's does.
+    fn config_space(&self) -> Vec<u8>;
     /// The driver set DRIVER_OK: start serving `queues` in `mem`, signal through `irq`.
     fn activate(
         &mut self,

@@ -23,10 +23,12 @@
 //!   needs (see `crate::privileges`), and its root is the sandbox directory in a mount
 //!   namespace of its own (see `crate::confine`), as virtiofsd pivots into its shared dir.
 //!
-//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the device's
-//! own event loop thread calls [`MutEventSubscriber::process`], which serves requests
-//! synchronously. Both hold the device's mutex. The vCPU side opens no files: a reset only
-//! marks the file server stale, and the event loop builds the fresh one.
+//! Threads: the transport calls [`VirtioDevice::activate`] and [`VirtioDevice::reset`] from
+//! vCPU threads; the device's own event loop thread calls [`MutEventSubscriber::process`],
+//! which serves requests synchronously. Both hold the device's mutex (other register
+//! accesses do not: the transport copies the identity and config space when it is built).
+//! The vCPU side opens no files: a reset only marks the file server stale, and the event
+//! loop builds the fresh one.
 
 mod shared_dir_fs;
 #[cfg(test)]
@@ -381,21 +383,9 @@ impl VirtioDevice for Fs {
         &self.queue_evts
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-fs: ignoring a {}-byte write to the read-only config space at {offset}",
-            data.len()
-        );
+    /// `struct virtio_fs_config`: tag (36 bytes, NUL padded), num_request_queues (le32).
+    fn config_space(&self) -> Vec<u8> {
+        self.config.to_vec()
     }
 
     fn activate(

@@ -590,21 +590,14 @@ fn config_space_holds_the_tag_and_one_request_queue() {
         VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     );
 
-    let mut config = [0xffu8; 44];
-    fs.read_config(0, &mut config);
+    let config = fs.config_space();
+    assert_eq!(config.len(), 40);
     assert_eq!(&config[..6], b"rootfs");
     assert!(
         config[6..36].iter().all(|&b| b == 0),
         "the tag is NUL padded"
     );
     assert_eq!(&config[36..40], &1u32.to_le_bytes());
-    assert_eq!(&config[40..], &[0; 4], "bytes past the end read as 0");
-
-    let mut num = [0u8; 4];
-    fs.read_config(36, &mut num);
-    assert_eq!(u32::from_le_bytes(num), 1);
-    fs.read_config(u64::MAX, &mut num);
-    assert_eq!(num, [0; 4]);
 }
 
 #[test]

@@ -16,11 +16,12 @@
 //! notification delivers that frame and resumes reading. So a full RX queue costs no CPU and
 //! RX never stalls once buffers come back (the bug of Firecracker #1314).
 //!
-//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads, where
-//! activation and reset only flip state and wake the device's event loop; the loop, in
+//! Threads: the transport calls [`VirtioDevice::activate`] and [`VirtioDevice::reset`] from
+//! vCPU threads, where they only flip state and wake the device's event loop; the loop, in
 //! [`MutEventSubscriber::process`], sets the TAP's offloads to the driver's features
 //! (`TUNSETOFFLOAD`, before it reads any frame for that driver) and moves frames between the
-//! TAP and the queues. Both hold the device's mutex.
+//! TAP and the queues. Both hold the device's mutex (other register accesses do not: the
+//! transport copies the identity, features and config space when it is built).
 
 pub mod frame;
 pub mod tap;
@@ -209,7 +210,8 @@ impl Net {
         })
     }
 
-    /// Offer checksum and segmentation offloads (the default) or not.
+    /// Offer checksum and segmentation offloads (the default) or not. Call it before the
+    /// device is attached: the transport reads the offered features once, when it is built.
     pub fn set_offload(&mut self, offload: bool) {
         self.offload = offload;
     }
@@ -435,28 +437,16 @@ impl VirtioDevice for Net {
 
     /// `struct virtio_net_config`: mac (6 bytes), status (le16: link up), max_virtqueue_pairs
     /// (le16: 1), mtu (le16).
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 12];
-        config[..6].copy_from_slice(&self.mac);
+    /// (le16: 1), mtu (le16). The link is always up. The MAC is writable only by legacy
+    /// drivers (virtio 1.x ones use the control queue), so the space is read-only.
+    fn config_space(&self) -> Vec<u8> {
         let link_up = u16::try_from(vn::VIRTIO_NET_S_LINK_UP).unwrap_or(1);
-        config[6..8].copy_from_slice(&link_up.to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
-        config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is only writable by legacy drivers; virtio 1.x ones use the control queue.
-        tracing::debug!(
-            "virtio-net: ignoring a {}-byte write to the read-only config space at {offset}",
-            data.len()
-        );
+        let mut config = Vec::with_capacity(12);
+        config.extend_from_slice(&self.mac);
+        config.extend_from_slice(&link_up.to_le_bytes());
+        config.extend_from_slice(&1u16.to_le_bytes());
+        config.extend_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
+        config
     }
 
     fn activate(

@@ -13,8 +13,10 @@
 //! the file permissions on it allow, but their handshake line is still bounded and parsed
 //! without panics ([`parse_connect_line`]).
 //!
-//! Threads: the transport calls the [`VirtioDevice`] methods from vCPU threads; the event loop
-//! calls [`MutEventSubscriber::process`]. Both hold the device's mutex. Host streams are
+//! Threads: the transport calls [`VirtioDevice::activate`] and [`VirtioDevice::reset`] from
+//! vCPU threads; the event loop calls [`MutEventSubscriber::process`]. Both hold the
+//! device's mutex (other register accesses do not: the transport copies the identity and
+//! config space when it is built). Host streams are
 //! nonblocking and only ever touched on the event loop; `reset()` only moves them aside and
 //! wakes the loop, which deregisters and closes them.
 
@@ -36,7 +38,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::debug;
 
 use crate::guest_warn::guest_warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -358,22 +359,9 @@ impl VirtioDevice for Vsock {
         &self.queue_evts
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "vsock: ignoring a {}-byte write to the read-only config space at {offset}",
-            data.len()
-        );
+    /// `struct virtio_vsock_config`: guest_cid (le64).
+    fn config_space(&self) -> Vec<u8> {
+        self.guest_cid.to_le_bytes().to_vec()
     }
 
     fn activate(
