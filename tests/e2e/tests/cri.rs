@@ -105,7 +105,7 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
     let want = format!("/brig-e2e-pods/pod1/{pod}");
     for (name, pids) in [
         ("shim", processes_named("containerd-shim")),
-        ("VMM", processes_named("brig-vmm")),
+        ("VMM", brig_e2e::vmm_processes()),
     ] {
         assert_eq!(pids.len(), 1, "{name}: {pids:?}");
         assert_eq!(cgroup_of(pids[0]), want, "the {name}'s cgroup");

@@ -764,7 +764,7 @@ fn a_microvm_that_dies_under_a_container_is_reported_and_cleaned_up() {
         &["--rm"],
         &["sh", "-c", "echo ready; exec sleep 300"],
     );
-    let vmms = processes_named("brig-vmm");
+    let vmms = brig_e2e::vmm_processes();
     assert_eq!(vmms.len(), 1, "brig-vmm processes: {vmms:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vmms[0] as i32),
