@@ -88,8 +88,23 @@ fn supervise(child: Pid, waited: SigSet, mode: SeccompMode, _alive: std::os::fd:
     if let Err(e) = crate::privileges::drop_unneeded(false) {
         tracing::warn!("the VMM's supervisor keeps its capabilities: {e}");
     }
-    if let Err(e) = seccomp::apply(ThreadKind::Supervisor, mode) {
-        tracing::warn!("the VMM's supervisor runs unfiltered: {e}");
+    // The program lives as long as the supervisor (this function never returns): freed
+    // after install, it could cost a munmap (musl gives memory back that way), which the
+    // filter rightly does not allow. Nothing below allocates.
+    let program = match mode {
+        SeccompMode::Off => None,
+        _ => match seccomp::program(ThreadKind::Supervisor, mode) {
+            Ok(program) => Some(program),
+            Err(e) => {
+                tracing::warn!("the VMM's supervisor runs unfiltered: {e}");
+                None
+            }
+        },
+    };
+    if let Some(program) = &program {
+        if let Err(e) = seccomp::install(ThreadKind::Supervisor, program) {
+            tracing::warn!("the VMM's supervisor runs unfiltered: {e}");
+        }
     }
     loop {
         let Ok(sig) = waited.wait() else { continue };

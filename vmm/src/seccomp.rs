@@ -373,14 +373,6 @@ thread_local! {
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
-/// Install the filter for `kind` on the calling thread (nothing in Off mode).
-pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
-    if mode == SeccompMode::Off {
-        return Ok(());
-    }
-    install(kind, &program(kind, mode)?)
-}
-
 /// Install an already built program for `kind` on the calling thread. Does not allocate.
 pub fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     KIND.with(|k| k.set(Some(kind)));
