@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log_level))
+        .with_env_filter(log_filter(&cli.log_level))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
@@ -105,6 +105,17 @@ fn main() -> ExitCode {
             eprintln!("brig: {e:#}");
             ExitCode::from(EXIT_BRIG_ERROR)
         }
+    }
+}
+
+/// The user's log filter, with ttrpc's own messages off unless the filter names ttrpc: when a
+/// microVM dies, ttrpc logs the broken connection at ERROR on every call in flight, and Brig
+/// already reports that in its one line of error.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    if level.contains("ttrpc") {
+        tracing_subscriber::EnvFilter::new(level)
+    } else {
+        tracing_subscriber::EnvFilter::new(format!("{level},ttrpc=off"))
     }
 }
 
