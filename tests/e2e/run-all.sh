@@ -2,14 +2,35 @@
 # Run every end-to-end test binary given, each test in its own process, and fail if any failed.
 # Used by `make e2e-test` so that all of them share one lab boot.
 #
-# A test that is not done after BRIG_E2E_TEST_TIMEOUT seconds (default 300) fails: first the
+#   run-all.sh EXE...                          every test of every EXE, in order
+#   run-all.sh --queue DIR --worker NAME EXE...  the same list, shared with other workers
+#       (e.g. one per lab L1, see tests/e2e/run-in-labs.sh): a worker runs a test only if it
+#       claims it first (mkdir DIR/claim/KEY, atomic on the host even over 9p), so the
+#       workers split the list between them as they go. A worker started again under the
+#       same NAME (a fresh L1 after a freeze) first runs what it claimed and did not finish.
+#
+# A test that is not done after BRIG_E2E_TEST_TIMEOUT seconds (default 450) fails: first the
 # state of every Brig process is printed (what each thread waits in, guest console tails),
-# then the test and what it started are killed, and the next test runs.
+# then the test and what it started are killed, and the next test runs. Each test's line
+# ends with how long it took.
 set -u
 # `brig run` networks containers on its bridge by default (CNI plugins, iptables): slow in the
 # lab and beside the point of most tests. Those about networking say --network themselves.
 export BRIG_NETWORK=${BRIG_NETWORK:-none}
-deadline=${BRIG_E2E_TEST_TIMEOUT:-300}
+deadline=${BRIG_E2E_TEST_TIMEOUT:-450}
+queue=
+worker=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --queue) queue=$2; shift 2 ;;
+    --worker) worker=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+if [ -n "$queue" ]; then
+  [ -n "$worker" ] || { echo "run-all.sh: --queue needs --worker NAME" >&2; exit 2; }
+  mkdir -p "$queue/claim" "$queue/done" || exit 2
+fi
 status=0
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -30,10 +51,27 @@ diagnose() {
   done
 }
 
+# Is test KEY this worker's to run? Without a queue every test is.
+mine() {
+  [ -z "$queue" ] && return 0
+  [ -e "$queue/done/$1" ] && return 1
+  if mkdir "$queue/claim/$1" 2>/dev/null; then
+    echo "$worker" > "$queue/claim/$1/by"
+    return 0
+  fi
+  # Claimed before: ours only if this worker took it and did not finish (it was restarted).
+  [ "$(cat "$queue/claim/$1/by" 2>/dev/null)" = "$worker" ]
+}
+
 for exe in "$@"; do
-  echo "=== $(basename "$exe")"
-  tests=$("$exe" --list --format terse | sed -n 's/: test$//p') || { status=1; continue; }
+  name=$(basename "$exe")
+  tests=$("$exe" --list --format terse | sed -n 's/: test$//p') || { echo "=== $name: cannot list its tests"; status=1; continue; }
+  header=
   for t in $tests; do
+    key=$name--$t
+    mine "$key" || continue
+    [ -n "$header" ] || { echo "=== $name${worker:+ (worker $worker)}"; header=1; }
+    t0=$SECONDS
     # Own session, so that the whole tree the test started can be killed at once.
     setsid "$exe" --exact "$t" --test-threads=1 > "$log" 2>&1 &
     pid=$!
@@ -50,16 +88,19 @@ for exe in "$@"; do
       wait "$pid" 2>/dev/null
       pkill -KILL -x brig-vmm
       status=1
+      [ -n "$queue" ] && echo timeout > "$queue/done/$key"
       continue
     fi
     kill "$dog" 2>/dev/null
     wait "$dog" 2>/dev/null
     if [ "$rc" -eq 0 ]; then
-      grep -E "^test .* \.\.\. " "$log"
+      grep -E "^test .* \.\.\. " "$log" | sed "s/\$/ ($((SECONDS - t0)) s)/"
     else
       cat "$log"
+      echo "(test $t took $((SECONDS - t0)) s)"
       status=1
     fi
+    [ -n "$queue" ] && echo "$rc" > "$queue/done/$key"
   done
 done
 exit $status

@@ -38,6 +38,9 @@
 #   BRIG_LAB_FREEZE_RETRIES=0   run CMD again in a fresh L1 this many times when L1 froze (only
 #                               for commands that can simply be repeated, like a test suite)
 #   BRIG_LAB_CONSOLE_LOG=FILE   copy L1's console log there at exit (default: tail on failure)
+#   BRIG_LAB_SHARE=DIR          a host directory L1 sees writable, uncached, at the same path
+#                               (over the read-only root): what several labs running at once
+#                               share, such as tests/e2e/run-all.sh's work queue
 #   BRIG_CACHE=~/.cache/brig    cache root; the lab lives in $BRIG_CACHE/lab-<hash>/, keyed by the
 #                               Debian kernel package + version and this script's content;
 #                               building a new one prunes older lab-* dirs no running lab uses
@@ -264,6 +267,11 @@ for d in /sys/class/virtio-ports/*; do
   [ "$($B cat "$d/name" 2>/dev/null)" = brig.out ] && port=/dev/${d##*/}
 done
 if [ -z "$port" ] || [ ! -c "$port" ]; then log "FATAL: no virtio port brig.out"; $B poweroff -f; fi
+if [ -s $IO/share ]; then
+  share=$($B cat $IO/share)
+  $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 brigshare "$share" ||
+    { log "FATAL: cannot mount the shared directory $share"; $B poweroff -f; }
+fi
 log "command starts at uptime $($B cut -d' ' -f1 /proc/uptime)"
 $B cut -d' ' -f1 /proc/uptime > $IO/started
 # Heartbeat for the host's watchdog: a frozen L1 stops writing it (see FREEZE_TIMEOUT).
@@ -409,6 +417,7 @@ boot_once() {
     -serial "file:$TMP/console.log" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$io,mount_tag=brigio,security_model=none" \
+    ${SHARE:+-virtfs "local,path=$SHARE,mount_tag=brigshare,security_model=none"} \
     -device virtio-rng-pci \
     -device virtio-serial-pci -chardev stdio,id=out,signal=off \
     -device virtserialport,chardev=out,name=brig.out \
@@ -475,6 +484,12 @@ case "${1:-}" in
   -h|--help|*) usage ;;
 esac
 [ $# -ge 1 ] || usage
+SHARE=
+if [ -n "${BRIG_LAB_SHARE:-}" ]; then
+  SHARE=$(readlink -f "$BRIG_LAB_SHARE")
+  [ -d "$SHARE" ] || die "BRIG_LAB_SHARE=$BRIG_LAB_SHARE is not a directory"
+  case $SHARE in /tmp/*|/run/*|*,*) die "BRIG_LAB_SHARE must not be under /tmp or /run (fresh in L1) nor contain a comma: $SHARE" ;; esac
+fi
 [[ $LAB_MEM =~ ^[0-9]+$ && $LAB_TIMEOUT =~ ^[0-9]+$ && $BOOT_TIMEOUT =~ ^[0-9]+$ && $BOOT_RETRIES =~ ^[0-9]+$ && $FREEZE_TIMEOUT =~ ^[0-9]+$ && $FREEZE_RETRIES =~ ^[0-9]+$ ]] || die "BRIG_LAB_* must be integers"
 
 prepare_cache
@@ -486,6 +501,7 @@ mkdir "$TMP/io"
 mkfifo "$TMP/stdin" "$TMP/out"
 exec 8<> "$TMP/stdin"
 write_cmd_script "$TMP/io/cmd" "$@"
+[ -z "$SHARE" ] || printf '%s' "$SHARE" > "$TMP/io/share"
 
 attempt=0
 frozen=0
