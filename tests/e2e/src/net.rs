@@ -112,8 +112,10 @@ impl Drop for VethNetns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        // Usually gone already: deleting the namespace deletes the pair.
         let _ = Command::new("ip")
             .args(["link", "del", &self.peer])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
