@@ -154,6 +154,7 @@ impl Containers {
 
         let (clone_flags, join_pid_ns) = namespaces(&spec)?;
         let id_mappings = userns::from_spec(&spec)?;
+        mounts::create_bind_targets(&spec, &rootfs).map_err(ContainerError::Internal)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => {
                 let cgroup = Cgroup::create(root, id)?;

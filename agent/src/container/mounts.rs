@@ -2,12 +2,14 @@
 //! OCI mounts, /dev, pivot_root, read-only root, masked and read-only paths.
 
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::stat::{makedev, mkdirat, mknod, Mode, SFlag};
 use nix::sys::statvfs::FsFlags;
 use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
 
@@ -58,6 +60,112 @@ pub fn prepare_rootfs(spec: &Spec, rootfs: &Path, userns: bool) -> Result<()> {
         populate_dev(spec, rootfs, userns)?;
     }
     Ok(())
+}
+
+/// Makes the missing targets of the spec's bind mounts in `rootfs`, as the guest's root,
+/// before the container process exists. Inside a user namespace of its own the container's
+/// root often may not write where a target goes (an image's `/etc` belongs to the host's
+/// root), which is why docker and podman make `/etc/hosts` and friends in the root
+/// filesystem beforehand. Every path is resolved inside `rootfs` (`openat2` with
+/// `RESOLVE_IN_ROOT`, one component at a time), so a symlink in the image cannot make the
+/// agent create anything outside it. A target under an earlier mount of the spec (a bind
+/// into `/dev`, say) is left to the container, which makes it on that mount, and so is one
+/// this cannot make (a parent that is a dangling symlink): the container tries as before.
+pub fn create_bind_targets(spec: &Spec, rootfs: &Path) -> Result<()> {
+    let root = nix::fcntl::open(
+        rootfs,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| errno("cannot open", rootfs, err))?;
+    let mounts: Vec<&Mount> = spec.mounts().iter().flatten().collect();
+    for (i, m) in mounts.iter().enumerate() {
+        let (flags, _) = parse_options(&m.options().clone().unwrap_or_default());
+        let is_bind = m.typ().as_deref() == Some("bind") || flags.contains(MsFlags::MS_BIND);
+        let dest = m.destination();
+        let under_earlier = mounts[..i].iter().any(|earlier| {
+            dest != earlier.destination() && dest.starts_with(earlier.destination())
+        });
+        if !is_bind || under_earlier {
+            continue;
+        }
+        // A destination with `..` is refused when the container mounts it.
+        let Ok(relative) = join_under(Path::new(""), dest) else {
+            continue;
+        };
+        let source_is_dir = m.source().as_ref().is_some_and(|s| s.is_dir());
+        if let Err(err) = create_in_root(&root, &relative, source_is_dir) {
+            crate::debug!(
+                "mount target {} left to the container: {err}",
+                dest.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Opens `relative` resolved inside the root `root` (absolute symlinks and `..` stay in it).
+fn open_in_root(root: &OwnedFd, relative: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let path = if relative.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        relative
+    };
+    nix::fcntl::openat2(
+        root,
+        path,
+        OpenHow::new()
+            .flags(flags | OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS),
+    )
+}
+
+/// Makes `relative` (a directory if `dir`, else an empty file) and its missing parents under
+/// `root`. Whatever is there already is kept.
+fn create_in_root(root: &OwnedFd, relative: &Path, dir: bool) -> nix::Result<()> {
+    match open_in_root(root, relative, OFlag::empty()) {
+        Err(Errno::ENOENT) => {}
+        other => return other.map(drop),
+    }
+    let Some(name) = relative.file_name() else {
+        return Ok(());
+    };
+    let mut parent = PathBuf::new();
+    let mut parent_fd = open_in_root(root, &parent, OFlag::O_DIRECTORY)?;
+    for component in relative.parent().into_iter().flat_map(Path::components) {
+        parent.push(component);
+        parent_fd = match open_in_root(root, &parent, OFlag::O_DIRECTORY) {
+            Err(Errno::ENOENT) => {
+                // One name in a directory already resolved inside the root: mkdir never
+                // follows a symlink in its last component.
+                match mkdirat(
+                    &parent_fd,
+                    component.as_os_str(),
+                    Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(err) => return Err(err),
+                }
+                open_in_root(root, &parent, OFlag::O_DIRECTORY)?
+            }
+            other => other?,
+        };
+    }
+    let made = if dir {
+        mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o755))
+    } else {
+        nix::fcntl::openat(
+            &parent_fd,
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .map(drop)
+    };
+    match made {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 fn mount_one(rootfs: &Path, m: &Mount, userns: bool) -> Result<()> {
@@ -526,5 +634,63 @@ mod tests {
         let (flags, data) = parse_options(&options);
         assert!(flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME | MsFlags::MS_RDONLY));
         assert_eq!(data, "mode=755,size=65536k");
+    }
+
+    fn spec_with_mounts(mounts: &str) -> Spec {
+        serde_json::from_str(&format!(r#"{{"ociVersion":"1.0.2","mounts":{mounts}}}"#)).unwrap()
+    }
+
+    #[test]
+    fn bind_targets_are_made_inside_the_root_whatever_its_symlinks_say() {
+        let dir = std::env::temp_dir().join(format!("brig-targets-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (rootfs, outside, source_dir) =
+            (dir.join("rootfs"), dir.join("outside"), dir.join("src"));
+        for d in [&rootfs, &outside, &source_dir] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::create_dir(rootfs.join("etc")).unwrap();
+        fs::write(rootfs.join("etc/kept"), b"image's").unwrap();
+        // An image whose /run points out of the root absolutely, and /etc/up by dots (both
+        // would land in `outside` if followed on the host); inside the root, the absolute
+        // one names a directory of the image.
+        symlink(&outside, rootfs.join("run")).unwrap();
+        let in_root = rootfs.join(outside.strip_prefix("/").unwrap());
+        fs::create_dir_all(&in_root).unwrap();
+        symlink("../../outside", rootfs.join("etc/up")).unwrap();
+        fs::create_dir(rootfs.join("outside")).unwrap();
+        // A dangling one is left to the container.
+        symlink("/nowhere", rootfs.join("gone")).unwrap();
+        let file = dir.join("file");
+        fs::write(&file, b"x").unwrap();
+        let (file, source_dir) = (file.display(), source_dir.display());
+        let spec = spec_with_mounts(&format!(
+            r#"[{{"destination":"/etc/hosts","type":"bind","source":"{file}","options":["rbind","ro"]}},
+               {{"destination":"/etc/kept","type":"bind","source":"{file}"}},
+               {{"destination":"/data/deep/dir","type":"none","source":"{source_dir}","options":["bind"]}},
+               {{"destination":"/run/x","type":"bind","source":"{file}"}},
+               {{"destination":"/etc/up/y","type":"bind","source":"{file}"}},
+               {{"destination":"/gone/z","type":"bind","source":"{file}"}},
+               {{"destination":"/dev","type":"tmpfs","source":"tmpfs"}},
+               {{"destination":"/dev/termination-log","type":"bind","source":"{file}"}},
+               {{"destination":"/proc","type":"proc","source":"proc"}}]"#
+        ));
+        create_bind_targets(&spec, &rootfs).unwrap();
+        assert_eq!(fs::read(rootfs.join("etc/hosts")).unwrap(), b"");
+        assert_eq!(fs::read(rootfs.join("etc/kept")).unwrap(), b"image's");
+        assert!(rootfs.join("data/deep/dir").is_dir());
+        // The symlinks were followed inside the root only.
+        assert!(in_root.join("x").is_file());
+        assert!(!rootfs.join("nowhere").exists());
+        assert!(rootfs.join("outside/y").is_file());
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "made outside the root"
+        );
+        // Under another mount (the container's /dev tmpfs) and not binds: not made here.
+        assert!(!rootfs.join("dev").exists());
+        assert!(!rootfs.join("proc").exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
