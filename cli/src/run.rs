@@ -219,6 +219,7 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         sandbox_spec: &sandbox_spec,
         container: &container,
         resolv_conf,
+        hostname: overrides.hostname.clone(),
         output,
         memory: args.memory,
         remove: args.rm,
@@ -325,6 +326,23 @@ fn resolv_conf(dns: &[std::net::IpAddr]) -> String {
     conf
 }
 
+/// A container's /etc/hosts: the loopback names, and `hostname` on each of `addresses` (on
+/// 127.0.1.1 without any, as Debian does, so the name always resolves).
+fn hosts_file(hostname: &str, addresses: &[std::net::IpAddr]) -> String {
+    let mut hosts = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
+         ff02::2\tip6-allrouters\n",
+    );
+    if addresses.is_empty() {
+        hosts.push_str(&format!("127.0.1.1\t{hostname}\n"));
+    }
+    for address in addresses {
+        hosts.push_str(&format!("{address}\t{hostname}\n"));
+    }
+    hosts
+}
+
 struct Run<'a> {
     layout: &'a Layout,
     config: &'a RuntimeConfig,
@@ -332,6 +350,9 @@ struct Run<'a> {
     container: &'a ContainerConfig,
     /// Written into the container's state directory and bound on /etc/resolv.conf.
     resolv_conf: Option<String>,
+    /// The name /etc/hosts gives the container's addresses (not for a bundle: it keeps the
+    /// /etc/hosts of its own root filesystem).
+    hostname: Option<String>,
     output: Output,
     memory: Option<u64>,
     remove: bool,
@@ -363,6 +384,22 @@ impl Run<'_> {
             });
         }
         let mut sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
+        // /etc/hosts as docker writes it: localhost, and the container's hostname on its
+        // addresses (known once the network is up).
+        if let Some(hostname) = &self.hostname {
+            let addresses: Vec<std::net::IpAddr> = sandbox
+                .network()
+                .map(|n| n.interface.addresses.iter().map(|a| a.address).collect())
+                .unwrap_or_default();
+            let path = self.layout.container(id).join("hosts");
+            std::fs::write(&path, hosts_file(hostname, &addresses))
+                .with_context(|| format!("writing {}", path.display()))?;
+            container.volumes.push(Volume {
+                host: path,
+                container: "/etc/hosts".into(),
+                read_only: true,
+            });
+        }
         let stdio = match record.create(&sandbox, &container).await {
             Ok(stdio) => stdio,
             Err(e) => {

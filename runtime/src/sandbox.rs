@@ -222,6 +222,8 @@ pub struct Sandbox {
     agent: AgentClient,
     boot_time: Duration,
     share: bool,
+    /// The pod network the guest was given (None without one, or for an opened sandbox).
+    network: Option<crate::net::PodNetwork>,
 }
 
 impl Sandbox {
@@ -470,6 +472,7 @@ impl Sandbox {
                                 agent,
                                 boot_time,
                                 share: spec.share,
+                                network: network.clone(),
                             };
                             let Some(vmm) = vmm_ref else {
                                 return Err(SandboxError::NotRunning {
@@ -534,7 +537,14 @@ impl Sandbox {
             agent,
             boot_time: Duration::ZERO,
             share: record.share,
+            network: None,
         })
+    }
+
+    /// The network the guest's interface was given (addresses, routes, MTU), if this value
+    /// started the sandbox with one.
+    pub fn network(&self) -> Option<&crate::net::PodNetwork> {
+        self.network.as_ref()
     }
 
     /// The sandbox ID.

@@ -126,9 +126,13 @@ fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing()
 #[test]
 fn network_none_has_loopback_only_and_it_is_up() {
     let out = brig("net-none")
-        .args(["run", "--rm", "--network", "none"])
+        .args(["run", "--rm", "--network", "none", "--name", "alone"])
         .arg(rootfs())
-        .args(["sh", "-c", "ls /sys/class/net; ip -o link show lo"])
+        .args([
+            "sh",
+            "-c",
+            "ls /sys/class/net; ip -o link show lo; grep -v : /etc/hosts",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -136,6 +140,11 @@ fn network_none_has_loopback_only_and_it_is_up() {
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("lo"), "{out}");
     assert!(out.contains("LOWER_UP") || out.contains(",UP"), "{out}");
+    // As docker's /etc/hosts: without an address of its own the name is on 127.0.1.1.
+    assert!(
+        out.ends_with("127.0.0.1\tlocalhost\n127.0.1.1\talone\n"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -143,12 +152,14 @@ fn network_netns_joins_a_namespace_someone_else_made() {
     let ns = VethNetns::new(&format!("brig-e2e-{}", std::process::id()), "10.99.7");
     let port = host_server("10.99.7.1", "hello-netns");
     let out = brig("net-netns")
-        .args(["run", "--rm", "--network", &ns.network_arg()])
+        .args(["run", "--rm", "--network", &ns.network_arg(), "--name", "joined"])
         .arg(rootfs())
         .args([
             "sh",
             "-c",
-            &format!("ip -o -4 addr show eth0; wget -q -O- http://10.99.7.1:{port}/"),
+            &format!(
+                "ip -o -4 addr show eth0; grep joined /etc/hosts; wget -q -O- http://10.99.7.1:{port}/"
+            ),
         ])
         .stdin(Stdio::null())
         .output()
@@ -156,6 +167,8 @@ fn network_netns_joins_a_namespace_someone_else_made() {
     drop(ns);
     let out = ok(out, "--network netns:");
     assert!(out.contains("10.99.7.2/24"), "{out}");
+    // /etc/hosts names the container on the address it was given.
+    assert!(out.contains("\n10.99.7.2\tjoined\n"), "{out}");
     assert!(out.trim_end().ends_with("hello-netns"), "{out}");
 }
 
@@ -205,7 +218,7 @@ fn hex(digest: &[u8]) -> String {
 fn bulk_data_crosses_the_nic_intact_both_ways_with_offloads_on_and_off() {
     use sha2::{Digest, Sha256};
     // 16 MiB each way by default: under the lab's emulation the guest moves a few MiB/s, and
-    // each test has 300 s. BRIG_E2E_NET_MIB=1024 moves 1 GiB (on a real host, seconds).
+    // each test has 450 s. BRIG_E2E_NET_MIB=1024 moves 1 GiB (on a real host, seconds).
     let mib: usize = std::env::var("BRIG_E2E_NET_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
