@@ -33,6 +33,7 @@ use cgroup::Cgroup;
 pub use cgroup::{is_cgroup2, CgroupStats, ResourceUpdate};
 pub use process::ExitInfo;
 use process::{Process, SpawnOptions, Starter};
+pub use spec::{parse_process, parse_spec};
 use spec::{InitConfig, InitMode};
 
 use crate::reaper::Reaper;

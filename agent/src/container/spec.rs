@@ -39,6 +39,22 @@ pub fn parse_spec(json: &str) -> Result<Spec, ContainerError> {
     if let Some(mappings) = super::userns::from_spec(&spec)? {
         mappings.check_user(process.user())?;
     }
+    // What the container's init would refuse later, refused now with the same words.
+    let invalid =
+        |what: &str, err: String| ContainerError::InvalidArgument(format!("{what}: {err}"));
+    if let Some(linux) = spec.linux() {
+        if let Some(profile) = linux.seccomp() {
+            super::seccomp::compile(profile).map_err(|err| invalid("bad seccomp profile", err))?;
+        }
+        if let Some(devices) = linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.devices().as_ref())
+        {
+            let rules = super::devices::rules(devices).map_err(ContainerError::InvalidArgument)?;
+            super::devices::compile(&rules);
+        }
+    }
     Ok(spec)
 }
 
@@ -170,6 +186,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("args is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_seccomp_profile_or_device_rule_is_refused_before_the_container_exists() {
+        let spec = |linux: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"cwd":"/","args":["sh"],"user":{{"uid":0,"gid":0}}}},"linux":{linux}}}"#
+            )
+        };
+        let err = parse_spec(&spec(
+            r#"{"seccomp":{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO","args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}}"#,
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ContainerError::InvalidArgument(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("bad seccomp profile: seccomp arg index 9"),
+            "{err}"
+        );
+        let err = parse_spec(&spec(
+            r#"{"resources":{"devices":[{"allow":true,"access":"rwx"}]}}"#,
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ContainerError::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("\"rwx\""), "{err}");
+        // The same sections, well formed, pass.
+        parse_spec(&spec(
+            r#"{"seccomp":{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]},"resources":{"devices":[{"allow":false,"access":"rwm"}]}}"#,
+        ))
+        .unwrap();
     }
 
     #[test]
