@@ -78,7 +78,7 @@ test: lint unit-test fuzz-smoke e2e-test
 # Every parser of guest bytes has a fuzz target (cargo-fuzz, nightly): DIR:TARGET, each with a
 # committed seed corpus in DIR/fuzz/corpus/TARGET. `make test` runs each for FUZZ_SECONDS
 # (new inputs go to a scratch directory, not into the tree); `make fuzz` for 10 minutes.
-FUZZ_TARGETS := vmm:vsock_connect_line vmm:vsock_tx_packet vmm:mmio_registers vmm:net_chains vmm:fs_requests runtime:vsock_ack runtime:agent_replies
+FUZZ_TARGETS := vmm:vsock_connect_line vmm:vsock_tx_packet vmm:mmio_registers vmm:net_chains vmm:fs_requests runtime:vsock_ack runtime:agent_replies agent:oci_config
 FUZZ_SECONDS ?= 10
 
 fuzz-tools: setup
