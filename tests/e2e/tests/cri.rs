@@ -217,6 +217,29 @@ fn a_cri_pod_of_two_containers_is_one_microvm_sharing_ipc_and_uts() {
         );
     }
 
+    // UpdateContainerResources: containerd hands the shim's Update the new OCI resources,
+    // and the container's cgroup in the guest takes them.
+    cri.ok(
+        "UpdateContainerResources",
+        rt.update_container_resources(api::UpdateContainerResourcesRequest {
+            container_id: b.clone(),
+            linux: Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 48 << 20,
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let limits = exec(&["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"])
+        .expect("ExecSync after the update");
+    assert_eq!(
+        String::from_utf8_lossy(&limits.stdout),
+        "50331648\n50000 100000\n",
+        "b's limits after UpdateContainerResources"
+    );
+
     // StopContainer: SIGTERM ends `sleep` at once.
     cri.ok(
         "StopContainer",
