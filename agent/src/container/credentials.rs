@@ -140,10 +140,18 @@ pub fn switch_user(process: &Process) -> Result<()> {
     set(CapSet::Inheritable, to_caps(caps_spec.inheritable()))?;
     set(CapSet::Effective, to_caps(caps_spec.effective()))?;
     set(CapSet::Permitted, to_caps(caps_spec.permitted()))?;
+    // A capability can only be ambient if it is permitted and inheritable too. Specs often
+    // ask for ambient ones without inheritable (`runc spec` writes them so): as runc and
+    // youki do, and as the runtime spec asks ("SHOULD NOT fail if ... cannot be granted"),
+    // such a capability is left out rather than failing the container (a debug line only:
+    // this runs in the container's init, whose stderr is the container's).
     if let Some(ambient) = to_caps(caps_spec.ambient()) {
         for cap in ambient {
-            caps::raise(None, CapSet::Ambient, cap)
-                .map_err(|err| format!("cannot raise ambient {cap}: {err}"))?;
+            if let Err(err) = caps::raise(None, CapSet::Ambient, cap) {
+                crate::debug!(
+                    "ambient {cap} left out (it must be permitted and inheritable too): {err}"
+                );
+            }
         }
     }
     Ok(())
