@@ -444,6 +444,12 @@ impl Container {
         self.save()
     }
 
+    /// Note the OCI bundle it is created from.
+    pub fn set_bundle(&mut self, bundle: PathBuf) -> Result<(), ContainerError> {
+        self.state.bundle = Some(bundle);
+        self.save()
+    }
+
     fn save(&self) -> Result<(), ContainerError> {
         Ok(self.layout.save(&self.state)?)
     }
@@ -472,6 +478,13 @@ impl Container {
         self.ensure(&[Status::Creating], "it was created already")?;
         self.state.vmm = sandbox.vmm();
         self.state.process = config.spec.process().clone();
+        self.state.annotations = config
+            .spec
+            .annotations()
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         match sandbox.create_container(config).await {
             Ok((stdio, guest_pid)) => {
                 self.state.status = Status::Created;
@@ -661,9 +674,11 @@ impl Container {
             }
         }
         sandbox::remove_sandbox(self.layout.root(), &self.state.sandbox_id)?;
+        // Until the owner can no longer write the record: dead is enough (a zombie waits for
+        // its parent, which may be the very engine waiting for this delete).
         if let Some(owner) = self.state.owner {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !owner.gone() && std::time::Instant::now() < deadline {
+            while owner.alive() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

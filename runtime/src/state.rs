@@ -11,6 +11,7 @@
 //! is never taken for ours, let alone signalled. IDs are checked before any path is built
 //! from them.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -257,6 +258,12 @@ pub struct ContainerState {
     /// the namespaces that other containers of its pod join.
     #[serde(default)]
     pub guest_pid: Option<u32>,
+    /// The OCI bundle it was created from (the OCI runtime CLI's `create --bundle`).
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// Its spec's annotations, as the OCI `state` command shows them.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl ContainerState {
@@ -277,6 +284,8 @@ impl ContainerState {
             created: now(),
             process,
             guest_pid: None,
+            bundle: None,
+            annotations: BTreeMap::new(),
         }
     }
 
