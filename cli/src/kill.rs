@@ -14,6 +14,9 @@ pub struct KillArgs {
     /// Signal name or number (default KILL, as docker).
     #[arg(default_value = "KILL")]
     signal: String,
+    /// Signal every process of the container, not only its init (runc's --all).
+    #[arg(short = 'a', long)]
+    all: bool,
 }
 
 pub fn run(args: KillArgs, layout: &Layout) -> anyhow::Result<u8> {
@@ -26,7 +29,7 @@ pub fn run(args: KillArgs, layout: &Layout) -> anyhow::Result<u8> {
         let sandbox = Sandbox::open(layout.root(), &container.state().sandbox_id)
             .await
             .with_context(|| format!("reaching container {}", args.id))?;
-        container.signal(&sandbox, signal, false).await?;
+        container.signal(&sandbox, signal, args.all).await?;
         anyhow::Ok(0)
     })
 }

@@ -2,6 +2,8 @@
 
 mod boot;
 mod check;
+mod create;
+mod delete;
 mod events;
 mod exec;
 mod kill;
@@ -11,6 +13,7 @@ mod ps;
 mod relay;
 mod rm;
 mod run;
+mod state;
 mod update;
 
 use std::process::ExitCode;
@@ -63,6 +66,15 @@ enum Command {
     Update(update::UpdateArgs),
     /// Print a container's statistics (--stats) or follow its OOM events, as JSON.
     Events(events::EventsArgs),
+    /// OCI runtime CLI (as runc's): set a container up from a bundle, its command waiting
+    /// for `start`.
+    Create(create::CreateArgs),
+    /// OCI runtime CLI: run the command of a created container.
+    Start(create::StartArgs),
+    /// OCI runtime CLI: print a container's state as JSON.
+    State(state::StateArgs),
+    /// OCI runtime CLI: remove a container (a running one with --force).
+    Delete(delete::DeleteArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +110,10 @@ fn main() -> ExitCode {
         Command::Resume(args) => with_layout(cli.root, |l| pause::run(args, l, false)),
         Command::Update(args) => with_layout(cli.root, |l| update::run(args, l)),
         Command::Events(args) => with_layout(cli.root, |l| events::run(args, l)),
+        Command::Create(args) => create::run(args, cli.root),
+        Command::Start(args) => with_layout(cli.root, |l| create::start(args, l)),
+        Command::State(args) => with_layout(cli.root, |l| state::run(args, l)),
+        Command::Delete(args) => with_layout(cli.root, |l| delete::run(args, l)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

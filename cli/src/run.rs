@@ -223,16 +223,25 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         output,
         memory: args.memory,
         remove: args.rm,
+        bundle: None,
+        gate: None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting tokio")?;
-    let code = rt.block_on(run.execute());
-    // Stdin may still be blocked in a read: leave without waiting for it.
-    rt.shutdown_background();
-    code
+    run.execute_here()
+}
+
+impl Run<'_> {
+    /// Run it on a tokio runtime of its own, to the container's exit status.
+    pub(crate) fn execute_here(self) -> anyhow::Result<u8> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting tokio")?;
+        let code = rt.block_on(self.execute());
+        // Stdin may still be blocked in a read: leave without waiting for it.
+        rt.shutdown_background();
+        code
+    }
 }
 
 /// Set in the environment of the background `brig` that owns a detached container.
@@ -280,7 +289,7 @@ fn detach(id: &str) -> anyhow::Result<u8> {
 }
 
 /// Where a container's output goes.
-enum Output {
+pub(crate) enum Output {
     /// The user's terminal or pipes (foreground), and a copy in `stdout.log`/`stderr.log`
     /// in `logs` for a container that is kept after it exits.
     User { tty: bool, logs: Option<PathBuf> },
@@ -343,27 +352,36 @@ fn hosts_file(hostname: &str, addresses: &[std::net::IpAddr]) -> String {
     hosts
 }
 
-struct Run<'a> {
-    layout: &'a Layout,
-    config: &'a RuntimeConfig,
-    sandbox_spec: &'a SandboxSpec,
-    container: &'a ContainerConfig,
+/// One container in a microVM of its own, from claiming its ID to its exit: `brig run`'s
+/// whole life, and that of the keeper `brig create` leaves behind.
+pub(crate) struct Run<'a> {
+    pub(crate) layout: &'a Layout,
+    pub(crate) config: &'a RuntimeConfig,
+    pub(crate) sandbox_spec: &'a SandboxSpec,
+    pub(crate) container: &'a ContainerConfig,
     /// Written into the container's state directory and bound on /etc/resolv.conf.
-    resolv_conf: Option<String>,
+    pub(crate) resolv_conf: Option<String>,
     /// The name /etc/hosts gives the container's addresses (not for a bundle: it keeps the
     /// /etc/hosts of its own root filesystem).
-    hostname: Option<String>,
-    output: Output,
-    memory: Option<u64>,
-    remove: bool,
+    pub(crate) hostname: Option<String>,
+    pub(crate) output: Output,
+    pub(crate) memory: Option<u64>,
+    pub(crate) remove: bool,
+    /// The OCI bundle it comes from, for its record.
+    pub(crate) bundle: Option<PathBuf>,
+    /// `brig create`: once created, report it and wait for `brig start`.
+    pub(crate) gate: Option<crate::create::StartGate>,
 }
 
 impl Run<'_> {
-    async fn execute(self) -> anyhow::Result<u8> {
+    pub(crate) async fn execute(self) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
         let mut record =
             Container::claim(self.layout, id, id, self.container.spec.process().clone())?;
         record.set_owner(ProcessRef::current())?;
+        if let Some(bundle) = &self.bundle {
+            record.set_bundle(bundle.clone())?;
+        }
         let result = self.run_in(&mut record).await;
         if self.remove || result.is_err() {
             let _ = record.forget();
@@ -408,6 +426,12 @@ impl Run<'_> {
                 return Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
             }
         };
+        if let Some(gate) = &self.gate {
+            if let Err(e) = gate.report_and_wait(&record.dir(), id).await {
+                let _ = sandbox.stop().await;
+                return Err(e);
+            }
+        }
         let tty = matches!(self.output, Output::User { tty: true, .. });
         let raw = tty.then(relay::RawTerminal::enter);
         if tty {

@@ -1,0 +1,309 @@
+//! The OCI runtime CLI's `create` and `start`, as runc's: `create` sets a container up in a
+//! microVM of its own and leaves its command waiting; `start` runs the command.
+//!
+//! Something must hold the microVM between the two and stand for the container on the host,
+//! as runc leaves its init process behind: `create` starts a background `brig`, the
+//! container's keeper. The keeper keeps the stdio `create` was given and relays the
+//! container's to it, writes its own PID to `--pid-file` (the process conmon and other
+//! engines wait for), forwards the signals it gets to the container, and exits with the
+//! container's exit status (128 + N after signal N). `create` returns once the keeper says
+//! the container is created; `start` wakes the keeper through a FIFO in the container's
+//! state directory.
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use brig_runtime::container::{Container, ContainerConfig};
+use brig_runtime::spec;
+use brig_runtime::state::{Layout, StateError, Status};
+use brig_runtime::{RuntimeConfig, SandboxSpec};
+use oci_spec::runtime::LinuxNamespaceType;
+
+use crate::run::{Output, Run};
+use crate::EXIT_BRIG_ERROR;
+
+/// Arguments of `brig create`.
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// The bundle: a directory with config.json and the root filesystem it names.
+    #[arg(short, long, default_value = ".")]
+    bundle: PathBuf,
+    /// Write the PID of the process that stands for the container here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// A Unix socket to send the container's terminal to (process.terminal): not yet.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted as runc does; the container's root is always pivoted in its microVM.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted as runc does; session keyrings are the guest kernel's.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Container ID.
+    id: String,
+}
+
+/// Arguments of `brig start`.
+#[derive(clap::Args, Debug)]
+pub struct StartArgs {
+    /// Container ID.
+    id: String,
+}
+
+/// Set in the keeper's environment: the descriptor on which it tells `create` that the
+/// container exists.
+const KEEPER_READY_FD: &str = "BRIG_KEEPER_READY_FD";
+
+/// The FIFO in a created container's directory that `start` writes to.
+const START_FIFO: &str = "start.fifo";
+
+/// How long `start` waits for the keeper to have started the command.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
+    if args.console_socket.is_some() {
+        bail!(
+            "--console-socket: a terminal for a created container is not supported yet; \
+             set process.terminal to false in config.json"
+        );
+    }
+    // The caller's mistakes are told by `create` itself, before any keeper exists.
+    let bundle = std::path::absolute(&args.bundle)
+        .with_context(|| format!("bundle {}", args.bundle.display()))?;
+    anyhow::ensure!(
+        bundle.join("config.json").is_file(),
+        "bundle {} has no config.json",
+        bundle.display()
+    );
+    brig_runtime::state::validate_id("container", &args.id)?;
+    match std::env::var(KEEPER_READY_FD) {
+        Ok(fd) => keep(args, root, bundle, &fd),
+        Err(_) => spawn_keeper(&args),
+    }
+}
+
+/// `create` itself: start the keeper in a session of its own with this process's stdio, and
+/// return once it says the container is created (or with its status if it could not).
+fn spawn_keeper(args: &CreateArgs) -> anyhow::Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let (ready_read, ready_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making a pipe")?;
+    let exe = std::env::current_exe().context("finding brig's own binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(KEEPER_READY_FD, "3");
+    let write_fd = ready_write.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) on plain integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // fd 3 without close-on-exec (dup2 onto itself would keep the flag).
+            let done = if write_fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(write_fd, 3)
+            };
+            if done < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut keeper = cmd.spawn().context("starting the container's keeper")?;
+    drop(ready_write);
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(std::fs::File::from(ready_read)).read_line(&mut line);
+    if line.trim_end() == format!("created {}", args.id) {
+        return Ok(0);
+    }
+    // The keeper said why on the stderr we share.
+    let status = keeper
+        .wait()
+        .context("waiting for the container's keeper")?;
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|c| *c != 0)
+        .unwrap_or(EXIT_BRIG_ERROR))
+}
+
+/// The keeper: the container's whole life, paused between created and started.
+fn keep(
+    args: CreateArgs,
+    root: Option<PathBuf>,
+    bundle: PathBuf,
+    ready_fd: &str,
+) -> anyhow::Result<u8> {
+    let fd: i32 = ready_fd
+        .parse()
+        .with_context(|| format!("{KEEPER_READY_FD}={ready_fd:?} is not a descriptor"))?;
+    // SAFETY: `create` passed this descriptor, open, for us alone; nothing else owns it.
+    let ready = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Nothing started from here (the VMM) may keep it.
+    nix::fcntl::fcntl(
+        &ready,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("marking the ready pipe close-on-exec")?;
+    let target = spec::load_target(&bundle)?;
+    let mut config = RuntimeConfig::load()?;
+    if let Some(root) = root {
+        config.root = root;
+    }
+    let id = args.id.clone();
+    let layout = Layout::new(&config.root);
+    anyhow::ensure!(
+        !layout.container(&id).exists(),
+        "container {id} already exists: delete it first (brig delete {id})"
+    );
+    let mut sandbox_spec = SandboxSpec::new(id.clone(), &config);
+    sandbox_spec.share = true;
+    sandbox_spec.tie_to_owner = true;
+    sandbox_spec.fit(&target.spec);
+    // A network namespace the spec names (an engine's, made with CNI) is joined; a new one,
+    // as runc makes it, has loopback only.
+    sandbox_spec.netns = target
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|namespaces| {
+            namespaces
+                .iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+                .and_then(|ns| ns.path().clone())
+        });
+    let memory = target
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .and_then(|l| u64::try_from(l).ok());
+    let container = ContainerConfig {
+        id: id.clone(),
+        spec: target.spec,
+        rootfs: target.rootfs,
+        volumes: vec![],
+        stdin: true,
+    };
+    let run = Run {
+        layout: &layout,
+        config: &config,
+        sandbox_spec: &sandbox_spec,
+        container: &container,
+        resolv_conf: None,
+        hostname: None,
+        output: Output::User {
+            tty: false,
+            logs: None,
+        },
+        memory,
+        remove: false,
+        bundle: Some(bundle),
+        gate: Some(StartGate {
+            pid_file: args.pid_file.map(std::path::absolute).transpose()?,
+            ready: std::sync::Mutex::new(Some(std::fs::File::from(ready))),
+        }),
+    };
+    run.execute_here()
+}
+
+/// Between created and started: what the keeper tells `create`, and what it waits for.
+pub(crate) struct StartGate {
+    /// Where the keeper's PID goes.
+    pid_file: Option<PathBuf>,
+    /// `create`'s end: one line, then closed.
+    ready: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl StartGate {
+    /// The container exists: make the start FIFO, write the PID file, tell `create`, and
+    /// wait until `start` writes to the FIFO.
+    pub(crate) async fn report_and_wait(&self, dir: &Path, id: &str) -> anyhow::Result<()> {
+        let fifo = dir.join(START_FIFO);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("making {}", fifo.display()))?;
+        if let Some(path) = &self.pid_file {
+            write_pid_file(path)?;
+        }
+        let ready = self
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(mut ready) = ready {
+            writeln!(ready, "created {id}").context("telling brig create")?;
+        }
+        let opened = fifo.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut byte = [0u8; 1];
+            let mut file = std::fs::File::open(&opened)?;
+            std::io::Read::read_exact(&mut file, &mut byte)
+        })
+        .await
+        .context("waiting for brig start")?
+        .with_context(|| format!("waiting on {}", fifo.display()))?;
+        let _ = std::fs::remove_file(&fifo);
+        Ok(())
+    }
+}
+
+/// Write our PID to `path` atomically, as runc does (a reader never sees half a number).
+fn write_pid_file(path: &Path) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("--pid-file {} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.brig-tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, std::process::id().to_string())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `brig start`: wake the keeper of a created container and wait until its command runs.
+pub fn start(args: StartArgs, layout: &Layout) -> anyhow::Result<u8> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let container = Container::load(layout, &args.id)?;
+    let status = container.state().status;
+    anyhow::ensure!(
+        status == Status::Created,
+        "container {} is {}: only a created container can be started",
+        args.id,
+        status.as_str()
+    );
+    let fifo = container.dir().join(START_FIFO);
+    // Non-blocking: with nobody reading (a keeper that is gone) this fails at once.
+    let mut gate = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .with_context(|| format!("container {} has no keeper waiting to start it", args.id))?;
+    gate.write_all(b"s")
+        .with_context(|| format!("starting container {}", args.id))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match layout.load(&args.id) {
+            Ok(state) if state.status == Status::Created => {}
+            Ok(_) => return Ok(0),
+            Err(StateError::NotFound { .. }) => {
+                bail!(
+                    "container {} failed to start (its keeper said why)",
+                    args.id
+                )
+            }
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "container {} did not start within {} s",
+            args.id,
+            START_TIMEOUT.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

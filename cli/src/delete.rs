@@ -1,0 +1,28 @@
+//! `brig delete`: the OCI runtime CLI's removal of a container, as runc's: a created or
+//! stopped one at once, a running one only with `--force` (its microVM is killed).
+
+use brig_runtime::container::Container;
+use brig_runtime::state::{Layout, Status};
+
+/// Arguments of `brig delete`.
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    /// Delete a running container too (its microVM is killed).
+    #[arg(short = 'f', long)]
+    force: bool,
+    /// Container ID.
+    id: String,
+}
+
+pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
+    let container = Container::load(layout, &args.id)?;
+    let status = container.state().status;
+    anyhow::ensure!(
+        args.force || !matches!(status, Status::Running | Status::Paused),
+        "container {} is {}: stop it first, or use --force",
+        args.id,
+        status.as_str()
+    );
+    container.delete(true)?;
+    Ok(0)
+}
