@@ -141,10 +141,7 @@ async fn brig_run(
         stdin: false,
     };
     // The same calls, in the same order, as `brig run --rm` makes.
-    let mut sandbox_spec = SandboxSpec::new(id.clone(), config);
-    sandbox_spec.share = true;
-    sandbox_spec.tie_to_owner = true;
-    sandbox_spec.fit(&container.spec);
+    let sandbox_spec = SandboxSpec::pod_of_one(id.clone(), config, &container.spec);
     let mut record = Container::claim(
         &Layout::new(&config.root),
         &id,

@@ -160,10 +160,8 @@ fn keep(
         !layout.container(&id).exists(),
         "container {id} already exists: delete it first (brig delete {id})"
     );
-    let mut sandbox_spec = SandboxSpec::new(id.clone(), &config);
-    sandbox_spec.share = true;
-    sandbox_spec.tie_to_owner = true;
-    sandbox_spec.fit(&target.spec);
+    // A pod of one, owned by this keeper.
+    let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), &config, &target.spec);
     // A network namespace the spec names (an engine's, made with CNI) is joined; a new one,
     // as runc makes it, has loopback only.
     sandbox_spec.netns = target

@@ -168,12 +168,8 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         !layout.container(&id).exists(),
         "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
     );
-    // A pod of one: the sandbox is named after the container and sized for its limits. The
-    // foreground `brig` owns its microVM: the VMM dies with it, however it ends.
-    let mut sandbox_spec = SandboxSpec::new(id.clone(), &config);
-    sandbox_spec.share = true;
-    sandbox_spec.tie_to_owner = true;
-    sandbox_spec.fit(&target.spec);
+    // A pod of one: the foreground `brig` owns its microVM.
+    let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), &config, &target.spec);
     let network = args
         .network
         .clone()

@@ -83,6 +83,17 @@ impl SandboxSpec {
         }
     }
 
+    /// A pod of one container, as `brig run` and `brig create` run it: named after the
+    /// container, sized for its limits, sharing its root filesystem, and owned by the process
+    /// that starts it (the VMM dies with that process, however it ends).
+    pub fn pod_of_one(id: impl Into<String>, config: &RuntimeConfig, spec: &Spec) -> Self {
+        let mut sandbox = Self::new(id, config);
+        sandbox.share = true;
+        sandbox.tie_to_owner = true;
+        sandbox.fit(spec);
+        sandbox
+    }
+
     /// Grow the VM so that a container with `spec`'s limits fits: its memory limit plus
     /// [`GUEST_OVERHEAD_MIB`], and enough vCPUs for its CPU quota. The VM never shrinks
     /// below the configured defaults.
