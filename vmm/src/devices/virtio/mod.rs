@@ -13,7 +13,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -131,17 +131,47 @@ pub trait VirtioDevice: Send {
 /// The next descriptor chain the driver made available on `queue`, or `None` when there is
 /// none. When the queue looks empty, notifications are re-enabled and the queue is looked at
 /// once more: a chain the driver added in between would otherwise wait for a kick that, with
-/// notifications suppressed (EVENT_IDX), never comes. An error means the queue is unusable.
+/// notifications suppressed (EVENT_IDX), never comes. An error means the queue is unusable,
+/// such as an available index more than a queue's size ahead of the device (which
+/// `pop_descriptor_chain` would take for an empty queue while `enable_notification` saw
+/// new chains: a guest could keep the device thread spinning between the two forever).
 pub fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
 ) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
-    loop {
-        if let Some(chain) = queue.pop_descriptor_chain(mem) {
-            return Ok(Some(chain));
+    if let Some(chain) = queue.iter(mem)?.next() {
+        return Ok(Some(chain));
+    }
+    if !queue.enable_notification(mem)? {
+        return Ok(None);
+    }
+    Ok(queue.iter(mem)?.next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    #[test]
+    fn an_available_index_past_the_queue_size_is_an_error_not_a_spin() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        // avail->idx (after the 2-byte flags) claims 17 new chains in a ring of 16.
+        mem.write_obj(17u16, mock.avail_addr().unchecked_add(2))
+            .unwrap();
+        // Bounded: the old loop never returned here (the test would hang).
+        for _ in 0..3 {
+            assert!(matches!(
+                next_chain(&mut queue, &mem),
+                Err(virtio_queue::Error::InvalidAvailRingIndex)
+            ));
         }
-        if !queue.enable_notification(mem)? {
-            return Ok(None);
-        }
+        // A driver that puts the index back in range is served again (nothing pending).
+        mem.write_obj(0u16, mock.avail_addr().unchecked_add(2))
+            .unwrap();
+        assert!(matches!(next_chain(&mut queue, &mem), Ok(None)));
     }
 }
