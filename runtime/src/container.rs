@@ -78,6 +78,35 @@ impl std::str::FromStr for Volume {
     }
 }
 
+impl Volume {
+    /// Take the spec's bind mounts of existing host files and directories out of `spec`, as
+    /// volumes: the guest sees the host's paths only through the share (CRI's and podman's
+    /// /etc/hosts and /etc/resolv.conf, Kubernetes volumes, `-v` of an engine). Other mounts
+    /// stay in the spec.
+    pub fn take_host_binds(spec: &mut Spec) -> Vec<Volume> {
+        let mut volumes = Vec::new();
+        if let Some(mounts) = spec.mounts_mut() {
+            mounts.retain(|m| {
+                let options = m.options().clone().unwrap_or_default();
+                let is_bind = m.typ().as_deref() == Some("bind")
+                    || options.iter().any(|o| o == "bind" || o == "rbind");
+                match m.source() {
+                    Some(source) if is_bind && source.is_absolute() && source.exists() => {
+                        volumes.push(Volume {
+                            host: source.clone(),
+                            container: m.destination().clone(),
+                            read_only: options.iter().any(|o| o == "ro"),
+                        });
+                        false
+                    }
+                    _ => true,
+                }
+            });
+        }
+        volumes
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone)]
 pub struct ContainerConfig {
@@ -674,11 +703,9 @@ impl Container {
             }
         }
         sandbox::remove_sandbox(self.layout.root(), &self.state.sandbox_id)?;
-        // Until the owner can no longer write the record: dead is enough (a zombie waits for
-        // its parent, which may be the very engine waiting for this delete).
         if let Some(owner) = self.state.owner {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while owner.alive() && std::time::Instant::now() < deadline {
+            while !owner.gone() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

@@ -364,25 +364,7 @@ fn guest_spec(mut spec: Spec, join: Option<(u32, u32)>) -> (Spec, Vec<Volume>) {
             }
         }
     }
-    let mut volumes = Vec::new();
-    if let Some(mounts) = spec.mounts_mut() {
-        mounts.retain(|m| {
-            let options = m.options().clone().unwrap_or_default();
-            let is_bind = m.typ().as_deref() == Some("bind")
-                || options.iter().any(|o| o == "bind" || o == "rbind");
-            match m.source() {
-                Some(source) if is_bind && source.is_absolute() && source.exists() => {
-                    volumes.push(Volume {
-                        host: source.clone(),
-                        container: m.destination().clone(),
-                        read_only: options.iter().any(|o| o == "ro"),
-                    });
-                    false
-                }
-                _ => true,
-            }
-        });
-    }
+    let volumes = Volume::take_host_binds(&mut spec);
     (spec, volumes)
 }
 
