@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use brig_runtime::container::{Container, ContainerConfig};
+use brig_runtime::container::{Container, ContainerConfig, Volume};
 use brig_runtime::spec;
 use brig_runtime::state::{Layout, StateError, Status};
 use brig_runtime::{RuntimeConfig, SandboxSpec};
@@ -183,11 +183,26 @@ fn keep(
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
         .and_then(|l| u64::try_from(l).ok());
+    let mut spec = target.spec;
+    // An engine's bind mounts of host files (podman's /etc/hosts, /etc/resolv.conf, `-v`)
+    // reach the guest through the share.
+    let volumes = Volume::take_host_binds(&mut spec);
+    // Other namespace paths name host processes, which mean nothing in the guest (where
+    // the same path could even name an unrelated process): the container gets new ones.
+    if let Some(namespaces) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    {
+        for ns in namespaces.iter_mut() {
+            ns.set_path(None);
+        }
+    }
     let container = ContainerConfig {
         id: id.clone(),
-        spec: target.spec,
+        spec,
         rootfs: target.rootfs,
-        volumes: vec![],
+        volumes,
         stdin: true,
     };
     let run = Run {
