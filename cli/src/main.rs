@@ -34,8 +34,43 @@ struct Cli {
     /// State directory (default: from brig.toml, else /run/brig).
     #[arg(long, global = true, env = "BRIG_ROOT")]
     root: Option<std::path::PathBuf>,
+    /// Also write Brig's errors to this file (runc's --log; engines read it when a call
+    /// fails).
+    #[arg(long, global = true, value_name = "FILE")]
+    log: Option<std::path::PathBuf>,
+    /// The format of --log: text or json (runc's).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Accepted as runc's: a container the CLI runs stays in its caller's host cgroup.
+    #[arg(long = "systemd-cgroup", global = true)]
+    _systemd_cgroup: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How `--log` records are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// `level=error msg="…"`, as runc's text logs.
+    Text,
+    /// `{"level":"error","msg":"…"}`, one object a line, as runc's JSON logs.
+    Json,
+}
+
+/// Append an error record to the `--log` file (best effort: the error is on stderr too).
+fn log_error(path: &std::path::Path, format: LogFormat, message: &str) {
+    use std::io::Write;
+    let line = match format {
+        LogFormat::Json => serde_json::json!({ "level": "error", "msg": message }).to_string(),
+        LogFormat::Text => format!("level=error msg={message:?}"),
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +132,7 @@ fn main() -> ExitCode {
         .with_env_filter(log_filter(&cli.log_level))
         .with_writer(std::io::stderr)
         .init();
+    let (log, log_format) = (cli.log.clone(), cli.log_format);
     let result = match cli.command {
         Command::Check(args) => check::run(args),
         Command::Boot(args) => boot::run(args, cli.root),
@@ -119,6 +155,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("brig: {e:#}");
+            if let Some(path) = &log {
+                log_error(path, log_format, &format!("{e:#}"));
+            }
             ExitCode::from(EXIT_BRIG_ERROR)
         }
     }
@@ -147,4 +186,24 @@ fn with_layout(
             .unwrap_or_else(|_| "/run/brig".into()),
     };
     f(&Layout::new(&root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_reach_the_log_file_in_runcs_formats() {
+        let path = std::env::temp_dir().join(format!("brig-log-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        log_error(&path, LogFormat::Json, "container x does not exist");
+        log_error(&path, LogFormat::Text, "a \"quoted\" word");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        let json: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(json["level"], "error");
+        assert_eq!(json["msg"], "container x does not exist");
+        assert_eq!(lines.next(), Some(r#"level=error msg="a \"quoted\" word""#));
+        std::fs::remove_file(&path).unwrap();
+    }
 }
