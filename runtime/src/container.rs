@@ -590,16 +590,30 @@ impl Container {
         let process = exec
             .process(self.state.process.as_ref())
             .map_err(|e| ContainerError::Spec(e.to_string()))?;
+        self.run_process(sandbox, &exec.exec_id, &process, exec.stdin)
+            .await
+    }
+
+    /// Run `process`, a whole OCI process (what the OCI runtime CLI's `exec --process`
+    /// reads), in the container as exec `exec_id`; `stdin`: open a stdin stream.
+    pub async fn run_process(
+        &self,
+        sandbox: &Sandbox,
+        exec_id: &str,
+        process: &Process,
+        stdin: bool,
+    ) -> Result<Stdio, ContainerError> {
+        self.ensure(&[Status::Running], "exec needs a running container")?;
         let json =
-            serde_json::to_string(&process).map_err(|e| ContainerError::Spec(e.to_string()))?;
+            serde_json::to_string(process).map_err(|e| ContainerError::Spec(e.to_string()))?;
         exec_process(
             sandbox.agent(),
             &sandbox.vsock_uds(),
             &self.state.id,
-            &exec.exec_id,
+            exec_id,
             json,
-            exec.stdin,
-            exec.terminal,
+            stdin,
+            process.terminal() == Some(true),
         )
         .await
     }
