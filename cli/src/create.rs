@@ -80,15 +80,36 @@ pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         bundle.display()
     );
     brig_runtime::state::validate_id("container", &args.id)?;
-    match std::env::var(KEEPER_READY_FD) {
-        Ok(fd) => keep(args, root, bundle, &fd),
-        Err(_) => spawn_keeper(&args),
+    match keeper_ready()? {
+        Some(ready) => keep(args, root, bundle, ready),
+        None => spawn_keeper(&format!("created {}", args.id)),
     }
 }
 
-/// `create` itself: start the keeper in a session of its own with this process's stdio, and
-/// return once it says the container is created (or with its status if it could not).
-fn spawn_keeper(args: &CreateArgs) -> anyhow::Result<u8> {
+/// In a keeper: the descriptor on which it tells its caller it is ready. `None` in the
+/// caller itself.
+pub(crate) fn keeper_ready() -> anyhow::Result<Option<std::fs::File>> {
+    let Ok(value) = std::env::var(KEEPER_READY_FD) else {
+        return Ok(None);
+    };
+    let fd: i32 = value
+        .parse()
+        .with_context(|| format!("{KEEPER_READY_FD}={value:?} is not a descriptor"))?;
+    // SAFETY: the caller passed this descriptor, open, for us alone; nothing else owns it.
+    let ready = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Nothing started from here (the VMM) may keep it.
+    nix::fcntl::fcntl(
+        &ready,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("marking the ready pipe close-on-exec")?;
+    Ok(Some(std::fs::File::from(ready)))
+}
+
+/// Start this same command again as a keeper, in a session of its own with this process's
+/// stdio, and return once it writes the line `expect` on its ready pipe (or with its status
+/// if it could not: it said why on the stderr we share).
+pub(crate) fn spawn_keeper(expect: &str) -> anyhow::Result<u8> {
     use std::os::unix::process::CommandExt;
     let (ready_read, ready_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making a pipe")?;
@@ -117,7 +138,7 @@ fn spawn_keeper(args: &CreateArgs) -> anyhow::Result<u8> {
     drop(ready_write);
     let mut line = String::new();
     let _ = std::io::BufReader::new(std::fs::File::from(ready_read)).read_line(&mut line);
-    if line.trim_end() == format!("created {}", args.id) {
+    if line.trim_end() == expect {
         return Ok(0);
     }
     // The keeper said why on the stderr we share.
@@ -136,19 +157,8 @@ fn keep(
     args: CreateArgs,
     root: Option<PathBuf>,
     bundle: PathBuf,
-    ready_fd: &str,
+    ready: std::fs::File,
 ) -> anyhow::Result<u8> {
-    let fd: i32 = ready_fd
-        .parse()
-        .with_context(|| format!("{KEEPER_READY_FD}={ready_fd:?} is not a descriptor"))?;
-    // SAFETY: `create` passed this descriptor, open, for us alone; nothing else owns it.
-    let ready = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Nothing started from here (the VMM) may keep it.
-    nix::fcntl::fcntl(
-        &ready,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .context("marking the ready pipe close-on-exec")?;
     let target = spec::load_target(&bundle)?;
     let mut config = RuntimeConfig::load()?;
     if let Some(root) = root {
@@ -221,7 +231,7 @@ fn keep(
         bundle: Some(bundle),
         gate: Some(StartGate {
             pid_file: args.pid_file.map(std::path::absolute).transpose()?,
-            ready: std::sync::Mutex::new(Some(std::fs::File::from(ready))),
+            ready: std::sync::Mutex::new(Some(ready)),
         }),
     };
     run.execute_here()
@@ -268,7 +278,7 @@ impl StartGate {
 }
 
 /// Write our PID to `path` atomically, as runc does (a reader never sees half a number).
-fn write_pid_file(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_pid_file(path: &Path) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("--pid-file {} names no file", path.display()))?;

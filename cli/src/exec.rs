@@ -1,5 +1,10 @@
 //! `brig exec`: run another process in a running container, as `docker exec` does: with the
 //! container's user, environment and working directory unless told otherwise.
+//!
+//! With `--process FILE` it is the OCI runtime CLI's exec, as runc's: the whole process comes
+//! as JSON, `--pid-file` names the process that stands for it on the host (this `brig`, or
+//! with `--detach` a keeper left behind, as `create`'s), which keeps the stdio `exec` was
+//! given and exits with the process's status.
 
 use anyhow::Context;
 use brig_runtime::container::{Container, ExecConfig};
@@ -27,14 +32,36 @@ pub struct ExecArgs {
     /// User to run as: UID or UID:GID (default: the container's).
     #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
     user: Option<String>,
+    /// OCI runtime CLI: the process to run, as OCI `process` JSON (instead of a command).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["env", "workdir", "user"])]
+    process: Option<std::path::PathBuf>,
+    /// OCI runtime CLI: write the PID of the process that stands for the exec here.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<std::path::PathBuf>,
+    /// OCI runtime CLI: return once the process runs (a keeper waits for it).
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// OCI runtime CLI: a Unix socket to send the process's terminal to: not yet.
+    #[arg(long, value_name = "SOCKET")]
+    console_socket: Option<std::path::PathBuf>,
     /// Container ID or name.
     id: String,
     /// Command and arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required_unless_present = "process"
+    )]
     command: Vec<String>,
 }
 
+/// Largest `--process` file read (an OCI process is a few KiB).
+const MAX_PROCESS_JSON: u64 = 1 << 20;
+
 pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
+    if args.process.is_some() {
+        return run_oci(args, layout);
+    }
     let container = Container::load(layout, &args.id)?;
     let exec = ExecConfig {
         exec_id: format!("exec-{}", std::process::id()),
@@ -75,6 +102,72 @@ pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
             .wait_process(&args.id, &exec.exec_id)
             .await?;
         drop(raw);
+        anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
+    });
+    rt.shutdown_background();
+    code
+}
+
+/// The OCI runtime CLI's exec: the process from `--process`, run in the foreground or (with
+/// `--detach`) by a keeper that `exec` leaves behind once the process runs.
+fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
+    use std::io::Read;
+    anyhow::ensure!(
+        args.console_socket.is_none(),
+        "--console-socket: a terminal for an exec is not supported yet; set process.terminal to false"
+    );
+    let path = args.process.as_deref().unwrap_or(std::path::Path::new(""));
+    let mut json = String::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("--process {}", path.display()))?
+        .take(MAX_PROCESS_JSON + 1)
+        .read_to_string(&mut json)
+        .with_context(|| format!("reading --process {}", path.display()))?;
+    anyhow::ensure!(
+        json.len() as u64 <= MAX_PROCESS_JSON,
+        "--process {} is over {MAX_PROCESS_JSON} bytes",
+        path.display()
+    );
+    let process: oci_spec::runtime::Process = serde_json::from_str(&json)
+        .with_context(|| format!("--process {} is not an OCI process", path.display()))?;
+    anyhow::ensure!(
+        process.terminal() != Some(true),
+        "--process {}: a terminal for an exec is not supported yet; set terminal to false",
+        path.display()
+    );
+    let container = Container::load(layout, &args.id)?;
+    let ready = crate::create::keeper_ready()?;
+    if args.detach && ready.is_none() {
+        return crate::create::spawn_keeper(&format!("started {}", args.id));
+    }
+    let exec_id = format!("exec-{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let code = rt.block_on(async {
+        let sandbox = Sandbox::open(layout.root(), &container.state().sandbox_id)
+            .await
+            .with_context(|| format!("reaching container {}", args.id))?;
+        let stdio = match container
+            .run_process(&sandbox, &exec_id, &process, true)
+            .await
+        {
+            Ok(stdio) => stdio,
+            Err(e) => {
+                eprintln!("brig: {e}");
+                return anyhow::Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
+            }
+        };
+        if let Some(path) = &args.pid_file {
+            crate::create::write_pid_file(&std::path::absolute(path)?)?;
+        }
+        if let Some(mut ready) = ready {
+            use std::io::Write;
+            writeln!(ready, "started {}", args.id).context("telling brig exec")?;
+        }
+        relay::relay(stdio, None).await;
+        let status = sandbox.agent().wait_process(&args.id, &exec_id).await?;
         anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     });
     rt.shutdown_background();

@@ -186,6 +186,48 @@ fn a_running_container_takes_signals_and_is_deleted_only_by_force() {
     assert_eq!(line, "ready\n");
     assert_eq!(state(test, "trapper")["status"], "running");
 
+    // exec --process, as conmon runs it: in the foreground with the process's status, and
+    // detached, leaving a keeper in the PID file that exits with it.
+    let process = |script: &str| {
+        let path = dir.join(format!("process-{}.json", script.len()));
+        let json = serde_json::json!({
+            "args": ["sh", "-c", script], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin:/sbin"], "terminal": false,
+        });
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    };
+    let out = brig(test)
+        .args(["exec", "--process"])
+        .arg(process("echo exec-out; exit 7"))
+        .arg("trapper")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "exec-out\n");
+    let exec_pid_file = dir.join("exec.pid");
+    let detached = brig(test)
+        .args(["exec", "--detach", "--pid-file"])
+        .arg(&exec_pid_file)
+        .arg("--process")
+        .arg(process("sleep 1; exit 9"))
+        .arg("trapper")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(detached.success(), "exec --detach: {detached:?}");
+    let exec_pid: u32 = std::fs::read_to_string(&exec_pid_file)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        exit_code(exec_pid),
+        9,
+        "the exec keeper exits with its status"
+    );
+
     // A running container is not deleted without --force, and nothing happens to it.
     let refused = brig(test).args(["delete", "trapper"]).output().unwrap();
     assert_eq!(refused.status.code(), Some(125));
