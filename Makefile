@@ -19,7 +19,7 @@ export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
 # (protobuf-compiler: the e2e CRI client compiles the CRI api.proto that k8s-cri ships)
 DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
 	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc containerd \
-	protobuf-compiler containernetworking-plugins iptables iperf3
+	protobuf-compiler containernetworking-plugins iptables iperf3 podman
 
 # virtiofsd, the peer of `brig-bench fs`, from crates.io into a cached prefix (benchmarks only).
 VIRTIOFSD_ROOT := $(BRIG_CACHE)/virtiofsd

@@ -1,0 +1,176 @@
+//! podman with Brig as its OCI runtime (`podman --runtime brig`), through Debian's podman 4.3
+//! and conmon, as a user runs it: run, exit codes, detached containers with exec, logs, stop
+//! (SIGTERM, then SIGKILL after the timeout), kill, rm -f, and nothing left afterwards.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use brig_e2e::{busybox_rootfs, dir_entries, env_path, processes_named};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A podman with storage of its own (on L1's tmpfs: overlays cannot stack on its root) and
+/// Brig as the runtime; Brig's state under `brig_root`, its default.
+struct Podman {
+    storage: PathBuf,
+    brig_root: PathBuf,
+}
+
+impl Podman {
+    fn new(test: &str) -> Self {
+        let storage = std::env::temp_dir().join(format!("brig-e2e-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&storage);
+        std::fs::create_dir_all(&storage).unwrap();
+        Self {
+            storage,
+            // Brig's default root: podman's `--runtime-flag root=…` does not reach the
+            // runtime calls of the cleanup process conmon starts (podman 4.3), nor does
+            // our environment.
+            brig_root: PathBuf::from("/run/brig"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(self.storage.join("root"))
+            .arg("--runroot")
+            .arg(self.storage.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ])
+            .arg("--runtime")
+            .arg(env_path("BRIG_BIN"))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// `podman ARGS` that must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {:?}\nstdout: {}\nstderr: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// A busybox image, imported from a tarball of its root filesystem.
+    fn import_busybox(&self) {
+        let rootfs = busybox_rootfs(&self.storage.join("image"));
+        let tar = self.storage.join("busybox.tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar of the busybox rootfs");
+        self.ok(&["import", tar.to_str().unwrap(), IMAGE]);
+    }
+
+    fn exit_code(&self, name: &str) -> String {
+        self.ok(&["inspect", "--format", "{{.State.ExitCode}}", name])
+            .trim()
+            .to_string()
+    }
+}
+
+const IMAGE: &str = "localhost/busybox:brig";
+
+#[test]
+fn podman_runs_execs_stops_and_removes_containers_in_microvms() {
+    let podman = Podman::new("podman");
+    podman.import_busybox();
+    let run = ["run", "--network", "none"];
+
+    // Foreground runs: output and exit codes.
+    let out = podman.ok(&[&run[..], &["--rm", IMAGE, "echo", "hi from brig"]].concat());
+    assert_eq!(out, "hi from brig\n");
+    let out = podman.run(&[&run[..], &["--rm", IMAGE, "sh", "-c", "exit 3"]].concat());
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let out = podman.run(&[&run[..], &["--rm", IMAGE, "uname", "-r"]].concat());
+    let guest_kernel = text(&out.stdout);
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        guest_kernel.trim(),
+        host_kernel.trim(),
+        "it ran in a microVM"
+    );
+
+    // A detached container: ps, exec, logs, and stop where SIGTERM ends it.
+    let script = "echo started; trap 'echo bye; exit 0' TERM; while true; do sleep 1; done";
+    podman.ok(&[
+        &run[..],
+        &["-d", "--name", "web", IMAGE, "sh", "-c", script],
+    ]
+    .concat());
+    let ps = podman.ok(&["ps", "--format", "{{.Names}} {{.Status}}"]);
+    assert!(ps.contains("web Up"), "podman ps: {ps}");
+    let out = podman.run(&["exec", "web", "sh", "-c", "echo in-exec; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in-exec\n");
+    podman.ok(&["stop", "-t", "20", "web"]);
+    assert_eq!(podman.exit_code("web"), "0", "the TERM trap's status");
+    let logs = podman.ok(&["logs", "web"]);
+    assert_eq!(logs, "started\nbye\n");
+
+    // SIGTERM ignored (sleep as PID 1): SIGKILL after the timeout.
+    podman.ok(&[
+        &run[..],
+        &["-d", "--name", "stubborn", IMAGE, "sleep", "300"],
+    ]
+    .concat());
+    podman.ok(&["stop", "-t", "2", "stubborn"]);
+    assert_eq!(podman.exit_code("stubborn"), "137");
+    // kill, and rm -f of a running container.
+    podman.ok(&[&run[..], &["-d", "--name", "killed", IMAGE, "sleep", "300"]].concat());
+    podman.ok(&["kill", "killed"]);
+    podman.ok(&["wait", "killed"]);
+    assert_eq!(podman.exit_code("killed"), "137");
+    podman.ok(&[
+        &run[..],
+        &["-d", "--name", "running", IMAGE, "sleep", "300"],
+    ]
+    .concat());
+    podman.ok(&["rm", "-f", "web", "stubborn", "killed", "running"]);
+    let ps = podman.ok(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert_eq!(ps, "", "containers left: {ps}");
+
+    // Nothing of Brig's is left: no VMM, no record, no mount under its state root (which
+    // it did use).
+    assert!(
+        podman.brig_root.join("sandboxes").is_dir(),
+        "Brig's root was not used"
+    );
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    assert!(
+        dir_entries(&podman.brig_root.join("sandboxes")).is_empty(),
+        "sandboxes left"
+    );
+    assert!(
+        dir_entries(&podman.brig_root.join("containers")).is_empty(),
+        "container records left"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = format!(" {}/", podman.brig_root.display());
+    assert!(!mounts.contains(&root), "mounts left under{root}: {mounts}");
+    let _ = std::fs::remove_dir_all(&podman.storage);
+}
