@@ -73,39 +73,18 @@ pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
         stdin: args.interactive,
     };
     // Bad input is an error before anything reaches the guest.
-    exec.process(container.state().process.as_ref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let code = rt.block_on(async {
-        let sandbox = Sandbox::open(layout.root(), &container.state().sandbox_id)
-            .await
-            .with_context(|| format!("reaching container {}", args.id))?;
-        let stdio = match container.exec(&sandbox, &exec).await {
-            Ok(stdio) => stdio,
-            Err(e) => {
-                eprintln!("brig: {e}");
-                return anyhow::Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
-            }
-        };
-        let raw = args.tty.then(relay::RawTerminal::enter);
-        if let (true, Some((rows, cols))) = (args.tty, relay::terminal_size()) {
-            let _ = sandbox
-                .agent()
-                .resize_tty(&args.id, &exec.exec_id, rows.into(), cols.into())
-                .await;
-        }
-        relay::relay(stdio, None).await;
-        let status = sandbox
-            .agent()
-            .wait_process(&args.id, &exec.exec_id)
-            .await?;
-        drop(raw);
-        anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
-    });
-    rt.shutdown_background();
-    code
+    let process = exec.process(container.state().process.as_ref())?;
+    launch(
+        layout,
+        Launch {
+            container,
+            exec_id: exec.exec_id,
+            process,
+            stdin: exec.stdin,
+            pid_file: None,
+            ready: None,
+        },
+    )
 }
 
 /// The OCI runtime CLI's exec: the process from `--process`, run in the foreground or (with
@@ -140,7 +119,46 @@ fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
     if args.detach && ready.is_none() {
         return crate::create::spawn_keeper(&format!("started {}", args.id));
     }
-    let exec_id = format!("exec-{}", std::process::id());
+    let pid_file = args.pid_file.map(std::path::absolute).transpose()?;
+    launch(
+        layout,
+        Launch {
+            container,
+            exec_id: format!("exec-{}", std::process::id()),
+            process,
+            stdin: true,
+            pid_file,
+            ready,
+        },
+    )
+}
+
+/// One exec to run, as either form of `brig exec` asks for it.
+struct Launch {
+    container: Container,
+    exec_id: String,
+    process: oci_spec::runtime::Process,
+    /// Send our stdin to it.
+    stdin: bool,
+    /// Where our PID goes once it runs (it stands for the process on the host).
+    pid_file: Option<std::path::PathBuf>,
+    /// A keeper's ready pipe: told once it runs.
+    ready: Option<std::fs::File>,
+}
+
+/// Run the exec, relay its stdio (raw terminal and size with `process.terminal`) until it
+/// ends: its exit status, or 126/127 when it could not be executed or found.
+fn launch(layout: &Layout, launch: Launch) -> anyhow::Result<u8> {
+    let Launch {
+        container,
+        exec_id,
+        process,
+        stdin,
+        pid_file,
+        ready,
+    } = launch;
+    let id = container.id().to_string();
+    let tty = process.terminal() == Some(true);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -148,9 +166,9 @@ fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
     let code = rt.block_on(async {
         let sandbox = Sandbox::open(layout.root(), &container.state().sandbox_id)
             .await
-            .with_context(|| format!("reaching container {}", args.id))?;
+            .with_context(|| format!("reaching container {id}"))?;
         let stdio = match container
-            .run_process(&sandbox, &exec_id, &process, true)
+            .run_process(&sandbox, &exec_id, &process, stdin)
             .await
         {
             Ok(stdio) => stdio,
@@ -159,15 +177,23 @@ fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
                 return anyhow::Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
             }
         };
-        if let Some(path) = &args.pid_file {
-            crate::create::write_pid_file(&std::path::absolute(path)?)?;
+        if let Some(path) = &pid_file {
+            crate::create::write_pid_file(path)?;
         }
         if let Some(mut ready) = ready {
             use std::io::Write;
-            writeln!(ready, "started {}", args.id).context("telling brig exec")?;
+            writeln!(ready, "started {id}").context("telling brig exec")?;
+        }
+        let raw = tty.then(relay::RawTerminal::enter);
+        if let (true, Some((rows, cols))) = (tty, relay::terminal_size()) {
+            let _ = sandbox
+                .agent()
+                .resize_tty(&id, &exec_id, rows.into(), cols.into())
+                .await;
         }
         relay::relay(stdio, None).await;
-        let status = sandbox.agent().wait_process(&args.id, &exec_id).await?;
+        let status = sandbox.agent().wait_process(&id, &exec_id).await?;
+        drop(raw);
         anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     });
     rt.shutdown_background();

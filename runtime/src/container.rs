@@ -579,23 +579,9 @@ impl Container {
             .await?)
     }
 
-    /// Run another process in it. Wait for it with
-    /// `sandbox.agent().wait_process(id, exec_id)`.
-    pub async fn exec(
-        &self,
-        sandbox: &Sandbox,
-        exec: &ExecConfig,
-    ) -> Result<Stdio, ContainerError> {
-        self.ensure(&[Status::Running], "exec needs a running container")?;
-        let process = exec
-            .process(self.state.process.as_ref())
-            .map_err(|e| ContainerError::Spec(e.to_string()))?;
-        self.run_process(sandbox, &exec.exec_id, &process, exec.stdin)
-            .await
-    }
-
-    /// Run `process`, a whole OCI process (what the OCI runtime CLI's `exec --process`
-    /// reads), in the container as exec `exec_id`; `stdin`: open a stdin stream.
+    /// Run `process` in it as exec `exec_id` (a whole OCI process: an [`ExecConfig`]'s, or
+    /// what the OCI runtime CLI's `exec --process` reads); `stdin`: open a stdin stream.
+    /// Wait for it with `sandbox.agent().wait_process(id, exec_id)`.
     pub async fn run_process(
         &self,
         sandbox: &Sandbox,
