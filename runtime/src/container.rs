@@ -690,6 +690,11 @@ impl Container {
     /// kills its owner and its sandbox's VMM; its sandbox's mounts and directory are removed
     /// and its record forgotten.
     pub fn delete(self, force: bool) -> Result<(), ContainerError> {
+        // The VM's own process (the VMM's child, in a PID namespace of its own), noted while
+        // the VMM still names it: killed with the owner, it is reaped by whoever adopts it,
+        // and is waited for below like the owner.
+        let mut gone_before_return: Vec<ProcessRef> =
+            sandbox::vm_processes(self.layout.root(), &self.state.sandbox_id);
         if self.state.status != Status::Stopped {
             if !force {
                 return Err(ContainerError::WrongState {
@@ -703,11 +708,10 @@ impl Container {
             }
         }
         sandbox::remove_sandbox(self.layout.root(), &self.state.sandbox_id)?;
-        if let Some(owner) = self.state.owner {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !owner.gone() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        gone_before_return.extend(self.state.owner);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gone_before_return.iter().any(|p| !p.gone()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         self.forget()
     }

@@ -761,6 +761,17 @@ fn kill_vmm(vmm: &ProcessRef) {
     }
 }
 
+/// The processes that run sandbox `id`'s VM (the VMM's children), as its record names the
+/// VMM now: empty when there is no record or the VMM is gone.
+pub fn vm_processes(root: &Path, id: &str) -> Vec<ProcessRef> {
+    if state::validate_id("sandbox", id).is_err() {
+        return Vec::new();
+    }
+    read_record(&Layout::new(root).sandbox(id))
+        .map(|record| record.vmm.children())
+        .unwrap_or_default()
+}
+
 /// [`kill_vmm`] for the VMM we started, and reap it.
 async fn kill_child(vmm: &mut tokio::process::Child) {
     match vmm.id().and_then(ProcessRef::of) {
