@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{busybox_rootfs, dir_entries, env_path, processes_named};
+use crate::{busybox_rootfs, dir_entries, env_path, processes_named, text};
 
 /// The containerd runtime name of Brig's shim.
 pub const RUNTIME: &str = "io.containerd.brig.v2";
@@ -20,11 +20,6 @@ pub const PAUSE_IMAGE: &str = "docker.io/brig/pause:e2e";
 /// What users put in containerd's config for Brig (the test uses it as it is, with its own
 /// brig.toml as the ConfigPath).
 const CONFIG_SNIPPET: &str = include_str!("../../../configs/containerd.toml");
-
-/// Bytes as text, lossily.
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))

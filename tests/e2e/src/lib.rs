@@ -13,6 +13,24 @@ use std::process::Command;
 
 use brig_runtime::RuntimeConfig;
 
+/// Bytes as text, lossily.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The stdout of a command that must have succeeded; `what` names it in the panic, which
+/// shows its status, stdout and stderr.
+pub fn stdout_of(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 /// A path from the environment, or a panic that says which variable to set.
 pub fn env_path(var: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {

@@ -6,7 +6,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use brig_e2e::containerd::{text, Containerd, IMAGE, RUNTIME};
+use brig_e2e::containerd::{Containerd, IMAGE, RUNTIME};
+use brig_e2e::text;
 
 #[test]
 fn ctr_run_runs_a_container_in_a_microvm_and_leaves_nothing() {

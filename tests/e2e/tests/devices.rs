@@ -3,7 +3,7 @@
 
 use std::process::{Output, Stdio};
 
-use brig_e2e::{brig, scratch, serial_port_bundle};
+use brig_e2e::{brig, scratch, serial_port_bundle, text};
 
 /// A bundle whose container gets /dev/ttyS0 (the guest's serial port, c 4:64) as a node,
 /// with `rules` (JSON objects) as its device cgroup, running `script`.
@@ -16,10 +16,6 @@ fn run_bundle(test: &str, rules: &str, script: &str) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 const SCRIPT: &str = "echo x > /dev/ttyS0 && echo wrote; echo null > /dev/null && echo devnull";

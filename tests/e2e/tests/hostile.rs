@@ -5,7 +5,7 @@ use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use brig_e2e::{brig, busybox_rootfs};
+use brig_e2e::{brig, busybox_rootfs, text};
 
 /// The busybox root filesystem plus `/bin/socket-probe`.
 fn rootfs() -> &'static Path {
@@ -20,10 +20,6 @@ fn rootfs() -> &'static Path {
         .unwrap();
         root
     })
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// AF_VSOCK, AF_UNIX, AF_INET, and an io_uring ring (whose sockets would bypass the

@@ -7,7 +7,7 @@ use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use brig_e2e::{brig, busybox_rootfs, processes_named};
+use brig_e2e::{brig, busybox_rootfs, processes_named, text};
 use serde_json::Value;
 
 fn rootfs() -> &'static Path {
@@ -16,10 +16,6 @@ fn rootfs() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("brig-e2e-rootfs-{}", std::process::id()));
         busybox_rootfs(&dir)
     })
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

@@ -5,12 +5,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use brig_e2e::net::{host_server, http_get, VethNetns};
-use brig_e2e::{brig, busybox_rootfs, dir_entries};
+use brig_e2e::{brig, busybox_rootfs, dir_entries, stdout_of, text};
 
 fn rootfs() -> &'static std::path::Path {
     static ROOTFS: OnceLock<std::path::PathBuf> = OnceLock::new();
@@ -18,21 +18,6 @@ fn rootfs() -> &'static std::path::Path {
         let dir = std::env::temp_dir().join(format!("brig-e2e-net-rootfs-{}", std::process::id()));
         busybox_rootfs(&dir)
     })
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 fn iptables_rules() -> String {
@@ -57,9 +42,9 @@ fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing()
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    ok(out, "brig run -d -p 18081:80");
+    stdout_of(out, "brig run -d -p 18081:80");
     let exec = |script: &str| {
-        ok(
+        stdout_of(
             brig(test)
                 .args(["exec", name, "sh", "-c", script])
                 .stdin(Stdio::null())
@@ -95,7 +80,7 @@ fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing()
     let id_rules = iptables_rules();
     assert!(id_rules.contains("18081"), "no portmap rule: {id_rules}");
 
-    ok(
+    stdout_of(
         brig(test).args(["rm", "-f", name]).output().unwrap(),
         "brig rm -f",
     );
@@ -136,7 +121,7 @@ fn network_none_has_loopback_only_and_it_is_up() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let out = ok(out, "--network none");
+    let out = stdout_of(out, "--network none");
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("lo"), "{out}");
     assert!(out.contains("LOWER_UP") || out.contains(",UP"), "{out}");
@@ -165,7 +150,7 @@ fn network_netns_joins_a_namespace_someone_else_made() {
         .output()
         .unwrap();
     drop(ns);
-    let out = ok(out, "--network netns:");
+    let out = stdout_of(out, "--network netns:");
     assert!(out.contains("10.99.7.2/24"), "{out}");
     // /etc/hosts names the container on the address it was given.
     assert!(out.contains("\n10.99.7.2\tjoined\n"), "{out}");
@@ -284,7 +269,7 @@ fn bulk_data_crosses_the_nic_intact_both_ways_with_offloads_on_and_off() {
             .output()
             .unwrap();
         drop(ns);
-        let out = ok(out, &format!("bulk transfer, offload {offload}"));
+        let out = stdout_of(out, &format!("bulk transfer, offload {offload}"));
         let in_time = sending.join().unwrap();
         let (n, got_out, out_time) = receiving.join().unwrap();
         assert_eq!(

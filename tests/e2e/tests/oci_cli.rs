@@ -7,11 +7,7 @@ use std::io::{BufRead, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use brig_e2e::{brig, busybox_rootfs, processes_named, scratch};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use brig_e2e::{brig, busybox_rootfs, processes_named, scratch, text};
 
 /// A bundle in `dir` made by `runc spec`, as an engine writes one, running `script` without a
 /// terminal.

@@ -5,11 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use brig_e2e::{busybox_rootfs, dir_entries, env_path, processes_named};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use brig_e2e::{busybox_rootfs, dir_entries, env_path, processes_named, stdout_of, text};
 
 /// A podman with storage of its own (on L1's tmpfs: overlays cannot stack on its root) and
 /// Brig as the runtime; Brig's state under `brig_root`, its default.
@@ -59,15 +55,7 @@ impl Podman {
 
     /// `podman ARGS` that must succeed: its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {:?}\nstdout: {}\nstderr: {}",
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        stdout_of(self.run(args), &format!("podman {args:?}"))
     }
 
     /// A busybox image, imported from a tarball of its root filesystem.

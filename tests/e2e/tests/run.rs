@@ -5,7 +5,7 @@ use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use brig_e2e::{brig, busybox_rootfs, dir_entries, processes_named};
+use brig_e2e::{brig, busybox_rootfs, dir_entries, processes_named, text};
 use sha2::{Digest, Sha256};
 
 fn rootfs() -> &'static std::path::Path {
@@ -26,10 +26,6 @@ fn run(test: &str, flags: &[&str], cmd: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use brig_e2e::{brig, busybox_rootfs, dir_entries, processes_named, scratch};
+use brig_e2e::{brig, busybox_rootfs, dir_entries, processes_named, scratch, text};
 
 /// Container IDs 0..65536 are guest IDs 100000..165536.
 const MAPPINGS: &str = r#"[{"containerID": 0, "hostID": 100000, "size": 65536}]"#;
@@ -69,10 +69,6 @@ fn run(test: &str, flags: &[&str], bundle: &Path) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
