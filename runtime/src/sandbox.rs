@@ -337,6 +337,7 @@ impl Sandbox {
             .arg(spec.cpus.to_string())
             .arg("--memory")
             .arg(format!("{}M", spec.memory_mib))
+            .args(config.guest_thp.then_some("--thp"))
             .arg("--console")
             .arg(&console)
             .arg("--console-limit")
@@ -998,6 +999,7 @@ mod tests {
             cni_plugin_dir: "/usr/lib/cni".into(),
             net_offload: true,
             pvm_guest_kernel: false,
+            guest_thp: false,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

@@ -102,6 +102,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub mem_mib: u64,
+    /// Back guest memory with transparent huge pages (faster, but the host pays 2 MiB for
+    /// each range the guest touches); by default never.
+    pub thp: bool,
     /// Where the guest console goes.
     pub console: ConsoleTarget,
     /// The vsock device, if any.
@@ -374,6 +377,7 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             vcpus: 1,
             mem_mib: 256,
+            thp: false,
             console: ConsoleTarget::Off,
             vsock: None,
             fs: None,

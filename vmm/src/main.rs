@@ -47,6 +47,10 @@ struct Args {
     /// Guest memory: 256, 256M, 1G… (64 MiB to 3 GiB).
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_mem_mib)]
     memory: u64,
+    /// Back guest memory with transparent huge pages: fewer TLB misses, but the host pays
+    /// 2 MiB for every range the guest touches. By default guest memory never gets them.
+    #[arg(long)]
+    thp: bool,
     /// Guest console (COM1): `stdout`, `off`, or a file path to append to.
     #[arg(long, default_value = "stdout", value_name = "DEST")]
     console: String,
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         cmdline: args.cmdline,
         vcpus: u8::try_from(args.cpus).unwrap_or(u8::MAX),
         mem_mib: args.memory,
+        thp: args.thp,
         console,
         vsock: args.vsock_uds.map(|uds| VsockConfig {
             guest_cid: args.vsock_cid,

@@ -136,6 +136,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, config.mem_mib)?;
+    advise_huge_pages(&mem, config.thp).map_err(|e| VmError::Memory {
+        mib: config.mem_mib,
+        reason: format!("madvise: {e}"),
+    })?;
 
     vm.set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX))
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
@@ -509,6 +513,32 @@ fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
     Ok(mem)
 }
 
+/// Back guest memory with transparent huge pages (`thp`) or never with them.
+///
+/// Where THP is `always` (Debian's default), a guest that touches one byte of a 2 MiB range
+/// costs the host all 2 MiB: an idle 256 MiB guest using 20 MiB had 40 MiB of huge pages
+/// behind it. Sandboxes are many and mostly idle, so density wins by default; `thp` trades
+/// that memory for fewer TLB misses (the `--thp` flag, `guest_thp` in brig.toml).
+fn advise_huge_pages(mem: &GuestMemoryMmap, thp: bool) -> std::io::Result<()> {
+    let advice = if thp {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(std::io::Error::other)?;
+        let len = usize::try_from(region.len()).map_err(std::io::Error::other)?;
+        // SAFETY: `host..host+len` is exactly one live anonymous mapping owned by `mem`;
+        // MADV_HUGEPAGE/NOHUGEPAGE change only how the kernel backs it, never its contents.
+        if unsafe { libc::madvise(host.cast(), len, advice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Give `device` the `index`-th virtio-mmio window and IRQ: irqfd, ioeventfds, transport,
 /// and its declaration on the kernel command line.
 fn attach_mmio_device<D: VirtioDevice + 'static>(
@@ -624,6 +654,38 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
             Ok(other) => tracing::debug!("vCPU {id}: unhandled exit {other:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return VmExit::GuestCrash(format!("vCPU {id}: KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The VmFlags line of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            if line.contains(' ') && line.split(' ').next().is_some_and(|r| r.contains('-')) {
+                in_mapping = line.starts_with(&start);
+            } else if in_mapping && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn guest_memory_gets_huge_pages_only_when_asked() {
+        for (thp, flag, not) in [(false, " nh", " hg"), (true, " hg", " nh")] {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+            advise_huge_pages(&mem, thp).unwrap();
+            let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+            let flags = vm_flags(host);
+            assert!(flags.contains(flag), "thp={thp}: {flags}");
+            assert!(!flags.contains(not), "thp={thp}: {flags}");
         }
     }
 }
