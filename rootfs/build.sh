@@ -15,7 +15,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target_dir = /* ]] || target_dir=$repo/$target_dir
 triple=x86_64-unknown-linux-musl
-agent=$target_dir/$triple/release/brig-agent
+agent=$target_dir/$triple/guest/brig-agent
 out_dir=$target_dir/brig
 out=$out_dir/initramfs.cpio.gz
 epoch=${SOURCE_DATE_EPOCH:-0}
@@ -25,8 +25,9 @@ for tool in cargo cpio gzip readelf mknod; do
 done
 [[ $(id -u) -eq 0 ]] || die "must run as root: /dev/console and /dev/null are created with mknod"
 
-# 1. The agent, release, static musl. Progress on stderr; stdout carries only the result.
-(cd "$repo" && cargo build --release --locked --target "$triple" -p brig-agent) >&2 \
+# 1. The agent, static musl, built for size (the `guest` profile: each guest holds all of it
+#    in memory). Progress on stderr; stdout carries only the result.
+(cd "$repo" && cargo build --profile guest --locked --target "$triple" -p brig-agent) >&2 \
     || die "building brig-agent for $triple failed (is the target installed? rustup target add $triple)"
 [[ -x $agent ]] || die "expected the agent at $agent"
 
