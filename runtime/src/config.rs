@@ -19,6 +19,7 @@
 //! net_offload = true       # offer guests checksum/segmentation offloads on their NIC
 //! pvm_guest_kernel = false # on a PVM host: trust that `kernel` is a PVM guest kernel
 //! guest_thp = false        # back guest memory with transparent huge pages (brig-vmm --thp)
+//! kernel_params = ""       # appended to the guest kernel's command line
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
 //! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
@@ -56,10 +57,16 @@ pub enum ConfigError {
     /// A log cap too small to hold a kernel panic's lines.
     #[error("{field} is {value} bytes: it must be at least {MIN_LOG_LIMIT} (16 KiB)")]
     LogLimit { field: &'static str, value: u64 },
+    /// Kernel parameters that cannot be passed on a command line.
+    #[error("kernel_params {0:?} holds a control character or is longer than {MAX_KERNEL_PARAMS} bytes: give space-separated parameters on one line")]
+    KernelParams(String),
     /// A default network mode that is not one of the allowed ones.
     #[error("network (or BRIG_NETWORK) is {0:?}: use \"bridge\" or \"none\"")]
     Network(String),
 }
+
+/// Longest `kernel_params`: the rest of the guest's 2048-byte command line is Brig's.
+pub const MAX_KERNEL_PARAMS: usize = 1024;
 
 /// Default cap of a sandbox's `console.log` and `vmm.log`, bytes.
 pub const DEFAULT_LOG_LIMIT: u64 = 1024 * 1024;
@@ -89,6 +96,7 @@ struct ConfigFile {
     net_offload: Option<bool>,
     pvm_guest_kernel: Option<bool>,
     guest_thp: Option<bool>,
+    kernel_params: Option<String>,
 }
 
 /// Resolved runtime configuration.
@@ -130,6 +138,9 @@ pub struct RuntimeConfig {
     /// Back guest memory with transparent huge pages (brig-vmm `--thp`): fewer TLB misses,
     /// but an idle guest then costs the host about twice the memory it uses.
     pub guest_thp: bool,
+    /// Appended to the guest kernel's command line (after Brig's own parameters, so a
+    /// parameter given twice takes this value where the kernel keeps the last one).
+    pub kernel_params: String,
 }
 
 impl RuntimeConfig {
@@ -211,6 +222,10 @@ impl RuntimeConfig {
         if network != "bridge" && network != "none" {
             return Err(ConfigError::Network(network));
         }
+        let kernel_params = file.kernel_params.unwrap_or_default();
+        if kernel_params.len() > MAX_KERNEL_PARAMS || kernel_params.chars().any(char::is_control) {
+            return Err(ConfigError::KernelParams(kernel_params));
+        }
         Ok(Self {
             kernel,
             initrd,
@@ -230,6 +245,7 @@ impl RuntimeConfig {
             net_offload: file.net_offload.unwrap_or(true),
             pvm_guest_kernel: file.pvm_guest_kernel.unwrap_or(false),
             guest_thp: file.guest_thp.unwrap_or(false),
+            kernel_params: kernel_params.trim().to_string(),
         })
     }
 }
@@ -320,6 +336,28 @@ mod tests {
         let env = |k: &str| (k == "BRIG_KERNEL").then(|| PathBuf::from("/env/k"));
         let cfg = RuntimeConfig::resolve(file, env, &[], &[]).unwrap();
         assert_eq!(cfg.kernel, PathBuf::from("/env/k"));
+    }
+
+    #[test]
+    fn kernel_params_are_one_line_of_bounded_length() {
+        let resolve = |params: &str| {
+            let file = ConfigFile {
+                kernel: Some("/k".into()),
+                initrd: Some("/i".into()),
+                vmm: Some("/v".into()),
+                kernel_params: Some(params.into()),
+                ..ConfigFile::default()
+            };
+            RuntimeConfig::resolve(file, |_| None, &[], &[])
+        };
+        assert_eq!(
+            resolve(" rdinit=/x  loglevel=7 ").unwrap().kernel_params,
+            "rdinit=/x  loglevel=7"
+        );
+        for bad in ["a\nb", "a\u{0}b", &"x".repeat(MAX_KERNEL_PARAMS + 1)] {
+            let err = resolve(bad).unwrap_err().to_string();
+            assert!(err.starts_with("kernel_params"), "{err}");
+        }
     }
 
     #[test]

@@ -414,7 +414,10 @@ impl Sandbox {
             }
             _netns_file = Some(file);
         }
-        let mut cmdline = spec.cmdline.clone();
+        let mut cmdline = spec
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
         if spec.share {
             let shared = dir.join("shared");
             std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir {
@@ -428,14 +431,13 @@ impl Sandbox {
                 .arg(arg)
                 .arg("--fs-cache")
                 .arg(&config.fs_cache);
-            let base = cmdline
-                .take()
-                .unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
-            cmdline = Some(format!("{base} brig.share={SHARE_TAG}"));
+            cmdline.push_str(&format!(" brig.share={SHARE_TAG}"));
         }
-        if let Some(cmdline) = &cmdline {
-            cmd.arg("--cmdline").arg(cmdline);
+        if !config.kernel_params.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&config.kernel_params);
         }
+        cmd.arg("--cmdline").arg(&cmdline);
         let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn {
             vmm: config.vmm.clone(),
             source,
@@ -1000,6 +1002,7 @@ mod tests {
             net_offload: true,
             pvm_guest_kernel: false,
             guest_thp: false,
+            kernel_params: String::new(),
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

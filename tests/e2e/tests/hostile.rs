@@ -192,3 +192,126 @@ fn a_container_flooding_the_guest_console_stays_under_the_cap_and_the_sandbox_ke
     assert!(exec.status.success(), "{}", text(&exec.stderr));
     assert_eq!(text(&exec.stdout), "alive\n");
 }
+
+/// Brig's initramfs plus `/guest-racer`, a hostile init that races the agent to the host's
+/// stdio ports from outside any container (see `src/bin/guest-racer.rs`).
+fn racer_initrd(dir: &Path) -> PathBuf {
+    let extra = dir.join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_guest-racer"), extra.join("guest-racer")).unwrap();
+    let initrd = dir.join("racer-initramfs.cpio.gz");
+    // The kernel unpacks concatenated archives in order: ours adds one file to Brig's.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"set -e; cat "$1" > "$3"; cd "$2"; echo guest-racer | cpio -o -H newc -R 0:0 --quiet | gzip >> "$3""#)
+        .arg("sh")
+        .arg(std::env::var_os("BRIG_INITRD").unwrap())
+        .arg(&extra)
+        .arg(&initrd)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    initrd
+}
+
+#[test]
+fn a_guest_process_racing_for_stdio_ports_gets_nothing_and_every_stream_stays_intact() {
+    let t = "stdio-race";
+    let dir = brig_e2e::scratch(t);
+    let initrd = racer_initrd(&dir);
+    let brig_toml = dir.join("brig.toml");
+    std::fs::write(
+        &brig_toml,
+        format!(
+            "initrd = {:?}\nkernel_params = \"rdinit=/guest-racer\"\n",
+            initrd.display().to_string()
+        ),
+    )
+    .unwrap();
+    let brig = |args: &[&str], stdin: &[u8]| {
+        use std::io::Write;
+        let mut child = brig(t)
+            .env("BRIG_CONFIG", &brig_toml)
+            .env_remove("BRIG_INITRD")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let refused = |out: &Output| {
+        text(&out.stderr)
+            .matches("did not present the stream's token")
+            .count()
+    };
+    // The racer connects first to every stream the agent opens: the container's two here...
+    let run = brig(
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            "raced",
+            rootfs().to_str().unwrap(),
+            "sleep",
+            "600",
+        ],
+        b"",
+    );
+    // ... and each exec's three (a detached container's streams are taken by its keeper,
+    // whose warnings go to the sandbox's log, so only the execs' are counted here).
+    let mut refusals = 0;
+    let mut execs = Vec::new();
+    if run.status.success() {
+        for i in 0..3 {
+            let input = format!("input {i}\n");
+            let exec = brig(
+                &["exec", "-i", "raced", "sh", "-c", "cat; echo end"],
+                input.as_bytes(),
+            );
+            refusals += refused(&exec);
+            execs.push((input, exec));
+        }
+    }
+    let console = PathBuf::from("/run/brig-e2e")
+        .join(t)
+        .join("sandboxes/raced/console.log");
+    let console =
+        String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
+    let _ = brig(&["rm", "-f", "raced"], b"");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let racer: Vec<&str> = console.lines().filter(|l| l.contains("racer: ")).collect();
+    assert!(run.status.success(), "{}\n{racer:#?}", text(&run.stderr));
+    for (input, exec) in &execs {
+        assert!(exec.status.success(), "{input}: {}", text(&exec.stderr));
+        assert_eq!(
+            text(&exec.stdout),
+            format!("{input}end\n"),
+            "a stream was taken or broken; stderr: {}\n{racer:#?}",
+            text(&exec.stderr)
+        );
+    }
+    let won = racer
+        .iter()
+        .filter(|l| l.contains("connected first"))
+        .count();
+    assert_eq!(won, 2 + 3 * execs.len(), "{racer:#?}");
+    // The host turned every one away at once, and sent it nothing.
+    assert_eq!(refusals, 3 * execs.len(), "{racer:#?}");
+    let closed: Vec<_> = racer
+        .iter()
+        .filter(|l| l.contains("the host closed it"))
+        .collect();
+    assert_eq!(closed.len(), won, "{racer:#?}");
+    assert!(
+        closed.iter().all(|l| l.ends_with("received 0 bytes")),
+        "{racer:#?}"
+    );
+}
