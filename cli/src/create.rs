@@ -34,7 +34,8 @@ pub struct CreateArgs {
     /// Write the PID of the process that stands for the container here.
     #[arg(long)]
     pid_file: Option<PathBuf>,
-    /// A Unix socket to send the container's terminal to (process.terminal): not yet.
+    /// A Unix socket to send the container's terminal to (with process.terminal): the
+    /// master of a host PTY, sent with SCM_RIGHTS, as runc does.
     #[arg(long)]
     console_socket: Option<PathBuf>,
     /// Accepted as runc does; the container's root is always pivoted in its microVM.
@@ -65,12 +66,6 @@ const START_FIFO: &str = "start.fifo";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
-    if args.console_socket.is_some() {
-        bail!(
-            "--console-socket: a terminal for a created container is not supported yet; \
-             set process.terminal to false in config.json"
-        );
-    }
     // The caller's mistakes are told by `create` itself, before any keeper exists.
     let bundle = std::path::absolute(&args.bundle)
         .with_context(|| format!("bundle {}", args.bundle.display()))?;
@@ -80,6 +75,13 @@ pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         bundle.display()
     );
     brig_runtime::state::validate_id("container", &args.id)?;
+    let terminal = spec::load_target(&bundle)?
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        == Some(true);
+    crate::console::check(terminal, args.console_socket.as_deref(), true)?;
     match keeper_ready()? {
         Some(ready) => keep(args, root, bundle, ready),
         None => spawn_keeper(&format!("created {}", args.id)),
@@ -165,6 +167,11 @@ fn keep(
         config.root = root;
     }
     let id = args.id.clone();
+    let tty = target.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
+    // The keeper's stdin and stdout become the terminal the engine holds the other end of.
+    if let Some(socket) = &args.console_socket {
+        crate::console::take_terminal(socket)?;
+    }
     let layout = Layout::new(&config.root);
     anyhow::ensure!(
         !layout.container(&id).exists(),
@@ -222,10 +229,7 @@ fn keep(
         container: &container,
         resolv_conf: None,
         hostname: None,
-        output: Output::User {
-            tty: false,
-            logs: None,
-        },
+        output: Output::User { tty, logs: None },
         memory,
         remove: false,
         bundle: Some(bundle),

@@ -41,7 +41,8 @@ pub struct ExecArgs {
     /// OCI runtime CLI: return once the process runs (a keeper waits for it).
     #[arg(short = 'd', long)]
     detach: bool,
-    /// OCI runtime CLI: a Unix socket to send the process's terminal to: not yet.
+    /// OCI runtime CLI: a Unix socket to send the process's terminal to (with
+    /// process.terminal): the master of a host PTY, sent with SCM_RIGHTS, as runc does.
     #[arg(long, value_name = "SOCKET")]
     console_socket: Option<std::path::PathBuf>,
     /// Container ID or name.
@@ -91,10 +92,6 @@ pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
 /// `--detach`) by a keeper that `exec` leaves behind once the process runs.
 fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
     use std::io::Read;
-    anyhow::ensure!(
-        args.console_socket.is_none(),
-        "--console-socket: a terminal for an exec is not supported yet; set process.terminal to false"
-    );
     let path = args.process.as_deref().unwrap_or(std::path::Path::new(""));
     let mut json = String::new();
     std::fs::File::open(path)
@@ -109,15 +106,20 @@ fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
     );
     let process: oci_spec::runtime::Process = serde_json::from_str(&json)
         .with_context(|| format!("--process {} is not an OCI process", path.display()))?;
-    anyhow::ensure!(
-        process.terminal() != Some(true),
-        "--process {}: a terminal for an exec is not supported yet; set terminal to false",
-        path.display()
-    );
+    crate::console::check(
+        process.terminal() == Some(true),
+        args.console_socket.as_deref(),
+        args.detach,
+    )?;
     let container = Container::load(layout, &args.id)?;
     let ready = crate::create::keeper_ready()?;
     if args.detach && ready.is_none() {
         return crate::create::spawn_keeper(&format!("started {}", args.id));
+    }
+    // Here, in the process that stays (the keeper with --detach): our stdin and stdout
+    // become the terminal the engine holds the other end of.
+    if let Some(socket) = &args.console_socket {
+        crate::console::take_terminal(socket)?;
     }
     let pid_file = args.pid_file.map(std::path::absolute).transpose()?;
     launch(
@@ -185,6 +187,8 @@ fn launch(layout: &Layout, launch: Launch) -> anyhow::Result<u8> {
             writeln!(ready, "started {id}").context("telling brig exec")?;
         }
         let raw = tty.then(relay::RawTerminal::enter);
+        // Size changes of our terminal (SIGWINCH) follow it into the guest, as for `brig run -t`.
+        let resizing = tty.then(|| follow_resizes(&sandbox, &id, &exec_id));
         if let (true, Some((rows, cols))) = (tty, relay::terminal_size()) {
             let _ = sandbox
                 .agent()
@@ -193,9 +197,31 @@ fn launch(layout: &Layout, launch: Launch) -> anyhow::Result<u8> {
         }
         relay::relay(stdio, None).await;
         let status = sandbox.agent().wait_process(&id, &exec_id).await?;
+        if let Some(resizing) = resizing {
+            resizing.abort();
+        }
         drop(raw);
         anyhow::Ok(u8::try_from(status.exit_status).unwrap_or(EXIT_BRIG_ERROR))
     });
     rt.shutdown_background();
     code
+}
+
+/// Send our terminal's size to the exec each time it changes (SIGWINCH). The handler is in
+/// place when this returns, so no change after it is missed.
+fn follow_resizes(sandbox: &Sandbox, id: &str, exec_id: &str) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let agent = sandbox.agent().clone();
+    let (id, exec_id) = (id.to_string(), exec_id.to_string());
+    let winch = signal(SignalKind::window_change());
+    tokio::spawn(async move {
+        let Ok(mut winch) = winch else { return };
+        while winch.recv().await.is_some() {
+            if let Some((rows, cols)) = relay::terminal_size() {
+                let _ = agent
+                    .resize_tty(&id, &exec_id, rows.into(), cols.into())
+                    .await;
+            }
+        }
+    })
 }

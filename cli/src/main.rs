@@ -2,6 +2,7 @@
 
 mod boot;
 mod check;
+mod console;
 mod create;
 mod delete;
 mod events;

@@ -1,6 +1,7 @@
 //! podman with Brig as its OCI runtime (`podman --runtime brig`), through Debian's podman 4.3
 //! and conmon, as a user runs it: run, exit codes, detached containers with exec, logs, stop
-//! (SIGTERM, then SIGKILL after the timeout), kill, rm -f, and nothing left afterwards.
+//! (SIGTERM, then SIGKILL after the timeout), kill, rm -f, and nothing left afterwards; and
+//! `run -it` / `exec -it` with a terminal (`--console-socket`) that follows resizes.
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -28,24 +29,35 @@ impl Podman {
         }
     }
 
+    /// `podman` with our storage and runtime, then `args`.
+    fn argv(&self, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![
+            "podman".to_string(),
+            "--root".into(),
+            self.storage.join("root").display().to_string(),
+            "--runroot".into(),
+            self.storage.join("run").display().to_string(),
+        ];
+        for flag in [
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ] {
+            argv.push(flag.into());
+        }
+        argv.push("--runtime".into());
+        argv.push(env_path("BRIG_BIN").display().to_string());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
+    }
+
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(self.storage.join("root"))
-            .arg("--runroot")
-            .arg(self.storage.join("run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ])
-            .arg("--runtime")
-            .arg(env_path("BRIG_BIN"))
-            .args(args)
-            .stdin(Stdio::null());
+        let argv = self.argv(args);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null());
         cmd
     }
 
@@ -160,5 +172,100 @@ fn podman_runs_execs_stops_and_removes_containers_in_microvms() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let root = format!(" {}/", podman.brig_root.display());
     assert!(!mounts.contains(&root), "mounts left under{root}: {mounts}");
+    let _ = std::fs::remove_dir_all(&podman.storage);
+}
+
+/// Runs argv[1:] on a new terminal of 30x100, prints all it writes there; once it has
+/// printed "30 100" twice, makes the terminal 40x120 and sends a line each second until
+/// "40 120" shows up twice (or 60 s pass), then ends its input.
+const ON_A_TERMINAL: &str = r#"
+import fcntl, os, pty, select, struct, sys, termios, time
+def size(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+pid, fd = pty.fork()
+if pid == 0:
+    size(0, 30, 100)
+    os.execvp(sys.argv[1], sys.argv[1:])
+out, resized, deadline, last = b"", False, time.time() + 180, 0
+while time.time() < deadline:
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    if not resized and out.count(b"30 100") >= 2:
+        size(fd, 40, 120)
+        resized, deadline = True, time.time() + 60
+    if resized and time.time() - last > 1:
+        last = time.time()
+        os.write(fd, b"again\n" if out.count(b"40 120") < 2 else b"\x04")
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+#[test]
+fn podman_run_and_exec_with_a_terminal_that_follows_resizes() {
+    let podman = Podman::new("podman-tty");
+    podman.import_busybox();
+    // The container's shell prints its terminal and size, and the size again after each line
+    // it reads, until its input ends: the first size is the one the user's terminal had.
+    let script = "tty; stty size; stty size; while read x; do stty size; done; echo done";
+    let on_a_terminal = |args: &[&str]| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(ON_A_TERMINAL)
+            .args(podman.argv(args))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let check = |what: &str, out: &Output| {
+        let seen = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{what}: {seen}\n{}",
+            text(&out.stderr)
+        );
+        assert!(seen.contains("/dev/pts/"), "{what}: no terminal: {seen}");
+        assert!(seen.contains("30 100"), "{what}: the first size: {seen}");
+        assert!(
+            seen.contains("40 120"),
+            "{what}: the resize did not arrive: {seen}"
+        );
+        assert!(seen.contains("done"), "{what}: {seen}");
+    };
+    let run = on_a_terminal(&[
+        "run",
+        "-it",
+        "--rm",
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
+    check("podman run -it", &run);
+
+    podman.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "box",
+        IMAGE,
+        "sleep",
+        "300",
+    ]);
+    let exec = on_a_terminal(&["exec", "-it", "box", "sh", "-c", script]);
+    podman.ok(&["rm", "-f", "box"]);
+    check("podman exec -it", &exec);
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
     let _ = std::fs::remove_dir_all(&podman.storage);
 }
