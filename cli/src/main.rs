@@ -7,6 +7,7 @@ mod create;
 mod delete;
 mod events;
 mod exec;
+mod features;
 mod kill;
 mod logs;
 mod pause;
@@ -111,6 +112,8 @@ enum Command {
     State(state::StateArgs),
     /// OCI runtime CLI: remove a container (a running one with --force).
     Delete(delete::DeleteArgs),
+    /// OCI runtime CLI: what this runtime supports, as the OCI features JSON.
+    Features,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
         Command::Start(args) => with_layout(cli.root, |l| create::start(args, l)),
         Command::State(args) => with_layout(cli.root, |l| state::run(args, l)),
         Command::Delete(args) => with_layout(cli.root, |l| delete::run(args, l)),
+        Command::Features => features::run(),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,4 +1,5 @@
-//! `brig update`: change a running container's cgroup limits, with runc's flags.
+//! `brig update`: change a running container's cgroup limits, with runc's flags, or from
+//! an OCI `linux.resources` JSON file (`--resources FILE`, `-` for stdin: what podman sends).
 
 use anyhow::Context;
 use brig_runtime::container::{Container, Resources};
@@ -10,6 +11,9 @@ use crate::run::parse_size;
 /// Arguments of `brig update`. Limits not given stay as they are.
 #[derive(clap::Args, Debug)]
 pub struct UpdateArgs {
+    /// OCI `linux.resources` JSON to apply, `-` for stdin; the flags below override it.
+    #[arg(short = 'r', long, value_name = "FILE")]
+    resources: Option<std::path::PathBuf>,
     /// Memory limit: 64m, 1g… (-1: none).
     #[arg(short = 'm', long, value_name = "SIZE", value_parser = parse_limit, allow_hyphen_values = true)]
     memory: Option<i64>,
@@ -50,24 +54,54 @@ fn parse_limit(s: &str) -> Result<i64, String> {
     i64::try_from(bytes).map_err(|_| format!("{s:?} is too large"))
 }
 
+/// Largest `--resources` JSON read (a `linux.resources` object is a few KiB at most).
+const MAX_RESOURCES_JSON: u64 = 1 << 20;
+
 impl UpdateArgs {
-    fn resources(&self) -> Resources {
-        Resources {
-            memory_limit: self.memory,
-            memory_reservation: self.memory_reservation,
-            memory_swap: self.memory_swap,
-            cpu_shares: self.cpu_shares,
-            cpu_quota: self.cpu_quota,
-            cpu_period: self.cpu_period,
-            cpuset_cpus: self.cpuset_cpus.clone(),
-            cpuset_mems: self.cpuset_mems.clone(),
-            pids_limit: self.pids_limit,
-        }
+    /// The limits to set: those of `--resources`, with each flag given taking precedence.
+    fn resources(&self) -> anyhow::Result<Resources> {
+        let base = match &self.resources {
+            Some(path) => Resources::from(&read_resources(path)?),
+            None => Resources::default(),
+        };
+        Ok(Resources {
+            memory_limit: self.memory.or(base.memory_limit),
+            memory_reservation: self.memory_reservation.or(base.memory_reservation),
+            memory_swap: self.memory_swap.or(base.memory_swap),
+            cpu_shares: self.cpu_shares.or(base.cpu_shares),
+            cpu_quota: self.cpu_quota.or(base.cpu_quota),
+            cpu_period: self.cpu_period.or(base.cpu_period),
+            cpuset_cpus: self.cpuset_cpus.clone().or(base.cpuset_cpus),
+            cpuset_mems: self.cpuset_mems.clone().or(base.cpuset_mems),
+            pids_limit: self.pids_limit.or(base.pids_limit),
+        })
     }
 }
 
+/// An OCI `LinuxResources` object from `path`, or from stdin for `-`.
+fn read_resources(path: &std::path::Path) -> anyhow::Result<oci_spec::runtime::LinuxResources> {
+    use std::io::Read;
+    let what = format!("--resources {}", path.display());
+    let mut json = String::new();
+    let reader: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| what.clone())?)
+    };
+    reader
+        .take(MAX_RESOURCES_JSON + 1)
+        .read_to_string(&mut json)
+        .with_context(|| format!("reading {what}"))?;
+    anyhow::ensure!(
+        json.len() as u64 <= MAX_RESOURCES_JSON,
+        "{what} is over {MAX_RESOURCES_JSON} bytes"
+    );
+    serde_json::from_str(&json)
+        .with_context(|| format!("{what} is not an OCI linux.resources object"))
+}
+
 pub fn run(args: UpdateArgs, layout: &Layout) -> anyhow::Result<u8> {
-    let resources = args.resources();
+    let resources = args.resources()?;
     if resources.is_empty() {
         anyhow::bail!("nothing to update: give at least one limit (see brig update --help)");
     }
@@ -87,6 +121,47 @@ pub fn run(args: UpdateArgs, layout: &Layout) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_override_the_resources_file() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: UpdateArgs,
+        }
+        let dir = std::env::temp_dir().join(format!("brig-update-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("r.json");
+        std::fs::write(
+            &file,
+            r#"{"memory":{"limit":67108864},"cpu":{"quota":50000,"period":100000},"pids":{"limit":99}}"#,
+        )
+        .unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["update", "--resources", file.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            argv.push("box");
+            Cli::parse_from(argv).args.resources().unwrap()
+        };
+        let r = parse(&[]);
+        assert_eq!(
+            (r.memory_limit, r.cpu_quota, r.cpu_period, r.pids_limit),
+            (Some(64 << 20), Some(50000), Some(100000), Some(99))
+        );
+        let r = parse(&["--memory", "128m", "--pids-limit", "-1"]);
+        assert_eq!((r.memory_limit, r.pids_limit), (Some(128 << 20), Some(-1)));
+        std::fs::write(&file, "{\"memory\": 5}").unwrap();
+        let err = Cli::parse_from(["update", "-r", file.to_str().unwrap(), "box"])
+            .args
+            .resources()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not an OCI linux.resources"),
+            "{err:#}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn limits_take_runc_sizes_and_minus_one() {

@@ -30,4 +30,5 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The agent API version reported in `VersionResponse.api_version`.
 pub const AGENT_API_VERSION: u32 = 4;
 
+pub mod features;
 pub mod vsock_self_test;

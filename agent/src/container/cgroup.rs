@@ -282,12 +282,10 @@ impl Cgroup {
         let writes = update_writes(update, &current_cpu_max)?;
         for (file, value) in writes {
             if file == "memory.swap.max" && !self.path.join(file).exists() {
-                if value == "0" || value == "max" {
-                    continue; // no swap in this guest: nothing to limit
-                }
-                return Err(ContainerError::InvalidArgument(
-                    "memory_swap: the guest kernel has no swap accounting (memory.swap.max is missing)".into(),
-                ));
+                // The guest kernel has no swap at all (memory.swap.max exists wherever it
+                // has): no container can use any, so every swap limit already holds. Engines
+                // send one with each memory limit (podman: twice the memory).
+                continue;
             }
             self.write(file, &value)?;
         }

@@ -515,3 +515,24 @@ pub fn namespace_flag(typ: LinuxNamespaceType) -> CloneFlags {
         LinuxNamespaceType::Time => CloneFlags::empty(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_namespace_and_capability_brig_features_lists_is_known_here() {
+        use brig_protocols::features::{CAPABILITIES, NAMESPACES};
+        for name in NAMESPACES {
+            let typ: LinuxNamespaceType = serde_json::from_value(serde_json::json!(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!namespace_flag(typ).is_empty(), "{name} is not made");
+        }
+        for name in CAPABILITIES {
+            let _: oci_spec::runtime::Capability = serde_json::from_value(serde_json::json!(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            <caps::Capability as std::str::FromStr>::from_str(name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}

@@ -626,6 +626,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_mount_option_brig_features_lists_is_a_flag_here() {
+        for option in brig_protocols::features::MOUNT_OPTIONS {
+            let (_, data) = parse_options(&[option.to_string()]);
+            assert_eq!(data, "", "{option} would go to the filesystem as data");
+        }
+    }
+
+    #[test]
     fn options_split_into_flags_and_data() {
         let options: Vec<String> = ["nosuid", "strictatime", "mode=755", "size=65536k", "ro"]
             .iter()

@@ -237,6 +237,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_action_operator_and_arch_brig_features_lists_compiles() {
+        use brig_protocols::features::{SECCOMP_ACTIONS, SECCOMP_ARCHS, SECCOMP_OPERATORS};
+        for action in SECCOMP_ACTIONS {
+            for op in SECCOMP_OPERATORS {
+                let default = if *action == "SCMP_ACT_ALLOW" {
+                    "SCMP_ACT_ERRNO"
+                } else {
+                    "SCMP_ACT_ALLOW"
+                };
+                let json = format!(
+                    r#"{{"defaultAction":"{default}","architectures":{archs},"syscalls":[
+                        {{"names":["mkdir"],"action":"{action}",
+                          "args":[{{"index":1,"value":1,"valueTwo":1,"op":"{op}"}}]}}]}}"#,
+                    archs = serde_json::to_string(SECCOMP_ARCHS).unwrap()
+                );
+                let profile: LinuxSeccomp =
+                    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+                compile(&profile).unwrap_or_else(|e| panic!("{action} {op}: {e}"));
+            }
+        }
+    }
+
+    #[test]
     fn deny_list_and_allow_list_compile() {
         let deny: LinuxSeccomp = serde_json::from_str(
             r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[

@@ -269,3 +269,58 @@ fn podman_run_and_exec_with_a_terminal_that_follows_resizes() {
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
     let _ = std::fs::remove_dir_all(&podman.storage);
 }
+
+#[test]
+fn podman_pauses_unpauses_and_updates_a_container() {
+    let podman = Podman::new("podman-pause");
+    podman.import_busybox();
+    podman.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "box",
+        IMAGE,
+        "sh",
+        "-c",
+        "while true; do date +%s%N > /tmp/tick; sleep 0.2; done",
+    ]);
+    let tick = || podman.ok(&["exec", "box", "cat", "/tmp/tick"]);
+    podman.ok(&["pause", "box"]);
+    let status = podman.ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    let state = podman.ok(&["inspect", "--format", "{{.State.Status}}", "box"]);
+
+    podman.ok(&["unpause", "box"]);
+    let before = tick();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after = tick();
+    // podman update sends the new limits to `brig update --resources FILE` as OCI JSON,
+    // with a swap limit the guest (which has no swap) holds by nature.
+    let update = podman.run(&["update", "--memory", "64m", "--cpus", "0.5", "box"]);
+    let limits = podman.run(&[
+        "exec",
+        "box",
+        "cat",
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/cpu.max",
+    ]);
+    podman.ok(&["rm", "-f", "box"]);
+    let _ = std::fs::remove_dir_all(&podman.storage);
+
+    assert!(status.contains("box Paused"), "podman ps: {status}");
+    assert_eq!(state.trim(), "paused");
+    assert_ne!(before, after, "the container did not run on after unpause");
+    assert!(
+        update.status.success(),
+        "podman update: {}",
+        text(&update.stderr)
+    );
+    assert_eq!(
+        text(&limits.stdout),
+        "67108864\n50000 100000\n",
+        "{}",
+        text(&limits.stderr)
+    );
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+}
