@@ -75,13 +75,10 @@ pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         bundle.display()
     );
     brig_runtime::state::validate_id("container", &args.id)?;
-    let terminal = spec::load_target(&bundle)?
-        .spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.terminal())
-        == Some(true);
+    let config = spec::load_target(&bundle)?.spec;
+    let terminal = config.process().as_ref().and_then(|p| p.terminal()) == Some(true);
     crate::console::check(terminal, args.console_socket.as_deref(), true)?;
+    crate::hooks::check(&config)?;
     match keeper_ready()? {
         Some(ready) => keep(args, root, bundle, ready),
         None => spawn_keeper(&format!("created {}", args.id)),
@@ -201,6 +198,9 @@ fn keep(
         .and_then(|m| m.limit())
         .and_then(|l| u64::try_from(l).ok());
     let mut spec = target.spec;
+    // Hooks run here on the host (see `hooks`); the guest never sees them.
+    let hooks = spec.hooks().clone();
+    spec.set_hooks(None);
     // An engine's bind mounts of host files (podman's /etc/hosts, /etc/resolv.conf, `-v`)
     // reach the guest through the share.
     let volumes = Volume::take_host_binds(&mut spec);
@@ -236,6 +236,7 @@ fn keep(
         gate: Some(StartGate {
             pid_file: args.pid_file.map(std::path::absolute).transpose()?,
             ready: std::sync::Mutex::new(Some(ready)),
+            hooks,
         }),
     };
     run.execute_here()
@@ -247,9 +248,25 @@ pub(crate) struct StartGate {
     pid_file: Option<PathBuf>,
     /// `create`'s end: one line, then closed.
     ready: std::sync::Mutex<Option<std::fs::File>>,
+    /// The config's hooks, run on the host at their moments.
+    hooks: Option<oci_spec::runtime::Hooks>,
 }
 
 impl StartGate {
+    /// Run the hooks of `moment` with the container's state on stdin (blocking: hooks are
+    /// short programs, and nothing else of this container moves meanwhile).
+    pub(crate) async fn hooks(
+        &self,
+        moment: crate::hooks::Moment,
+        state: &brig_runtime::state::ContainerState,
+    ) -> anyhow::Result<()> {
+        let hooks = self.hooks.clone();
+        let document = crate::state::document(state);
+        tokio::task::spawn_blocking(move || crate::hooks::run(hooks.as_ref(), moment, &document))
+            .await
+            .context("running hooks")?
+    }
+
     /// The container exists: make the start FIFO, write the PID file, tell `create`, and
     /// wait until `start` writes to the FIFO.
     pub(crate) async fn report_and_wait(&self, dir: &Path, id: &str) -> anyhow::Result<()> {

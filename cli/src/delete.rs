@@ -23,6 +23,20 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
         args.id,
         status.as_str()
     );
+    let mut state = container.state().clone();
     container.delete(true)?;
+    // poststop hooks from the bundle's config, now that the container is gone; a failing one
+    // is a warning (the spec's rule): the container stays deleted.
+    if let Some(bundle) = state.bundle.clone() {
+        state.status = Status::Stopped;
+        let hooks = brig_runtime::spec::load_target(&bundle)
+            .ok()
+            .and_then(|target| target.spec.hooks().clone());
+        let document = crate::state::document(&state);
+        if let Err(e) = crate::hooks::run(hooks.as_ref(), crate::hooks::Moment::Deleted, &document)
+        {
+            eprintln!("brig: warning: {e:#}");
+        }
+    }
     Ok(0)
 }

@@ -12,8 +12,9 @@ pub fn document() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": format!("{VERSION_MAJOR}.{VERSION_MINOR}.{VERSION_PATCH}"),
-        // No OCI hooks are run yet: an empty list says so.
-        "hooks": [],
+        // The hooks that run on the host (see `hooks`); the container's namespaces are in
+        // the microVM, so createContainer and startContainer are not among them.
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": MOUNT_OPTIONS,
         "linux": {
             "namespaces": NAMESPACES,
@@ -56,7 +57,10 @@ mod tests {
     fn the_document_has_the_specs_shape() {
         let doc = super::document();
         assert_eq!(doc["ociVersionMin"], "1.0.0");
-        assert_eq!(doc["hooks"], serde_json::json!([]));
+        assert!(!doc["hooks"]
+            .as_array()
+            .unwrap()
+            .contains(&"createContainer".into()));
         assert!(doc["mountOptions"]
             .as_array()
             .unwrap()

@@ -8,6 +8,7 @@ mod delete;
 mod events;
 mod exec;
 mod features;
+mod hooks;
 mod kill;
 mod logs;
 mod pause;

@@ -423,7 +423,15 @@ impl Run<'_> {
             }
         };
         if let Some(gate) = &self.gate {
-            if let Err(e) = gate.report_and_wait(&record.dir(), id).await {
+            // createRuntime hooks (and prestart) before `create` returns; a failing one
+            // stops the container, as runc does.
+            let created = gate
+                .hooks(crate::hooks::Moment::Created, record.state())
+                .await;
+            if let Err(e) = match created {
+                Ok(()) => gate.report_and_wait(&record.dir(), id).await,
+                Err(e) => Err(e),
+            } {
                 let _ = sandbox.stop().await;
                 return Err(e);
             }
@@ -440,6 +448,15 @@ impl Run<'_> {
         }
         if let Err(e) = record.start(&sandbox).await {
             return Err(vm_gone(&mut sandbox, e.into()).await);
+        }
+        if let Some(gate) = &self.gate {
+            // A failing poststart hook is a warning: the container runs on (the spec's rule).
+            if let Err(e) = gate
+                .hooks(crate::hooks::Moment::Started, record.state())
+                .await
+            {
+                eprintln!("brig: warning: {e:#}");
+            }
         }
         let forwarding = forward_signals(&sandbox, id, tty);
         match &self.output {

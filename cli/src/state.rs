@@ -1,6 +1,6 @@
 //! `brig state`: a container's state as the OCI runtime spec words it, in JSON.
 
-use brig_runtime::state::{Layout, Status};
+use brig_runtime::state::{ContainerState, Layout, Status};
 
 /// The OCI runtime spec version the state document follows.
 const OCI_VERSION: &str = "1.0.2";
@@ -17,18 +17,22 @@ pub struct StateArgs {
 /// error that says "does not exist", as runc's (engines such as podman read those words).
 pub fn run(args: StateArgs, layout: &Layout) -> anyhow::Result<u8> {
     let state = layout.load(&args.id)?;
+    println!("{}", serde_json::to_string_pretty(&document(&state))?);
+    Ok(0)
+}
+
+/// The OCI state document of a container (also what its hooks read on stdin).
+pub(crate) fn document(state: &ContainerState) -> serde_json::Value {
     let pid = match state.status {
         Status::Stopped => 0,
-        _ => state.owner.map(|o| o.pid).unwrap_or(0),
+        _ => state.owner.as_ref().map(|o| o.pid).unwrap_or(0),
     };
-    let doc = serde_json::json!({
+    serde_json::json!({
         "ociVersion": OCI_VERSION,
         "id": state.id,
         "status": state.status.as_str(),
         "pid": pid,
-        "bundle": state.bundle.unwrap_or_default(),
+        "bundle": state.bundle.clone().unwrap_or_default(),
         "annotations": state.annotations,
-    });
-    println!("{}", serde_json::to_string_pretty(&doc)?);
-    Ok(0)
+    })
 }

@@ -288,3 +288,101 @@ fn bad_oci_cli_input_is_one_clear_line() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Sets `config.json`'s hooks in the bundle at `dir`.
+fn set_hooks(dir: &Path, hooks: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["hooks"] = hooks;
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+/// A hook that saves its stdin (the container's state) to `file`.
+fn saving_hook(file: &Path) -> serde_json::Value {
+    serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", file.display())]})
+}
+
+fn saved_status(file: &Path) -> Option<String> {
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+    Some(format!(
+        "{} {}",
+        state["id"].as_str()?,
+        state["status"].as_str()?
+    ))
+}
+
+#[test]
+fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
+    let test = "oci-hooks";
+    become_subreaper();
+    let dir = scratch(test);
+    bundle(&dir, "sleep 1; exit 0");
+    let (created, started, stopped) = (
+        dir.join("created.json"),
+        dir.join("started.json"),
+        dir.join("stopped.json"),
+    );
+    set_hooks(
+        &dir,
+        serde_json::json!({
+            "createRuntime": [saving_hook(&created)],
+            "poststart": [saving_hook(&started)],
+            "poststop": [saving_hook(&stopped)],
+        }),
+    );
+    let (_create, pid) = brig_create(test, &dir, "hooked", b"");
+    let after_create = (saved_status(&created), saved_status(&started));
+    ok(test, &["start", "hooked"]);
+    let code = exit_code(pid);
+    let after_start = saved_status(&started);
+    ok(test, &["delete", "hooked"]);
+    let after_delete = saved_status(&stopped);
+
+    // A createRuntime hook that fails stops the container: create fails, naming it.
+    set_hooks(
+        &dir,
+        serde_json::json!({"createRuntime": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "echo refused >&2; exit 1"]}]}),
+    );
+    let failed = brig(test)
+        .args(["create", "--bundle"])
+        .arg(&dir)
+        .arg("refused")
+        .output()
+        .unwrap();
+    reap_adopted();
+    let refused_state = brig(test).args(["state", "refused"]).output().unwrap();
+    // Hooks meant for the container's namespaces cannot run in a microVM: refused up front.
+    set_hooks(
+        &dir,
+        serde_json::json!({"createContainer": [{"path": "/bin/true"}]}),
+    );
+    let in_guest = brig(test)
+        .args(["create", "--bundle"])
+        .arg(&dir)
+        .arg("in-guest")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(after_create, (Some("hooked created".into()), None));
+    assert_eq!(code, 0);
+    assert_eq!(after_start.as_deref(), Some("hooked running"));
+    assert_eq!(after_delete.as_deref(), Some("hooked stopped"));
+    let err = text(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("hooks.createRuntime[0]") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(
+        !refused_state.status.success(),
+        "the refused container was kept"
+    );
+    let err = text(&in_guest.stderr);
+    assert_eq!(in_guest.status.code(), Some(125), "{err}");
+    assert!(err.contains("hooks.createContainer"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+}

@@ -1,0 +1,229 @@
+//! OCI hooks (`hooks` in config.json), run as runc runs them: each with the container's state
+//! as JSON on stdin, its own `args` (the first is its argv[0]) and `env` (none given: ours),
+//! and a `timeout` in seconds after which it is killed.
+//!
+//! The hooks that run in the runtime's namespaces run on the host: `prestart` (deprecated) and
+//! `createRuntime` once the container is created (a failure stops it: `create` fails),
+//! `poststart` once it started and `poststop` once it is deleted (a failure there is a
+//! warning). `createContainer` and `startContainer` would run in the container's namespaces,
+//! which are in the microVM where the hook's binary is not: a config with them is refused.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use oci_spec::runtime::{Hook, Hooks, Spec};
+
+/// Hook output kept for an error message, bytes per stream.
+const MAX_OUTPUT: u64 = 4096;
+
+/// The moments of a container's life at which the host runs hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// After create, before `create` returns: `prestart` then `createRuntime`.
+    Created,
+    /// After the process started: `poststart`.
+    Started,
+    /// After delete: `poststop`.
+    Deleted,
+}
+
+/// Refuse hooks Brig cannot run where the spec says they run.
+pub fn check(spec: &Spec) -> anyhow::Result<()> {
+    let Some(hooks) = spec.hooks() else {
+        return Ok(());
+    };
+    for (name, list) in [
+        ("createContainer", hooks.create_container()),
+        ("startContainer", hooks.start_container()),
+    ] {
+        anyhow::ensure!(
+            list.as_ref().is_none_or(Vec::is_empty),
+            "hooks.{name}: hooks that run in the container's namespaces are not supported \
+             (the container is in a microVM, its hook binaries on the host); use \
+             createRuntime or poststart hooks, which run on the host"
+        );
+    }
+    Ok(())
+}
+
+/// Run the hooks of `moment` in order with `state` on stdin. The first failure ends the run
+/// and is the error.
+pub fn run(hooks: Option<&Hooks>, moment: Moment, state: &serde_json::Value) -> anyhow::Result<()> {
+    let Some(hooks) = hooks else {
+        return Ok(());
+    };
+    let lists: Vec<(&str, &Option<Vec<Hook>>)> = match moment {
+        #[allow(deprecated)]
+        Moment::Created => vec![
+            ("prestart", hooks.prestart()),
+            ("createRuntime", hooks.create_runtime()),
+        ],
+        Moment::Started => vec![("poststart", hooks.poststart())],
+        Moment::Deleted => vec![("poststop", hooks.poststop())],
+    };
+    let input = serde_json::to_vec(state)?;
+    for (name, list) in lists {
+        for (i, hook) in list.iter().flatten().enumerate() {
+            run_one(hook, &input)
+                .with_context(|| format!("hooks.{name}[{i}] ({})", hook.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn run_one(hook: &Hook, input: &[u8]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(hook.path());
+    if let Some(args) = hook.args() {
+        if let Some((first, rest)) = args.split_first() {
+            cmd.arg0(first).args(rest);
+        }
+    }
+    if let Some(env) = hook.env() {
+        cmd.env_clear();
+        for pair in env {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            cmd.env(key, value);
+        }
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start it")?;
+    // A hook that does not read its stdin must not block us: the state is small, and a
+    // closed pipe is its business.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input);
+    }
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .map(|stream| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(stream) = stream {
+                let mut limited = stream.take(MAX_OUTPUT);
+                let _ = limited.read_to_string(&mut text);
+                // Drain the rest so the hook never blocks on a full pipe.
+                let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+            }
+            text
+        })
+    });
+    let timeout = hook
+        .timeout()
+        .filter(|t| *t > 0)
+        .map(|t| Duration::from_secs(t.unsigned_abs()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for it")? {
+            break Some(status);
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let [stdout, stderr] = readers.map(|r| r.join().unwrap_or_default());
+    match status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => anyhow::bail!(
+            "it failed ({status}); stdout: {:?}, stderr: {:?}",
+            stdout.trim_end(),
+            stderr.trim_end()
+        ),
+        None => anyhow::bail!(
+            "it did not finish within its timeout of {} s and was killed",
+            timeout.map_or(0, |t| t.as_secs())
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hooks(json: &str) -> Hooks {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn hooks_get_the_state_args_and_env_and_run_in_order() {
+        let dir = std::env::temp_dir().join(format!("brig-hooks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let hooks = hooks(&format!(
+            r#"{{"prestart":[{{"path":"/bin/sh","args":["first","-c","cat > {0}; echo \" $0 $X\" >> {0}"],"env":["X=1"]}}],
+                 "createRuntime":[{{"path":"/bin/sh","args":["sh","-c","echo second >> {0}"]}}],
+                 "poststart":[{{"path":"/bin/sh","args":["sh","-c","echo not-now >> {0}"]}}]}}"#,
+            out.display()
+        ));
+        let state = serde_json::json!({"id": "c1", "status": "created"});
+        run(Some(&hooks), Moment::Created, &state).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            r#"{"id":"c1","status":"created"} first 1"#.to_string() + "\nsecond\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failing_or_slow_hook_is_an_error_that_says_why() {
+        let state = serde_json::json!({});
+        let failing = hooks(
+            r#"{"poststop":[{"path":"/bin/sh","args":["sh","-c","echo no way >&2; exit 4"]}]}"#,
+        );
+        let err = run(Some(&failing), Moment::Deleted, &state).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.starts_with("hooks.poststop[0] (/bin/sh)"), "{err}");
+        assert!(
+            err.contains("exit status: 4") && err.contains("no way"),
+            "{err}"
+        );
+
+        let slow =
+            hooks(r#"{"poststart":[{"path":"/bin/sleep","args":["sleep","30"],"timeout":1}]}"#);
+        let started = Instant::now();
+        let err = format!(
+            "{:#}",
+            run(Some(&slow), Moment::Started, &state).unwrap_err()
+        );
+        assert!(err.contains("timeout of 1 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        let missing = hooks(r#"{"createRuntime":[{"path":"/no/such/hook"}]}"#);
+        let err = format!(
+            "{:#}",
+            run(Some(&missing), Moment::Created, &state).unwrap_err()
+        );
+        assert!(
+            err.contains("/no/such/hook") && err.contains("cannot start it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hooks_in_the_containers_namespaces_are_refused() {
+        let mut spec = Spec::default();
+        spec.set_hooks(Some(hooks(r#"{"createContainer":[{"path":"/bin/true"}]}"#)));
+        let err = check(&spec).unwrap_err().to_string();
+        assert!(err.starts_with("hooks.createContainer"), "{err}");
+        spec.set_hooks(Some(hooks(
+            r#"{"createRuntime":[{"path":"/bin/true"}],"startContainer":[]}"#,
+        )));
+        check(&spec).unwrap();
+    }
+}
