@@ -1,8 +1,11 @@
 //! The pod's cgroup on the host: the shim and its microVM run in the sandbox's
 //! `linux.cgroupsPath` (CRI sets it under the pod's cgroup that kubelet made), so a pod's
 //! whole overhead is accounted and limited where Kubernetes expects it, as runc's pause
-//! process is. cgroup v2 with cgroupfs paths (`/kubepods/…/<id>`); a systemd path
-//! (`slice:prefix:name`) is left alone with a warning.
+//! process is. cgroup v2, with cgroupfs paths (`/kubepods/…/<id>`) or systemd ones
+//! (`slice:prefix:name`, which CRI sends when the pod's cgroup parent is a slice): those are
+//! placed where systemd's driver puts them, `<slice, expanded>/<prefix>-<name>.scope`, by
+//! writing cgroupfs directly (no transient unit over D-Bus), so the pod's overhead is
+//! accounted in the pod's slice either way.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -13,7 +16,7 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     /// The path is not a plain absolute cgroupfs path.
-    #[error("cgroupsPath {0:?} is not an absolute cgroup path without '..' components")]
+    #[error("cgroupsPath {0:?} is neither an absolute cgroup path without '..' components nor a systemd slice:prefix:name")]
     BadPath(String),
     /// Creating or joining the cgroup failed.
     #[error("cannot {what} {path}: {source}")]
@@ -33,13 +36,20 @@ pub struct PodCgroup {
     from: PathBuf,
 }
 
-/// The cgroup directory `cgroups_path` names under `root`; `None` for a systemd path.
-fn cgroup_dir(root: &Path, cgroups_path: &str) -> Result<Option<PathBuf>, CgroupError> {
+/// The cgroup directory `cgroups_path` names under `root`.
+fn cgroup_dir(root: &Path, cgroups_path: &str) -> Result<PathBuf, CgroupError> {
     if !cgroups_path.starts_with('/') {
-        if cgroups_path.split(':').count() == 3 {
-            return Ok(None);
-        }
-        return Err(CgroupError::BadPath(cgroups_path.into()));
+        let bad = || CgroupError::BadPath(cgroups_path.into());
+        let mut parts = cgroups_path.split(':');
+        let (Some(slice), Some(prefix), Some(name), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let mut dir = root.to_path_buf();
+        dir.push(expand_slice(slice).ok_or_else(bad)?);
+        dir.push(systemd_unit(prefix, name).ok_or_else(bad)?);
+        return Ok(dir);
     }
     let mut dir = root.to_path_buf();
     for c in Path::new(cgroups_path).components() {
@@ -52,7 +62,62 @@ fn cgroup_dir(root: &Path, cgroups_path: &str) -> Result<Option<PathBuf>, Cgroup
     if dir == root {
         return Err(CgroupError::BadPath(cgroups_path.into()));
     }
-    Ok(Some(dir))
+    Ok(dir)
+}
+
+/// A systemd slice as cgroupfs directories, as systemd nests them: `a-b-c.slice` is
+/// `a.slice/a-b.slice/a-b-c.slice`, `-.slice` (or none) the root, and the default is
+/// `system.slice` as for runc. `None` for a name systemd would not take.
+fn expand_slice(slice: &str) -> Option<PathBuf> {
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    if slice == "-.slice" {
+        return Some(PathBuf::new());
+    }
+    let stem = slice.strip_suffix(".slice")?;
+    if stem.is_empty() || !plain_name(stem) || stem.starts_with('-') || stem.ends_with('-') {
+        return None;
+    }
+    let mut path = PathBuf::new();
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if part.is_empty() {
+            return None; // "a--b.slice"
+        }
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push(format!("{prefix}.slice"));
+    }
+    Some(path)
+}
+
+/// The unit a systemd cgroup path names: a slice as itself, else `<prefix>-<name>.scope`.
+fn systemd_unit(prefix: &str, name: &str) -> Option<String> {
+    if name.is_empty() || !plain_name(name) || (!prefix.is_empty() && !plain_name(prefix)) {
+        return None;
+    }
+    Some(if name.ends_with(".slice") {
+        name.to_string()
+    } else if prefix.is_empty() {
+        format!("{name}.scope")
+    } else {
+        format!("{prefix}-{name}.scope")
+    })
+}
+
+/// A single path component that cannot climb: no '/', not `.` or `..`, nothing odd.
+fn plain_name(s: &str) -> bool {
+    s != "."
+        && s != ".."
+        && !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\')
 }
 
 /// This process's cgroup v2 directory (from `/proc/self/cgroup`, `0::/path`).
@@ -73,19 +138,12 @@ fn join(dir: &Path, pid: u32) -> Result<(), CgroupError> {
 
 impl PodCgroup {
     /// Move this process (and so what it starts afterwards, the VMM) into `cgroups_path`.
-    /// `Ok(None)` when there is nothing to do (a systemd path).
-    pub fn enter(cgroups_path: &str) -> Result<Option<Self>, CgroupError> {
+    pub fn enter(cgroups_path: &str) -> Result<Self, CgroupError> {
         Self::enter_under(Path::new(CGROUP_ROOT), cgroups_path)
     }
 
-    fn enter_under(root: &Path, cgroups_path: &str) -> Result<Option<Self>, CgroupError> {
-        let Some(dir) = cgroup_dir(root, cgroups_path)? else {
-            tracing::warn!(
-                cgroups_path,
-                "a systemd cgroup path: the shim and the microVM stay in containerd's cgroup"
-            );
-            return Ok(None);
-        };
+    fn enter_under(root: &Path, cgroups_path: &str) -> Result<Self, CgroupError> {
+        let dir = cgroup_dir(root, cgroups_path)?;
         let from = own_cgroup(root).unwrap_or_else(|| root.to_path_buf());
         std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
             what: "create",
@@ -96,7 +154,7 @@ impl PodCgroup {
             let _ = std::fs::remove_dir(&dir);
             return Err(e);
         }
-        Ok(Some(Self { dir, from }))
+        Ok(Self { dir, from })
     }
 
     /// Once the microVM is gone: go back where the shim came from and remove the pod's
@@ -111,7 +169,7 @@ impl PodCgroup {
 
 /// Remove the pod cgroup `cgroups_path` if it exists and is empty (a dead shim's `delete`).
 pub fn remove_path(cgroups_path: &str) {
-    if let Ok(Some(dir)) = cgroup_dir(Path::new(CGROUP_ROOT), cgroups_path) {
+    if let Ok(dir) = cgroup_dir(Path::new(CGROUP_ROOT), cgroups_path) {
         if dir.exists() {
             remove(&dir);
         }
@@ -141,13 +199,48 @@ mod tests {
         let root = Path::new("/sys/fs/cgroup");
         assert_eq!(
             cgroup_dir(root, "/kubepods/burstable/pod1/abc").unwrap(),
-            Some(PathBuf::from("/sys/fs/cgroup/kubepods/burstable/pod1/abc"))
-        );
-        assert_eq!(
-            cgroup_dir(root, "kubepods-pod1.slice:cri-containerd:abc").unwrap(),
-            None
+            PathBuf::from("/sys/fs/cgroup/kubepods/burstable/pod1/abc")
         );
         for bad in ["/kubepods/../../etc", "/", "relative/path", "/a/./b/.."] {
+            assert!(cgroup_dir(root, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn systemd_paths_map_where_systemds_driver_puts_them() {
+        let root = Path::new("/sys/fs/cgroup");
+        let dir = |p: &str| cgroup_dir(root, p);
+        assert_eq!(
+            dir("kubepods-besteffort-pod1.slice:cri-containerd:abc").unwrap(),
+            PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/\
+                 kubepods-besteffort-pod1.slice/cri-containerd-abc.scope"
+            )
+        );
+        assert_eq!(
+            dir(":cri-containerd:abc").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/system.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            dir("-.slice::abc").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/abc.scope")
+        );
+        assert_eq!(
+            dir("machine.slice:x:pods.slice").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/machine.slice/pods.slice")
+        );
+        for bad in [
+            "a.slice:p",
+            "a.slice:p:n:extra",
+            "a:p:n",
+            "a--b.slice:p:n",
+            "-a.slice:p:n",
+            "../x.slice:p:n",
+            "a.slice:p:..",
+            "a.slice:p/q:n",
+            "a.slice:p:n/../../x",
+            "a.slice:p:",
+        ] {
             assert!(cgroup_dir(root, bad).is_err(), "{bad}");
         }
     }

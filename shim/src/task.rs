@@ -613,9 +613,9 @@ impl Service {
             // Into the pod's cgroup before the VMM starts, which then inherits it.
             let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
             if let Some(path) = cgroups_path.as_deref().and_then(Path::to_str) {
-                pod.cgroup = crate::cgroup::PodCgroup::enter(path).map_err(|e| {
+                pod.cgroup = Some(crate::cgroup::PodCgroup::enter(path).map_err(|e| {
                     err(Code::FAILED_PRECONDITION, format!("the pod's cgroup: {e}"))
-                })?;
+                })?);
             }
             let started = Sandbox::start(config, &sandbox_spec).await;
             let sandbox = started.map_err(|e| {

@@ -474,3 +474,40 @@ fn a_pod_keeps_running_across_a_containerd_restart() {
     cri.remove_pod(&pod);
     c.assert_clean();
 }
+
+#[test]
+fn a_pod_under_a_systemd_slice_runs_in_its_scope_and_leaves_nothing() {
+    let (c, cri, logs) = cri_setup("cri-slice");
+    let mut config = pod_config("pod5", &logs);
+    // kubelet's systemd driver makes the pod a slice; CRI then sends the sandbox's
+    // cgroupsPath as `brige2e-pod5.slice:cri-containerd:<id>`.
+    let slice = Path::new("/sys/fs/cgroup/brige2e.slice/brige2e-pod5.slice");
+    std::fs::create_dir_all(slice).unwrap();
+    config.linux.as_mut().unwrap().cgroup_parent = "/brige2e.slice/brige2e-pod5.slice".into();
+    let pod = cri.run_pod(HANDLER, &config);
+    let want = format!("/brige2e.slice/brige2e-pod5.slice/cri-containerd-{pod}.scope");
+    let placed: Vec<(&str, String)> = [
+        ("shim", processes_named("containerd-shim")),
+        ("VMM", brig_e2e::vmm_processes()),
+    ]
+    .into_iter()
+    .map(|(name, pids)| {
+        (
+            name,
+            pids.first().map(|p| cgroup_of(*p)).unwrap_or_default(),
+        )
+    })
+    .collect();
+    cri.remove_pod(&pod);
+    c.assert_clean();
+    let left = brig_e2e::dir_entries(slice)
+        .into_iter()
+        .filter(|e| slice.join(e).is_dir())
+        .collect::<Vec<_>>();
+    let _ = std::fs::remove_dir(slice);
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/brige2e.slice");
+    for (name, cgroup) in placed {
+        assert_eq!(cgroup, want, "the {name}'s cgroup");
+    }
+    assert!(left.is_empty(), "cgroups left in the pod's slice: {left:?}");
+}
