@@ -20,6 +20,7 @@
 //! pvm_guest_kernel = false # on a PVM host: trust that `kernel` is a PVM guest kernel
 //! guest_thp = false        # back guest memory with transparent huge pages (brig-vmm --thp)
 //! kernel_params = ""       # appended to the guest kernel's command line
+//! free_page_reporting = true # the guest reports memory it freed; the host takes it back
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
 //! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
@@ -97,6 +98,7 @@ struct ConfigFile {
     pvm_guest_kernel: Option<bool>,
     guest_thp: Option<bool>,
     kernel_params: Option<String>,
+    free_page_reporting: Option<bool>,
 }
 
 /// Resolved runtime configuration.
@@ -141,6 +143,9 @@ pub struct RuntimeConfig {
     /// Appended to the guest kernel's command line (after Brig's own parameters, so a
     /// parameter given twice takes this value where the kernel keeps the last one).
     pub kernel_params: String,
+    /// Give guests a balloon for free page reporting (brig-vmm `--free-page-reporting`): the
+    /// memory a guest frees goes back to the host, so an idle sandbox shrinks after a spike.
+    pub free_page_reporting: bool,
 }
 
 impl RuntimeConfig {
@@ -246,6 +251,7 @@ impl RuntimeConfig {
             pvm_guest_kernel: file.pvm_guest_kernel.unwrap_or(false),
             guest_thp: file.guest_thp.unwrap_or(false),
             kernel_params: kernel_params.trim().to_string(),
+            free_page_reporting: file.free_page_reporting.unwrap_or(true),
         })
     }
 }

@@ -338,6 +338,11 @@ impl Sandbox {
             .arg("--memory")
             .arg(format!("{}M", spec.memory_mib))
             .args(config.guest_thp.then_some("--thp"))
+            .args(
+                config
+                    .free_page_reporting
+                    .then_some("--free-page-reporting"),
+            )
             .arg("--console")
             .arg(&console)
             .arg("--console-limit")
@@ -1003,6 +1008,7 @@ mod tests {
             pvm_guest_kernel: false,
             guest_thp: false,
             kernel_params: String::new(),
+            free_page_reporting: true,
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

@@ -105,6 +105,9 @@ pub struct VmConfig {
     /// Back guest memory with transparent huge pages (faster, but the host pays 2 MiB for
     /// each range the guest touches); by default never.
     pub thp: bool,
+    /// Add a balloon device that takes the guest's free page reports and gives the host the
+    /// memory behind them back.
+    pub free_page_reporting: bool,
     /// Where the guest console goes.
     pub console: ConsoleTarget,
     /// The vsock device, if any.
@@ -378,6 +381,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 256,
             thp: false,
+            free_page_reporting: false,
             console: ConsoleTarget::Off,
             vsock: None,
             fs: None,

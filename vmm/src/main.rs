@@ -51,6 +51,10 @@ struct Args {
     /// 2 MiB for every range the guest touches. By default guest memory never gets them.
     #[arg(long)]
     thp: bool,
+    /// Add a virtio-balloon device for free page reporting only: the guest reports memory it
+    /// freed, and the host takes it back (the balloon never inflates).
+    #[arg(long)]
+    free_page_reporting: bool,
     /// Guest console (COM1): `stdout`, `off`, or a file path to append to.
     #[arg(long, default_value = "stdout", value_name = "DEST")]
     console: String,
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
         vcpus: u8::try_from(args.cpus).unwrap_or(u8::MAX),
         mem_mib: args.memory,
         thp: args.thp,
+        free_page_reporting: args.free_page_reporting,
         console,
         vsock: args.vsock_uds.map(|uds| VsockConfig {
             guest_cid: args.vsock_cid,

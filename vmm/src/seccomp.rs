@@ -33,6 +33,8 @@ pub enum ThreadKind {
     Fs,
     /// The virtio-net device's queues and its TAP.
     Net,
+    /// The balloon's queues: free page reports become madvise(MADV_DONTNEED) (in COMMON).
+    Balloon,
     /// Waits for SIGTERM/SIGINT/SIGHUP.
     Signals,
     /// The thread that started the others: waits for the end, cleans up, exits.
@@ -321,6 +323,7 @@ fn tables(kind: ThreadKind) -> &'static [&'static [Rule]] {
         ThreadKind::Vsock => &[COMMON, EVENT_LOOP, VSOCK],
         ThreadKind::Fs => &[COMMON, EVENT_LOOP, FS],
         ThreadKind::Net => &[COMMON, EVENT_LOOP, NET],
+        ThreadKind::Balloon => &[COMMON, EVENT_LOOP],
         ThreadKind::Signals => &[COMMON, SIGNALS],
         ThreadKind::Main => &[COMMON, MAIN],
         ThreadKind::Supervisor => &[SUPERVISOR],
@@ -451,6 +454,7 @@ impl Message {
             Some(ThreadKind::Vsock) => b"vsock",
             Some(ThreadKind::Fs) => b"virtio-fs",
             Some(ThreadKind::Net) => b"virtio-net",
+            Some(ThreadKind::Balloon) => b"virtio-balloon",
             Some(ThreadKind::Signals) => b"signal",
             Some(ThreadKind::Main) => b"main",
             Some(ThreadKind::Supervisor) => b"supervisor",
@@ -545,6 +549,7 @@ mod tests {
             ThreadKind::Vsock,
             ThreadKind::Fs,
             ThreadKind::Net,
+            ThreadKind::Balloon,
             ThreadKind::Signals,
             ThreadKind::Main,
             ThreadKind::Supervisor,

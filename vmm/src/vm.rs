@@ -28,6 +28,7 @@ use crate::devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::{
     ConsoleOutput, PanicWatch, SerialConsole, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_RESET,
 };
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::net::{Net, Tap};
@@ -235,6 +236,16 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         loops.push((ThreadKind::Net, events));
         mmio.push(transport);
     }
+    if config.free_page_reporting {
+        let balloon = Arc::new(Mutex::new(
+            Balloon::new().map_err(os("creating the balloon"))?,
+        ));
+        let transport = attach_mmio_device(&vm, &mem, balloon.clone(), mmio.len(), &mut cmdline)?;
+        let mut events = new_event_loop()?;
+        events.add_subscriber(balloon);
+        loops.push((ThreadKind::Balloon, events));
+        mmio.push(transport);
+    }
 
     // Boot data.
     let entry = pvh::load_kernel(&mem, &config.kernel)?;
@@ -304,6 +315,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         let name = match kind {
             ThreadKind::Fs => "virtio-fs",
             ThreadKind::Net => "virtio-net",
+            ThreadKind::Balloon => "virtio-balloon",
             _ => "vsock",
         };
         spawn_filtered(name.into(), filters.get(kind), &exit_tx, move || loop {
@@ -359,6 +371,7 @@ struct ThreadFilters {
     vsock: ThreadFilter,
     fs: ThreadFilter,
     net: ThreadFilter,
+    balloon: ThreadFilter,
     signals: ThreadFilter,
     main: ThreadFilter,
 }
@@ -380,6 +393,7 @@ impl ThreadFilters {
             vsock: one(ThreadKind::Vsock)?,
             fs: one(ThreadKind::Fs)?,
             net: one(ThreadKind::Net)?,
+            balloon: one(ThreadKind::Balloon)?,
             signals: one(ThreadKind::Signals)?,
             main: one(ThreadKind::Main)?,
         })
@@ -391,6 +405,7 @@ impl ThreadFilters {
             ThreadKind::Vsock => &self.vsock,
             ThreadKind::Fs => &self.fs,
             ThreadKind::Net => &self.net,
+            ThreadKind::Balloon => &self.balloon,
             ThreadKind::Signals => &self.signals,
             // The supervisor is another process (pid_ns.rs), filtered there; it never asks.
             ThreadKind::Main | ThreadKind::Supervisor => &self.main,

@@ -5,6 +5,7 @@
 //! notifications and backend file descriptors, served on the VMM's event loop thread).
 //! The transport owns nothing device specific; new devices copy the smallest existing one.
 
+pub mod balloon;
 pub mod fs;
 pub mod mmio;
 pub mod net;
