@@ -29,22 +29,22 @@ pub fn run(args: BootArgs, root: Option<std::path::PathBuf>) -> anyhow::Result<u
     rt.block_on(async {
         let sandbox = Sandbox::start(&config, &spec).await?;
         let v = sandbox.agent().version().await?;
-        println!(
+        crate::outln!(
             "agent {} (API {}) answering over vsock from a microVM: kernel {}, {} vCPU(s), {} MiB",
             guest_text::line(&v.agent_version),
             v.api_version,
             guest_text::line(&v.kernel_release),
             v.cpus_online,
             v.mem_total_kib / 1024
-        );
-        println!(
+        )?;
+        crate::outln!(
             "boot time: {} ms from VMM start to the agent's first answer (guest kernel to agent ready: {} ms)",
             sandbox.boot_time().as_millis(),
             v.boot_to_ready_ms
-        );
+        )?;
         let status = sandbox.shutdown().await?;
         anyhow::ensure!(status.success(), "the VMM exited with {status} after shutdown");
-        println!("microVM powered off cleanly");
+        crate::outln!("microVM powered off cleanly")?;
         Ok(0)
     })
 }

@@ -11,18 +11,18 @@ pub struct CheckArgs {}
 pub fn run(_args: CheckArgs) -> anyhow::Result<u8> {
     let report = host::inspect(Path::new("/"));
     for fact in &report.facts {
-        println!(
+        crate::outln!(
             "{:<11} {:<4} {}",
             fact.name,
             if fact.ok { "ok" } else { "FAIL" },
             fact.detail
-        );
+        )?;
     }
     if report.can_boot_guests() {
-        println!("brig can boot microVMs on this host");
+        crate::outln!("brig can boot microVMs on this host")?;
         Ok(0)
     } else {
-        println!("brig cannot boot its guest kernel directly on this host (see kvm above)");
+        crate::outln!("brig cannot boot its guest kernel directly on this host (see kvm above)")?;
         Ok(1)
     }
 }

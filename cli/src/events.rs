@@ -65,13 +65,13 @@ pub fn run(args: EventsArgs, layout: &Layout) -> anyhow::Result<u8> {
         if args.stats {
             let stats = container.stats(&sandbox).await?;
             let event = json!({ "type": "stats", "id": args.id, "data": stats_json(&stats) });
-            println!("{event}");
+            crate::outln!("{event}")?;
             return anyhow::Ok(0);
         }
         loop {
             let id = sandbox.wait_oom().await?;
-            if id == args.id {
-                println!("{}", json!({ "type": "oom", "id": id }));
+            if id == args.id && !crate::outln!("{}", json!({ "type": "oom", "id": id }))? {
+                return Ok(0); // nobody reads the events any more
             }
         }
     })

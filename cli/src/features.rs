@@ -42,13 +42,8 @@ pub fn document() -> serde_json::Value {
 }
 
 pub fn run() -> anyhow::Result<u8> {
-    use std::io::Write;
-    let json = serde_json::to_string_pretty(&document())?;
-    // A reader that stops early (`| head`) is not an error of ours.
-    match writeln!(std::io::stdout().lock(), "{json}") {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(0),
-    }
+    crate::outln!("{}", serde_json::to_string_pretty(&document())?)?;
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -24,6 +24,25 @@ use std::process::ExitCode;
 use brig_runtime::state::Layout;
 use clap::{Parser, Subcommand};
 
+/// Write one line to stdout. `Ok(false)` once the reader is gone (`brig ps | head -1`): not
+/// an error of ours, and nothing more should be written (a plain `println!` would panic).
+pub(crate) fn out(line: std::fmt::Arguments<'_>) -> std::io::Result<bool> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `println!` for output a reader may stop reading early: see [`out`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::out(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
 /// Exit status for errors of Brig itself (bad input, missing files), as runc and docker use.
 pub const EXIT_BRIG_ERROR: u8 = 125;
 

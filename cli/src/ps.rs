@@ -11,10 +11,14 @@ pub struct PsArgs {
 }
 
 pub fn run(args: PsArgs, layout: &Layout) -> anyhow::Result<u8> {
-    println!(
+    if !crate::outln!(
         "{:<14} {:<16} {:<20} COMMAND",
-        "CONTAINER ID", "STATUS", "CREATED"
-    );
+        "CONTAINER ID",
+        "STATUS",
+        "CREATED"
+    )? {
+        return Ok(0);
+    }
     for id in layout.container_ids() {
         let Ok(state) = layout.load(&id) else {
             continue;
@@ -30,13 +34,15 @@ pub fn run(args: PsArgs, layout: &Layout) -> anyhow::Result<u8> {
             (s, _) => s.as_str().to_string(),
         };
         let age = now().saturating_sub(state.created);
-        println!(
+        if !crate::outln!(
             "{:<14} {:<16} {:<20} {}",
             id,
             status,
             format!("{age} s ago"),
             state.command.join(" ")
-        );
+        )? {
+            break;
+        }
     }
     Ok(0)
 }

@@ -17,7 +17,7 @@ pub struct RmArgs {
 pub fn run(args: RmArgs, layout: &Layout) -> anyhow::Result<u8> {
     for id in &args.ids {
         Container::load(layout, id)?.delete(args.force)?;
-        println!("{id}");
+        crate::outln!("{id}")?;
     }
     Ok(0)
 }

@@ -17,7 +17,7 @@ pub struct StateArgs {
 /// error that says "does not exist", as runc's (engines such as podman read those words).
 pub fn run(args: StateArgs, layout: &Layout) -> anyhow::Result<u8> {
     let state = layout.load(&args.id)?;
-    println!("{}", serde_json::to_string_pretty(&document(&state))?);
+    crate::outln!("{}", serde_json::to_string_pretty(&document(&state))?)?;
     Ok(0)
 }
 
