@@ -70,6 +70,12 @@ impl Podman {
         stdout_of(self.run(args), &format!("podman {args:?}"))
     }
 
+    /// `podman run -d --network none --name NAME IMAGE COMMAND…`, which must succeed.
+    fn detached(&self, name: &str, command: &[&str]) {
+        let run = ["run", "-d", "--network", "none", "--name", name, IMAGE];
+        self.ok(&[&run[..], command].concat());
+    }
+
     /// A busybox image, imported from a tarball of its root filesystem.
     fn import_busybox(&self) {
         let rootfs = busybox_rootfs(&self.storage.join("image"));
@@ -252,17 +258,7 @@ fn podman_run_and_exec_with_a_terminal_that_follows_resizes() {
     ]);
     check("podman run -it", &run);
 
-    podman.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--name",
-        "box",
-        IMAGE,
-        "sleep",
-        "300",
-    ]);
+    podman.detached("box", &["sleep", "300"]);
     let exec = on_a_terminal(&["exec", "-it", "box", "sh", "-c", script]);
     podman.ok(&["rm", "-f", "box"]);
     check("podman exec -it", &exec);
@@ -274,18 +270,14 @@ fn podman_run_and_exec_with_a_terminal_that_follows_resizes() {
 fn podman_pauses_unpauses_and_updates_a_container() {
     let podman = Podman::new("podman-pause");
     podman.import_busybox();
-    podman.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--name",
+    podman.detached(
         "box",
-        IMAGE,
-        "sh",
-        "-c",
-        "while true; do date +%s%N > /tmp/tick; sleep 0.2; done",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "while true; do date +%s%N > /tmp/tick; sleep 0.2; done",
+        ],
+    );
     let tick = || podman.ok(&["exec", "box", "cat", "/tmp/tick"]);
     podman.ok(&["pause", "box"]);
     let status = podman.ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);

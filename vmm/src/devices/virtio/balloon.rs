@@ -17,8 +17,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    next_chain, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    next_chain, notify_used, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::guest_warn::guest_warn;
 use std::sync::Arc;
@@ -176,14 +176,7 @@ impl Balloon {
                 used_any = true;
             }
             if used_any {
-                match q.needs_notification(&active.mem) {
-                    Ok(false) => {}
-                    _ => {
-                        if let Err(e) = active.irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                            guest_warn!("virtio-balloon: cannot interrupt the guest: {e}");
-                        }
-                    }
-                }
+                notify_used(q, &active.mem, &active.irq, "virtio-balloon");
             }
         }
     }
@@ -219,12 +212,7 @@ impl VirtioDevice for Balloon {
         irq: Arc<IrqTrigger>,
         acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(ActivateError::Device(
-                "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not served)"
-                    .into(),
-            ));
-        }
+        ActivateError::unless_version_1(acked_features)?;
         // Without reporting the driver sets up two queues and the device has nothing to do.
         let want = if acked_features & VIRTIO_BALLOON_F_REPORTING != 0 {
             QUEUE_SIZES.len()

@@ -45,6 +45,36 @@ pub enum ActivateError {
     Device(String),
 }
 
+impl ActivateError {
+    /// Brig's devices serve virtio 1.x drivers only: `Err` unless `acked_features` has
+    /// `VIRTIO_F_VERSION_1`.
+    pub fn unless_version_1(acked_features: u64) -> Result<(), ActivateError> {
+        if acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(ActivateError::Device(
+                "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not served)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Tell the guest about new used buffers on `queue` if it wants to hear (EVENT_IDX), or
+/// always without EVENT_IDX; `device` names the device in the rate-limited warnings.
+pub fn notify_used(queue: &mut Queue, mem: &GuestMemory, irq: &IrqTrigger, device: &str) {
+    match queue.needs_notification(mem) {
+        Ok(true) => {
+            if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_VRING) {
+                crate::guest_warn::guest_warn!("{device}: cannot interrupt the guest: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => crate::guest_warn::guest_warn!(
+            "{device}: cannot read the queue's notification state: {e}"
+        ),
+    }
+}
+
 /// Interrupt line of one virtio-mmio device: the status register the driver reads plus the
 /// eventfd that KVM turns into the device's IRQ (an irqfd).
 #[derive(Debug)]

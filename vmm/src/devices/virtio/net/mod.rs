@@ -40,8 +40,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    next_chain, ActivateError, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    next_chain, notify_used, ActivateError, GuestMemory, IrqTrigger, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_warn::guest_warn;
 use frame::{deliver_rx_frame, send_tx_chain, RxOutcome, RxScratch, TxError, TxScratch};
@@ -397,15 +397,7 @@ impl Net {
 
 /// Interrupt the guest if it wants to hear about new used buffers.
 fn notify(q: &mut Queue, mem: &GuestMemory, irq: &IrqTrigger) {
-    match q.needs_notification(mem) {
-        Ok(true) => {
-            if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_VRING) {
-                guest_warn!("virtio-net: cannot interrupt the guest: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => guest_warn!("virtio-net: cannot read the queue's notification state: {e}"),
-    }
+    notify_used(q, mem, irq, "virtio-net");
 }
 
 impl VirtioDevice for Net {
@@ -456,13 +448,8 @@ impl VirtioDevice for Net {
         irq: Arc<IrqTrigger>,
         acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if acked_features & VIRTIO_F_VERSION_1 == 0 {
-            // A legacy driver's header is 10 bytes without MRG_RXBUF; the TAP's is set to 12.
-            return Err(ActivateError::Device(
-                "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not served)"
-                    .into(),
-            ));
-        }
+        // A legacy driver's header is 10 bytes without MRG_RXBUF; the TAP's is set to 12.
+        ActivateError::unless_version_1(acked_features)?;
         if queues.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
 use event_manager::{EventManager, SubscriberOps};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use socket2::Socket;
