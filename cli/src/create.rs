@@ -75,12 +75,12 @@ pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         bundle.display()
     );
     brig_runtime::state::validate_id("container", &args.id)?;
-    let config = spec::load_target(&bundle)?.spec;
-    let terminal = config.process().as_ref().and_then(|p| p.terminal()) == Some(true);
-    crate::console::check(terminal, args.console_socket.as_deref(), true)?;
-    crate::hooks::check(&config)?;
+    let target = spec::load_target(&bundle)?;
+    let tty = target.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
+    crate::console::check(tty, args.console_socket.as_deref(), true)?;
+    crate::hooks::check(&target.spec)?;
     match keeper_ready()? {
-        Some(ready) => keep(args, root, bundle, ready),
+        Some(ready) => keep(args, root, bundle, target, tty, ready),
         None => spawn_keeper(&format!("created {}", args.id)),
     }
 }
@@ -156,15 +156,15 @@ fn keep(
     args: CreateArgs,
     root: Option<PathBuf>,
     bundle: PathBuf,
+    target: spec::Target,
+    tty: bool,
     ready: std::fs::File,
 ) -> anyhow::Result<u8> {
-    let target = spec::load_target(&bundle)?;
     let mut config = RuntimeConfig::load()?;
     if let Some(root) = root {
         config.root = root;
     }
     let id = args.id.clone();
-    let tty = target.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
     // The keeper's stdin and stdout become the terminal the engine holds the other end of.
     if let Some(socket) = &args.console_socket {
         crate::console::take_terminal(socket)?;

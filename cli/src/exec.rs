@@ -56,9 +56,6 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-/// Largest `--process` file read (an OCI process is a few KiB).
-const MAX_PROCESS_JSON: u64 = 1 << 20;
-
 pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
     if args.process.is_some() {
         return run_oci(args, layout);
@@ -91,21 +88,11 @@ pub fn run(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
 /// The OCI runtime CLI's exec: the process from `--process`, run in the foreground or (with
 /// `--detach`) by a keeper that `exec` leaves behind once the process runs.
 fn run_oci(args: ExecArgs, layout: &Layout) -> anyhow::Result<u8> {
-    use std::io::Read;
     let path = args.process.as_deref().unwrap_or(std::path::Path::new(""));
-    let mut json = String::new();
-    std::fs::File::open(path)
-        .with_context(|| format!("--process {}", path.display()))?
-        .take(MAX_PROCESS_JSON + 1)
-        .read_to_string(&mut json)
-        .with_context(|| format!("reading --process {}", path.display()))?;
-    anyhow::ensure!(
-        json.len() as u64 <= MAX_PROCESS_JSON,
-        "--process {} is over {MAX_PROCESS_JSON} bytes",
-        path.display()
-    );
-    let process: oci_spec::runtime::Process = serde_json::from_str(&json)
-        .with_context(|| format!("--process {} is not an OCI process", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("--process {}", path.display()))?;
+    let process: oci_spec::runtime::Process =
+        crate::read_json_arg(file, "--process", path, "an OCI process")?;
     crate::console::check(
         process.terminal() == Some(true),
         args.console_socket.as_deref(),

@@ -100,27 +100,9 @@ fn run_one(hook: &Hook, input: &[u8]) -> anyhow::Result<()> {
         let _ = stdin.write_all(input);
     }
     let readers = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .map(|stream| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(stream) = stream {
-                let mut limited = stream.take(MAX_OUTPUT);
-                let _ = limited.read_to_string(&mut text);
-                // Drain the rest so the hook never blocks on a full pipe.
-                let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
-            }
-            text
-        })
-    });
+        keep_output(child.stdout.take()),
+        keep_output(child.stderr.take()),
+    ];
     let timeout = hook
         .timeout()
         .filter(|t| *t > 0)
@@ -150,6 +132,20 @@ fn run_one(hook: &Hook, input: &[u8]) -> anyhow::Result<()> {
             timeout.map_or(0, |t| t.as_secs())
         ),
     }
+}
+
+/// Read up to [`MAX_OUTPUT`] bytes of a hook's output stream on a thread of its own, and
+/// drain the rest so that the hook never blocks on a full pipe.
+fn keep_output<R: Read + Send + 'static>(stream: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(stream) = stream {
+            let mut limited = stream.take(MAX_OUTPUT);
+            let _ = limited.read_to_string(&mut text);
+            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+        }
+        text
+    })
 }
 
 #[cfg(test)]

@@ -43,6 +43,33 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// Largest JSON an OCI runtime CLI flag names (`exec --process`, `update --resources`): such
+/// objects are a few KiB.
+const MAX_JSON_ARG: u64 = 1 << 20;
+
+/// The JSON object `flag` names, read from `reader` (at most [`MAX_JSON_ARG`] bytes) as a
+/// `kind`; errors name the flag and `path`.
+pub(crate) fn read_json_arg<T: serde::de::DeserializeOwned>(
+    reader: impl std::io::Read,
+    flag: &str,
+    path: &std::path::Path,
+    kind: &str,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    use std::io::Read;
+    let what = format!("{flag} {}", path.display());
+    let mut json = String::new();
+    reader
+        .take(MAX_JSON_ARG + 1)
+        .read_to_string(&mut json)
+        .with_context(|| format!("reading {what}"))?;
+    anyhow::ensure!(
+        json.len() as u64 <= MAX_JSON_ARG,
+        "{what} is over {MAX_JSON_ARG} bytes"
+    );
+    serde_json::from_str(&json).with_context(|| format!("{what} is not {kind}"))
+}
+
 /// Exit status for errors of Brig itself (bad input, missing files), as runc and docker use.
 pub const EXIT_BRIG_ERROR: u8 = 125;
 

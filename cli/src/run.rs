@@ -425,13 +425,12 @@ impl Run<'_> {
         if let Some(gate) = &self.gate {
             // createRuntime hooks (and prestart) before `create` returns; a failing one
             // stops the container, as runc does.
-            let created = gate
-                .hooks(crate::hooks::Moment::Created, record.state())
-                .await;
-            if let Err(e) = match created {
-                Ok(()) => gate.report_and_wait(&record.dir(), id).await,
-                Err(e) => Err(e),
-            } {
+            let created = async {
+                gate.hooks(crate::hooks::Moment::Created, record.state())
+                    .await?;
+                gate.report_and_wait(&record.dir(), id).await
+            };
+            if let Err(e) = created.await {
                 let _ = sandbox.stop().await;
                 return Err(e);
             }

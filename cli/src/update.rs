@@ -54,9 +54,6 @@ fn parse_limit(s: &str) -> Result<i64, String> {
     i64::try_from(bytes).map_err(|_| format!("{s:?} is too large"))
 }
 
-/// Largest `--resources` JSON read (a `linux.resources` object is a few KiB at most).
-const MAX_RESOURCES_JSON: u64 = 1 << 20;
-
 impl UpdateArgs {
     /// The limits to set: those of `--resources`, with each flag given taking precedence.
     fn resources(&self) -> anyhow::Result<Resources> {
@@ -80,24 +77,13 @@ impl UpdateArgs {
 
 /// An OCI `LinuxResources` object from `path`, or from stdin for `-`.
 fn read_resources(path: &std::path::Path) -> anyhow::Result<oci_spec::runtime::LinuxResources> {
-    use std::io::Read;
-    let what = format!("--resources {}", path.display());
-    let mut json = String::new();
-    let reader: Box<dyn Read> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin())
-    } else {
-        Box::new(std::fs::File::open(path).with_context(|| what.clone())?)
-    };
-    reader
-        .take(MAX_RESOURCES_JSON + 1)
-        .read_to_string(&mut json)
-        .with_context(|| format!("reading {what}"))?;
-    anyhow::ensure!(
-        json.len() as u64 <= MAX_RESOURCES_JSON,
-        "{what} is over {MAX_RESOURCES_JSON} bytes"
-    );
-    serde_json::from_str(&json)
-        .with_context(|| format!("{what} is not an OCI linux.resources object"))
+    let kind = "an OCI linux.resources object";
+    if path.as_os_str() == "-" {
+        return crate::read_json_arg(std::io::stdin(), "--resources", path, kind);
+    }
+    let file =
+        std::fs::File::open(path).with_context(|| format!("--resources {}", path.display()))?;
+    crate::read_json_arg(file, "--resources", path, kind)
 }
 
 pub fn run(args: UpdateArgs, layout: &Layout) -> anyhow::Result<u8> {

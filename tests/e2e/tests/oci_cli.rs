@@ -339,18 +339,22 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
     ok(test, &["delete", "hooked"]);
     let after_delete = saved_status(&stopped);
 
+    // `brig create` that is expected to fail: its output, keeper and all.
+    let create = |id: &str| {
+        brig(test)
+            .args(["create", "--bundle"])
+            .arg(&dir)
+            .arg(id)
+            .output()
+            .unwrap()
+    };
     // A createRuntime hook that fails stops the container: create fails, naming it.
     set_hooks(
         &dir,
         serde_json::json!({"createRuntime": [
             {"path": "/bin/sh", "args": ["sh", "-c", "echo refused >&2; exit 1"]}]}),
     );
-    let failed = brig(test)
-        .args(["create", "--bundle"])
-        .arg(&dir)
-        .arg("refused")
-        .output()
-        .unwrap();
+    let failed = create("refused");
     reap_adopted();
     let refused_state = brig(test).args(["state", "refused"]).output().unwrap();
     // Hooks meant for the container's namespaces cannot run in a microVM: refused up front.
@@ -358,12 +362,7 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
         &dir,
         serde_json::json!({"createContainer": [{"path": "/bin/true"}]}),
     );
-    let in_guest = brig(test)
-        .args(["create", "--bundle"])
-        .arg(&dir)
-        .arg("in-guest")
-        .output()
-        .unwrap();
+    let in_guest = create("in-guest");
     let _ = std::fs::remove_dir_all(&dir);
 
     assert_eq!(after_create, (Some("hooked created".into()), None));
