@@ -43,6 +43,22 @@ pub enum ThreadKind {
     Supervisor,
 }
 
+impl ThreadKind {
+    /// What the thread is called: its name in the process, and in a refused call's message.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Vsock => "vsock",
+            ThreadKind::Fs => "virtio-fs",
+            ThreadKind::Net => "virtio-net",
+            ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::Signals => "signal",
+            ThreadKind::Main => "main",
+            ThreadKind::Supervisor => "supervisor",
+        }
+    }
+}
+
 /// How filters treat a system call that is not on the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {
@@ -449,17 +465,7 @@ impl Message {
             len: 0,
         };
         m.put(b"brig-vmm: seccomp: the ");
-        m.put(match kind {
-            Some(ThreadKind::Vcpu) => b"vCPU",
-            Some(ThreadKind::Vsock) => b"vsock",
-            Some(ThreadKind::Fs) => b"virtio-fs",
-            Some(ThreadKind::Net) => b"virtio-net",
-            Some(ThreadKind::Balloon) => b"virtio-balloon",
-            Some(ThreadKind::Signals) => b"signal",
-            Some(ThreadKind::Main) => b"main",
-            Some(ThreadKind::Supervisor) => b"supervisor",
-            None => b"unknown",
-        });
+        m.put(kind.map_or("unknown", ThreadKind::name).as_bytes());
         m.put(b" thread made system call ");
         m.number(u64::from(nr.unsigned_abs()), 10);
         match libc::c_long::from(nr) {

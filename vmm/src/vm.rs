@@ -312,16 +312,12 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmError> {
         move || signals.wait().ok().map(|sig| VmExit::Signal(sig as i32)),
     )?;
     for (kind, mut events) in loops {
-        let name = match kind {
-            ThreadKind::Fs => "virtio-fs",
-            ThreadKind::Net => "virtio-net",
-            ThreadKind::Balloon => "virtio-balloon",
-            _ => "vsock",
-        };
-        spawn_filtered(name.into(), filters.get(kind), &exit_tx, move || loop {
-            if let Err(e) = events.run() {
-                tracing::error!("{kind:?} event loop: {e}");
-                return None;
+        spawn_filtered(kind.name().into(), filters.get(kind), &exit_tx, move || {
+            loop {
+                if let Err(e) = events.run() {
+                    tracing::error!("{kind:?} event loop: {e}");
+                    return None;
+                }
             }
         })?;
     }
