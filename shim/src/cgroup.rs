@@ -78,14 +78,14 @@ fn expand_slice(slice: &str) -> Option<PathBuf> {
         return Some(PathBuf::new());
     }
     let stem = slice.strip_suffix(".slice")?;
-    if stem.is_empty() || !plain_name(stem) || stem.starts_with('-') || stem.ends_with('-') {
+    if !plain_name(stem) {
         return None;
     }
     let mut path = PathBuf::new();
     let mut prefix = String::new();
     for part in stem.split('-') {
         if part.is_empty() {
-            return None; // "a--b.slice"
+            return None; // ".slice", "-a.slice", "a-.slice", "a--b.slice"
         }
         if !prefix.is_empty() {
             prefix.push('-');
@@ -234,6 +234,8 @@ mod tests {
             "a.slice:p:n:extra",
             "a:p:n",
             "a--b.slice:p:n",
+            "a-.slice:p:n",
+            ".slice:p:n",
             "-a.slice:p:n",
             "../x.slice:p:n",
             "a.slice:p:..",
