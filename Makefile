@@ -17,9 +17,11 @@ export BRIG_KERNEL := $(SHARE)/vmlinux
 export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
 
 # (protobuf-compiler: the e2e CRI client compiles the CRI api.proto that k8s-cri ships)
+# (docker-registry skopeo umoci: the image tests' registry, and the tools that build and push
+# their images: tests/e2e/src/registry.rs)
 DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
 	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc containerd \
-	protobuf-compiler containernetworking-plugins iptables iperf3 podman
+	protobuf-compiler containernetworking-plugins iptables iperf3 podman docker-registry skopeo umoci
 
 # virtiofsd, the peer of `brig-bench fs`, from crates.io into a cached prefix (benchmarks only).
 VIRTIOFSD_ROOT := $(BRIG_CACHE)/virtiofsd
