@@ -238,6 +238,7 @@ fn keep(
             ready: std::sync::Mutex::new(Some(ready)),
             hooks,
         }),
+        image: None,
     };
     run.execute_here()
 }

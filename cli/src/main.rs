@@ -9,6 +9,7 @@ mod events;
 mod exec;
 mod features;
 mod hooks;
+mod images;
 mod kill;
 mod logs;
 mod pause;
@@ -132,6 +133,12 @@ enum Command {
     Boot(boot::BootArgs),
     /// Run a command in a new container, in its own microVM.
     Run(run::RunArgs),
+    /// Pull an image into the image store.
+    Pull(images::PullArgs),
+    /// List the images in the store.
+    Images(images::ImagesArgs),
+    /// Remove images (and the layers no other image uses).
+    Rmi(images::RmiArgs),
     /// List containers.
     Ps(ps::PsArgs),
     /// Run another process in a running container.
@@ -188,6 +195,9 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Boot(args) => boot::run(args, cli.root),
         Command::Run(args) => run::run(args, cli.root),
+        Command::Pull(args) => images::pull(args),
+        Command::Images(args) => images::images(args),
+        Command::Rmi(args) => with_layout(cli.root, |l| images::rmi(args, l)),
         Command::Ps(args) => with_layout(cli.root, |l| ps::run(args, l)),
         Command::Exec(args) => with_layout(cli.root, |l| exec::run(args, l)),
         Command::Logs(args) => with_layout(cli.root, |l| logs::run(args, l)),

@@ -8,6 +8,7 @@ use brig_runtime::spec::{self, Overrides};
 use brig_runtime::state::{Layout, ProcessRef};
 use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
 
+use crate::images::{PullPolicy, RunImage, TlsArgs};
 use crate::relay;
 use crate::EXIT_BRIG_ERROR;
 
@@ -69,10 +70,20 @@ pub struct RunArgs {
     /// Security options: seccomp=PROFILE.json (an OCI linux.seccomp object).
     #[arg(long = "security-opt", value_name = "OPT")]
     security_opt: Vec<String>,
-    /// A root filesystem directory, or an OCI bundle (a directory with config.json).
-    #[arg(value_name = "ROOTFS|BUNDLE")]
-    target: PathBuf,
-    /// Command and arguments (default: the bundle's, or sh).
+    /// When to pull the image: missing (only when it is not in the store), always, never.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = PullPolicy::Missing)]
+    pull: PullPolicy,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Replace the image's entrypoint (and drop its default command).
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// An image (NAME[:TAG], NAME@sha256:…, docker://…, oci:DIR[:TAG], oci-archive:FILE[:TAG]),
+    /// or a directory: a root filesystem, or an OCI bundle (one with config.json). An
+    /// existing directory wins over an image of the same name.
+    #[arg(value_name = "IMAGE|ROOTFS|BUNDLE")]
+    target: String,
+    /// Command and arguments (default: the image's or the bundle's, or sh).
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
@@ -122,13 +133,140 @@ fn random_id() -> String {
 
 /// What `brig run` ends with: the container's exit status, or Brig's own error status.
 pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
-    // The user's own input first: a wrong path matters more than a missing kernel.
-    let mut target = spec::load_target(&args.target)?;
+    let detached = std::env::var(DETACHED_ENV).ok();
+    // The user's own input first: a wrong path or image matters more than a missing kernel.
+    let path = std::path::Path::new(&args.target);
+    let image = if path.is_dir() || args.target.starts_with(['/', '.']) {
+        None
+    } else {
+        // The foreground `brig run -d` pulled it already.
+        let policy = if detached.is_some() {
+            PullPolicy::Never
+        } else {
+            args.pull
+        };
+        Some(RunImage::resolve(&args.target, policy, &args.tls)?)
+    };
     let mut config = RuntimeConfig::load()?;
     if let Some(root) = root {
         config.root = root;
     }
-    let id = args.name.clone().unwrap_or_else(random_id);
+    // The background `brig` of `run -d` gets the ID the foreground one printed.
+    let id = args
+        .name
+        .clone()
+        .or_else(|| detached.clone())
+        .unwrap_or_else(random_id);
+    let layout = Layout::new(&config.root);
+    brig_runtime::state::validate_id("container", &id)?;
+    anyhow::ensure!(
+        !layout.container(&id).exists(),
+        "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
+    );
+    if let Some(image) = &image {
+        if args.detach && detached.is_none() {
+            return detach(&id);
+        }
+        // The writable layer stays with the container until `brig rm` (or --rm): after a
+        // failure before the container has a record, nothing names it, so it goes now.
+        let scratch = image.scratch(&id);
+        let result = run_image(&args, &config, &layout, &id, image, &scratch);
+        if !layout.container(&id).join("state.json").exists() {
+            let _ = brig_runtime::rootfs::remove_overlay(&scratch);
+        }
+        return result;
+    }
+    let target = spec::load_target(path)?;
+    run_target(&args, &config, &layout, &id, target, None)
+}
+
+/// `brig run IMAGE`: the image's layers under an overlay, its config as the defaults.
+fn run_image(
+    args: &RunArgs,
+    config: &RuntimeConfig,
+    layout: &Layout,
+    id: &str,
+    image: &RunImage,
+    scratch: &std::path::Path,
+) -> anyhow::Result<u8> {
+    let lowers = image.store.lower_dirs(&image.record)?;
+    // No container has this ID (checked above): a scratch directory left by one that a
+    // host reboot took away is stale.
+    brig_runtime::rootfs::remove_overlay(scratch)?;
+    let rootfs = brig_runtime::rootfs::mount_overlay(&lowers, scratch)?;
+    let mut target = spec::load_target(&rootfs)?;
+    let defaults = &image.record.defaults;
+    let mut process = target.spec.process().clone().unwrap_or_default();
+    process.set_env(Some(spec::merge_env(
+        process.env().clone().unwrap_or_default(),
+        &defaults.env,
+    )?));
+    if let Some(dir) = defaults
+        .working_dir
+        .as_deref()
+        .filter(|d| d.starts_with('/'))
+    {
+        process.set_cwd(dir.into());
+    }
+    // docker's rules: arguments replace CMD and keep ENTRYPOINT; --entrypoint replaces
+    // ENTRYPOINT and drops CMD.
+    let entrypoint = match &args.entrypoint {
+        Some(e) => vec![e.clone()],
+        None => defaults.entrypoint.clone(),
+    };
+    let cmd = if !args.command.is_empty() {
+        args.command.clone()
+    } else if args.entrypoint.is_some() {
+        Vec::new()
+    } else {
+        defaults.cmd.clone()
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    anyhow::ensure!(
+        !argv.is_empty(),
+        "image {} has no entrypoint or command: give one after the image name",
+        image.record.name
+    );
+    process.set_args(Some(argv));
+    target.spec.set_process(Some(process));
+    let user = match args.user.as_deref().or(defaults.user.as_deref()) {
+        Some(user) => {
+            let (uid, gid) = brig_runtime::rootfs::lookup_user(&rootfs, user)?;
+            Some(format!("{uid}:{gid}"))
+        }
+        None => None,
+    };
+    run_target(
+        args,
+        config,
+        layout,
+        id,
+        target,
+        Some(ImageRun {
+            name: image.record.name.clone(),
+            scratch: scratch.to_path_buf(),
+            user,
+        }),
+    )
+}
+
+/// What `brig run IMAGE` adds to a run.
+struct ImageRun {
+    name: String,
+    scratch: PathBuf,
+    /// The user, resolved through the image's /etc/passwd.
+    user: Option<String>,
+}
+
+fn run_target(
+    args: &RunArgs,
+    config: &RuntimeConfig,
+    layout: &Layout,
+    id: &str,
+    mut target: spec::Target,
+    image: Option<ImageRun>,
+) -> anyhow::Result<u8> {
+    let id = id.to_string();
     let mut seccomp = None;
     for opt in &args.security_opt {
         match opt.split_once('=') {
@@ -144,14 +282,19 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         .map(|v| v.parse::<Volume>())
         .collect::<Result<Vec<_>, _>>()?;
     let overrides = Overrides {
-        args: if args.command.is_empty() && !target.bundle {
+        args: if image.is_some() {
+            Vec::new() // set from the image already
+        } else if args.command.is_empty() && !target.bundle {
             vec!["sh".into()]
         } else {
             args.command.clone()
         },
         env: args.env.clone(),
         cwd: args.workdir.clone(),
-        user: args.user.clone(),
+        user: match &image {
+            Some(image) => image.user.clone(),
+            None => args.user.clone(),
+        },
         terminal: args.tty,
         hostname: (!target.bundle).then(|| id.clone()),
         memory_bytes: args.memory,
@@ -162,14 +305,8 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     };
     spec::apply(&mut target.spec, &overrides)?;
 
-    let layout = Layout::new(&config.root);
-    brig_runtime::state::validate_id("container", &id)?;
-    anyhow::ensure!(
-        !layout.container(&id).exists(),
-        "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
-    );
     // A pod of one: the foreground `brig` owns its microVM.
-    let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), &config, &target.spec);
+    let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), config, &target.spec);
     let network = args
         .network
         .clone()
@@ -210,13 +347,14 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         }
     };
     let run = Run {
-        layout: &layout,
-        config: &config,
+        layout,
+        config,
         sandbox_spec: &sandbox_spec,
         container: &container,
         resolv_conf,
         hostname: overrides.hostname.clone(),
         output,
+        image: image.map(|i| (i.name, i.scratch)),
         memory: args.memory,
         remove: args.rm,
         bundle: None,
@@ -367,6 +505,8 @@ pub(crate) struct Run<'a> {
     pub(crate) bundle: Option<PathBuf>,
     /// `brig create`: once created, report it and wait for `brig start`.
     pub(crate) gate: Option<crate::create::StartGate>,
+    /// The image it is made from and its overlay's scratch directory (`brig run IMAGE`).
+    pub(crate) image: Option<(String, PathBuf)>,
 }
 
 impl Run<'_> {
@@ -377,6 +517,9 @@ impl Run<'_> {
         record.set_owner(ProcessRef::current())?;
         if let Some(bundle) = &self.bundle {
             record.set_bundle(bundle.clone())?;
+        }
+        if let Some((image, scratch)) = &self.image {
+            record.set_image(image.clone(), scratch.clone())?;
         }
         let result = self.run_in(&mut record).await;
         if self.remove || result.is_err() {

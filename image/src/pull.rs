@@ -201,11 +201,7 @@ impl Store {
         });
         let auth = crate::auth::credentials(&registry);
         let remote = |e: oci_client::errors::OciDistributionError| {
-            StoreError::Invalid(format!(
-                "pulling {}: {}",
-                reference.whole(),
-                one_line(&e.to_string())
-            ))
+            StoreError::Invalid(format!("pulling {}: {}", reference.whole(), one_line(&e)))
         };
         let (manifest, manifest_digest, config) = client
             .pull_manifest_and_config(reference, &auth)
@@ -314,7 +310,7 @@ impl Store {
                     "pulling layer {} of {}: {}",
                     layer.digest,
                     reference.whole(),
-                    one_line(&e.to_string())
+                    one_line(&e)
                 ))
             })?;
         let mut file = std::fs::File::create(path).map_err(io("writing"))?;
@@ -324,7 +320,7 @@ impl Store {
                 StoreError::Invalid(format!(
                     "downloading layer {}: {}",
                     layer.digest,
-                    one_line(&e.to_string())
+                    one_line(&e)
                 ))
             })?;
             written += chunk.len() as u64;
@@ -546,9 +542,20 @@ fn check_layers(config: &ConfigFile, layers: &[Descriptor]) -> Result<(), StoreE
     Ok(())
 }
 
-/// An error from a registry, on one line (reqwest's carry their causes on several).
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// An error from a registry with its causes (reqwest names the URL, its sources say why,
+/// e.g. "Connection refused"), on one line.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 async fn blocking<T: Send + 'static>(

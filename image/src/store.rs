@@ -31,7 +31,7 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("image {0} is not in the store: pull it with `brig pull {0}`")]
+    #[error("image {0} is not in the store (`brig images` lists what is)")]
     NotFound(String),
     #[error("the image store's {path} is damaged ({reason}): remove it and pull again")]
     Damaged { path: PathBuf, reason: String },

@@ -21,14 +21,19 @@
 //! guest_thp = false        # back guest memory with transparent huge pages (brig-vmm --thp)
 //! kernel_params = ""       # appended to the guest kernel's command line
 //! free_page_reporting = true # the guest reports memory it freed; the host takes it back
+//! image_root = "/var/lib/brig"   # pulled images and containers' writable layers
+//! insecure_registries = []       # registries (host[:port]) pulled from over plain HTTP
 //! ```
 //! Environment variables override the file: `BRIG_KERNEL`, `BRIG_INITRD`, `BRIG_VMM`,
-//! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`.
+//! `BRIG_ROOT`, `BRIG_FS_CACHE`, `BRIG_NETWORK`, `BRIG_IMAGE_ROOT`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+/// Default directory of the image store.
+pub const DEFAULT_IMAGE_ROOT: &str = "/var/lib/brig";
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/brig/brig.toml";
@@ -99,6 +104,8 @@ struct ConfigFile {
     guest_thp: Option<bool>,
     kernel_params: Option<String>,
     free_page_reporting: Option<bool>,
+    image_root: Option<PathBuf>,
+    insecure_registries: Option<Vec<String>>,
 }
 
 /// Resolved runtime configuration.
@@ -146,6 +153,12 @@ pub struct RuntimeConfig {
     /// Give guests a balloon for free page reporting (brig-vmm `--free-page-reporting`): the
     /// memory a guest frees goes back to the host, so an idle sandbox shrinks after a spike.
     pub free_page_reporting: bool,
+    /// The image store (`brig pull`, `brig run IMAGE`): unpacked layers, and the writable
+    /// layers of containers made from images. On a disk, not under /run: containers write
+    /// there.
+    pub image_root: PathBuf,
+    /// Registries (`host[:port]`) that images are pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 impl RuntimeConfig {
@@ -174,6 +187,18 @@ impl RuntimeConfig {
         Ok(root_of(file.root, |k| {
             std::env::var_os(k).map(PathBuf::from)
         }))
+    }
+
+    /// Only the image store's settings (its directory, the plain-HTTP registries): `brig
+    /// pull`, `images` and `rmi` need no kernel, initramfs or VMM.
+    pub fn image_settings() -> Result<(PathBuf, Vec<String>), ConfigError> {
+        let path = std::env::var_os("BRIG_CONFIG").map(PathBuf::from);
+        let file = config_file(path.as_deref())?;
+        let root = std::env::var_os("BRIG_IMAGE_ROOT")
+            .map(PathBuf::from)
+            .or(file.image_root)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE_ROOT));
+        Ok((root, file.insecure_registries.unwrap_or_default()))
     }
 
     fn resolve(
@@ -252,6 +277,10 @@ impl RuntimeConfig {
             guest_thp: file.guest_thp.unwrap_or(false),
             kernel_params: kernel_params.trim().to_string(),
             free_page_reporting: file.free_page_reporting.unwrap_or(true),
+            image_root: env("BRIG_IMAGE_ROOT")
+                .or(file.image_root)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE_ROOT)),
+            insecure_registries: file.insecure_registries.unwrap_or_default(),
         })
     }
 }

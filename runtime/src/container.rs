@@ -479,6 +479,14 @@ impl Container {
         self.save()
     }
 
+    /// Note the image it is made from and the scratch directory of its overlay root
+    /// filesystem, which its removal unmounts and removes.
+    pub fn set_image(&mut self, image: String, scratch: PathBuf) -> Result<(), ContainerError> {
+        self.state.image = Some(image);
+        self.state.scratch = Some(scratch);
+        self.save()
+    }
+
     fn save(&self) -> Result<(), ContainerError> {
         Ok(self.layout.save(&self.state)?)
     }

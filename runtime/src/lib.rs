@@ -17,6 +17,7 @@ pub mod host;
 pub mod hybrid_vsock;
 pub mod net;
 pub mod resources;
+pub mod rootfs;
 pub mod sandbox;
 pub mod share;
 pub mod signal;

@@ -1009,6 +1009,8 @@ mod tests {
             guest_thp: false,
             kernel_params: String::new(),
             free_page_reporting: true,
+            image_root: "/var/lib/brig".into(),
+            insecure_registries: Vec::new(),
         };
         let mut s = SandboxSpec::new("a", &config);
         s.fit(&spec_with(Some(512 << 20), Some((250_000, 100_000))));

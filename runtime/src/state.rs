@@ -264,6 +264,13 @@ pub struct ContainerState {
     /// Its spec's annotations, as the OCI `state` command shows them.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The image it was made from (`brig run IMAGE`), as the image store names it.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The scratch directory of its overlay root filesystem (see [`crate::rootfs`]),
+    /// unmounted and removed with the container.
+    #[serde(default)]
+    pub scratch: Option<PathBuf>,
 }
 
 impl ContainerState {
@@ -286,6 +293,8 @@ impl ContainerState {
             guest_pid: None,
             bundle: None,
             annotations: BTreeMap::new(),
+            image: None,
+            scratch: None,
         }
     }
 
@@ -418,6 +427,14 @@ impl Layout {
     pub fn remove_container(&self, id: &str) -> Result<(), StateError> {
         validate_id("container", id)?;
         let dir = self.container(id);
+        // Its overlay first: the record is the only thing that names it.
+        if let Some(scratch) = self.load(id).ok().and_then(|s| s.scratch) {
+            crate::rootfs::remove_overlay(&scratch).map_err(|e| StateError::Io {
+                action: "removing the root filesystem of",
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
