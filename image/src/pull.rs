@@ -250,7 +250,7 @@ impl Store {
                         let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
                             action: "reading",
                             path: path.clone(),
-                            source,
+                            cause: source,
                         })?;
                         store.add_layer(
                             std::io::BufReader::new(file),
@@ -293,7 +293,7 @@ impl Store {
             move |source| StoreError::Io {
                 action,
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             }
         };
         let descriptor = OciDescriptor {
@@ -419,7 +419,7 @@ impl Store {
             let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
                 action: "reading",
                 path: path.clone(),
-                source,
+                cause: source,
             })?;
             progress(PullEvent::Layer {
                 digest: layer.digest.clone(),
@@ -457,19 +457,19 @@ impl Store {
         std::fs::create_dir(&tmp).map_err(|source| StoreError::Io {
             action: "creating",
             path: tmp.clone(),
-            source,
+            cause: source,
         })?;
         let result = std::fs::File::open(file)
             .map_err(|source| StoreError::Io {
                 action: "reading",
                 path: file.to_path_buf(),
-                source,
+                cause: source,
             })
             .and_then(|f| {
                 crate::unpack::unpack(std::io::BufReader::new(f), &tmp).map_err(|source| {
                     StoreError::Unpack {
                         digest: file.display().to_string(),
-                        source,
+                        cause: source,
                     }
                 })
             })
@@ -490,7 +490,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
     let file = std::fs::File::open(path).map_err(|source| StoreError::Io {
         action: "reading",
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mut bytes = Vec::new();
     file.take(limit + 1)
@@ -498,7 +498,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
         .map_err(|source| StoreError::Io {
             action: "reading",
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
     if bytes.len() as u64 > limit {
         return Err(StoreError::Invalid(format!(

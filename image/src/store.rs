@@ -25,11 +25,11 @@ use crate::unpack::{unpack, UnpackError};
 /// Errors of the image store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("image {0} is not in the store (`brig images` lists what is)")]
     NotFound(String),
@@ -43,8 +43,8 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("layer {digest}: {source}")]
-    Unpack { digest: String, source: UnpackError },
+    #[error("layer {digest}: {cause}")]
+    Unpack { digest: String, cause: UnpackError },
     #[error("image {name} is used by container {container}: remove the container first (brig rm {container})")]
     InUse { name: String, container: String },
 }
@@ -56,7 +56,7 @@ fn io_err<'a>(
     move |source| StoreError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -231,7 +231,7 @@ impl Store {
         Flock::lock(file, arg).map_err(|(_, e)| StoreError::Io {
             action: "locking",
             path,
-            source: e.into(),
+            cause: e.into(),
         })
     }
 
@@ -408,7 +408,7 @@ fn unpack_checked(
                 ruzstd::decoding::StreamingDecoder::new(&mut compressed).map_err(|e| {
                     StoreError::Unpack {
                         digest: digest.to_string(),
-                        source: UnpackError::Tar(std::io::Error::other(e.to_string())),
+                        cause: UnpackError::Tar(std::io::Error::other(e.to_string())),
                     }
                 })?,
             ),
@@ -419,17 +419,17 @@ fn unpack_checked(
         let drained = std::io::copy(&mut tar, &mut std::io::sink());
         unpacked.map_err(|source| StoreError::Unpack {
             digest: digest.to_string(),
-            source,
+            cause: source,
         })?;
         drained.map_err(|e| StoreError::Unpack {
             digest: digest.to_string(),
-            source: UnpackError::Tar(e),
+            cause: UnpackError::Tar(e),
         })?;
         tar.digest()
     };
     std::io::copy(&mut compressed, &mut std::io::sink()).map_err(|e| StoreError::Unpack {
         digest: digest.to_string(),
-        source: UnpackError::Tar(e),
+        cause: UnpackError::Tar(e),
     })?;
     let actual = compressed.digest();
     if actual != digest {

@@ -34,11 +34,11 @@ pub enum UnpackError {
     #[error("entry {entry:?} points outside the layer ({why}): the image is broken or hostile")]
     Escape { entry: String, why: &'static str },
     /// A file system call failed for one entry.
-    #[error("entry {entry:?}: {action}: {source}")]
+    #[error("entry {entry:?}: {action}: {cause}")]
     Io {
         entry: String,
         action: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -57,7 +57,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<(), UnpackError> {
     let root = open_root(dest).map_err(|source| UnpackError::Io {
         entry: String::new(),
         action: "opening the layer directory",
-        source,
+        cause: source,
     })?;
     let mut archive = tar::Archive::new(reader);
     let mut dir_times: Vec<(Vec<OsString>, TimeSpec)> = Vec::new();
@@ -74,7 +74,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<(), UnpackError> {
             move |source: std::io::Error| UnpackError::Io {
                 entry,
                 action,
-                source,
+                cause: source,
             }
         };
         let parent = walk(&root, parents, true, &shown)?;
@@ -300,7 +300,7 @@ fn walk(
     let mut dir = nix::unistd::dup(root).map_err(|e| UnpackError::Io {
         entry: shown.to_string(),
         action: "opening the layer directory",
-        source: e.into(),
+        cause: e.into(),
     })?;
     for name in names {
         dir = match open_dir(&dir, name) {
@@ -310,13 +310,13 @@ fn walk(
                     UnpackError::Io {
                         entry: shown.to_string(),
                         action: "creating a parent directory",
-                        source: e.into(),
+                        cause: e.into(),
                     }
                 })?;
                 open_dir(&dir, name).map_err(|e| UnpackError::Io {
                     entry: shown.to_string(),
                     action: "opening a parent directory",
-                    source: e,
+                    cause: e,
                 })?
             }
             // O_NOFOLLOW on a symlink: ELOOP; O_DIRECTORY on one with O_NOFOLLOW: ENOTDIR.
@@ -331,7 +331,7 @@ fn walk(
                 return Err(UnpackError::Io {
                     entry: shown.to_string(),
                     action: "opening a parent directory",
-                    source,
+                    cause: source,
                 })
             }
         };

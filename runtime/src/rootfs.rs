@@ -18,11 +18,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 /// Errors making or removing an overlay root filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the image's layer paths are too long for one overlay mount ({0} bytes of options, the kernel takes 4095): move image_root to a shorter path")]
     TooLong(usize),
@@ -61,7 +61,7 @@ pub fn mount_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<PathBuf, Root
             std::fs::create_dir_all(dir).map_err(|source| RootfsError::Io {
                 action: "creating",
                 path: dir.clone(),
-                source,
+                cause: source,
             })?;
         }
         mount(
@@ -74,7 +74,7 @@ pub fn mount_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<PathBuf, Root
         .map_err(|e| RootfsError::Io {
             action: "mounting an overlay of the image's layers on",
             path: rootfs.clone(),
-            source: e.into(),
+            cause: e.into(),
         })
     })();
     match made {
@@ -97,7 +97,7 @@ pub fn remove_overlay(scratch: &Path) -> Result<(), RootfsError> {
             return Err(RootfsError::Io {
                 action: "unmounting",
                 path: rootfs,
-                source: e.into(),
+                cause: e.into(),
             })
         }
     }
@@ -107,7 +107,7 @@ pub fn remove_overlay(scratch: &Path) -> Result<(), RootfsError> {
         Err(source) => Err(RootfsError::Io {
             action: "removing",
             path: scratch.to_path_buf(),
-            source,
+            cause: source,
         }),
     }
 }
