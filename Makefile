@@ -35,7 +35,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-net bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-images bench-net bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -148,6 +148,16 @@ bench-pods: stage
 	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_pods --nocapture --test-threads=1) | tee bench/reports/pods.log \
 		| sed -n 's/^report: //p' > bench/reports/pods.md.new
 	@test -s bench/reports/pods.md.new && mv bench/reports/pods.md.new bench/reports/pods.md && rm -f bench/reports/pods.log && cat bench/reports/pods.md
+
+# Pull and unpack of a multi-layer image, Brig against skopeo copy + umoci unpack, in one
+# session (in the lab where guests need it, for the same conditions as the tests); the
+# report is committed.
+bench-images: stage
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_images --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	set -o pipefail; $(call IN_GUEST_HOST,$$exe --ignored --exact bench_images --nocapture --test-threads=1) | tee bench/reports/images.log \
+		| sed -n 's/^report: //p' > bench/reports/images.md.new
+	@test -s bench/reports/images.md.new && mv bench/reports/images.md.new bench/reports/images.md && rm -f bench/reports/images.log && cat bench/reports/images.md
 
 # Pod networking, a Brig pod against a runc pod on one CNI bridge (iperf3, wrk), in one lab
 # boot; the report is committed.
