@@ -201,7 +201,17 @@ impl Store {
         });
         let auth = crate::auth::credentials(&registry);
         let remote = |e: oci_client::errors::OciDistributionError| {
-            StoreError::Invalid(format!("pulling {}: {}", reference.whole(), one_line(&e)))
+            let hint = match e {
+                oci_client::errors::OciDistributionError::UnauthorizedError { .. } => {
+                    " (the registry wants credentials: Brig reads them from $REGISTRY_AUTH_FILE or ~/.docker/config.json)"
+                }
+                _ => "",
+            };
+            StoreError::Invalid(format!(
+                "pulling {}: {}{hint}",
+                reference.whole(),
+                one_line(&e)
+            ))
         };
         let (manifest, manifest_digest, config) = client
             .pull_manifest_and_config(reference, &auth)

@@ -36,6 +36,16 @@ impl Registry {
     /// Starts a registry with its config (`registry.yml`), log (`registry.log`) and storage
     /// (`registry/`) in `dir`, on a free port, and waits until `GET /v2/` answers.
     pub fn start(dir: &Path) -> Registry {
+        Self::start_with(dir, None)
+    }
+
+    /// [`Registry::start`] with HTTP basic authentication: only `user`:`password` may pull
+    /// or push (docker-registry's htpasswd auth, bcrypt hashes made with python3's crypt).
+    pub fn start_with_basic_auth(dir: &Path, user: &str, password: &str) -> Registry {
+        Self::start_with(dir, Some((user, password)))
+    }
+
+    fn start_with(dir: &Path, basic_auth: Option<(&str, &str)>) -> Registry {
         std::fs::create_dir_all(dir).unwrap();
         // A port the kernel just handed out and nobody holds: the registry binds it next.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -53,8 +63,11 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: error\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
-                storage.display()
+                 http:\n  addr: {addr}\n{}",
+                storage.display(),
+                basic_auth
+                    .map(|a| htpasswd_auth(dir, a))
+                    .unwrap_or_default()
             ),
         )
         .unwrap();
@@ -111,8 +124,9 @@ impl Registry {
         }
         let reply = text(&reply).to_ascii_lowercase();
         let status = reply.lines().next().unwrap_or("");
+        // 401: it answers, and wants the credentials.
         status.starts_with("http/1.")
-            && status.contains(" 200")
+            && (status.contains(" 200") || status.contains(" 401"))
             && reply.contains("docker-distribution-api-version: registry/2.0")
     }
 
@@ -130,6 +144,31 @@ impl Registry {
             .join(hex)
             .join("data")
     }
+}
+
+/// The `auth:` section of a registry config for one htpasswd user, its file written in `dir`.
+fn htpasswd_auth(dir: &Path, (user, password): (&str, &str)) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+            password,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "bcrypt with python3: {}",
+        text(&out.stderr)
+    );
+    let file = dir.join("htpasswd");
+    std::fs::write(&file, format!("{user}:{}", text(&out.stdout))).unwrap();
+    format!(
+        "auth:\n  htpasswd:\n    realm: brig-e2e\n    path: {}\n",
+        file.display()
+    )
 }
 
 impl Drop for Registry {
@@ -155,8 +194,17 @@ pub fn skopeo() -> Command {
 /// Pushes the image tagged `tag` in the OCI layout `oci_layout` to `dest`, a reference
 /// without scheme such as "127.0.0.1:PORT/test/app:1.0", over plain HTTP.
 pub fn push(oci_layout: &Path, tag: &str, dest: &str) {
+    push_as(oci_layout, tag, dest, None)
+}
+
+/// [`push`] with `USER:PASSWORD` for a registry that wants them.
+pub fn push_as(oci_layout: &Path, tag: &str, dest: &str, creds: Option<&str>) {
+    let creds = match creds {
+        Some(c) => format!("--dest-creds={c}"),
+        None => "--dest-no-creds".to_string(),
+    };
     let out = skopeo()
-        .args(["copy", "--dest-no-creds", "--dest-tls-verify=false"])
+        .args(["copy", &creds, "--dest-tls-verify=false"])
         .arg(format!("oci:{}:{tag}", oci_layout.display()))
         .arg(format!("docker://{dest}"))
         .output()

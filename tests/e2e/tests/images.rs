@@ -312,3 +312,103 @@ fn bad_images_are_one_line_and_leave_the_store_as_it_was() {
     );
     assert_eq!(dir_entries(&store.join("tmp")), Vec::<String>::new());
 }
+
+#[test]
+fn private_registries_take_the_auth_files_credentials_and_archives_need_none() {
+    let work = scratch("images-auth");
+    let store = work.join("store");
+    let test = "images-auth";
+    let reg = Registry::start_with_basic_auth(&work.join("reg"), "alice", "s3cret");
+    let layout = registry::test_image(&work);
+    let image = format!("{}/private/app:1.0", reg.addr);
+    registry::push_as(&layout, "latest", &image, Some("alice:s3cret"));
+    // No credentials of the user running the test: a HOME of its own.
+    let home = work.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let pull = |auth_file: Option<&Path>| {
+        let mut cmd = brig_with_store(test, &store);
+        cmd.env("HOME", &home).env_remove("REGISTRY_AUTH_FILE");
+        if let Some(file) = auth_file {
+            cmd.env("REGISTRY_AUTH_FILE", file);
+        }
+        cmd.args(["pull", "--tls-verify=false", &image])
+            .output()
+            .unwrap()
+    };
+
+    assert_refused(&pull(None), "no credentials", "REGISTRY_AUTH_FILE");
+    let auth = |user_pass: &str| {
+        let encoded = Command::new("base64")
+            .arg("-w0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(user_pass.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            reg.addr,
+            text(&encoded.stdout)
+        )
+    };
+    let wrong = work.join("wrong.json");
+    std::fs::write(&wrong, auth("alice:guess")).unwrap();
+    assert_refused(&pull(Some(&wrong)), "wrong credentials", "Not authorized");
+    assert_eq!(dir_entries(&store.join("layers")), Vec::<String>::new());
+
+    let right = work.join("auth.json");
+    std::fs::write(&right, auth("alice:s3cret")).unwrap();
+    let out = pull(Some(&right));
+    assert!(
+        out.status.success(),
+        "pull with the auth file: {}",
+        text(&out.stderr)
+    );
+    // docker's own place for them works too.
+    std::fs::create_dir_all(home.join(".docker")).unwrap();
+    std::fs::copy(&right, home.join(".docker/config.json")).unwrap();
+    brig_ok(
+        brig_with_store(test, &store)
+            .env("HOME", &home)
+            .env_remove("REGISTRY_AUTH_FILE")
+            .args(["pull", "--tls-verify=false", &image]),
+        "pull with ~/.docker/config.json",
+    );
+    assert_eq!(dir_entries(&store.join("layers")).len(), 3);
+
+    // An OCI archive of the same image: its blobs are the registry's, nothing is unpacked
+    // again, and it is an image of its own in the store.
+    let archive = work.join("app.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", text(&out.stderr));
+    let source = format!("oci-archive:{}:latest", archive.display());
+    brig_ok(
+        brig_with_store(test, &store).args(["pull", &source]),
+        "pull oci-archive:",
+    );
+    assert_eq!(dir_entries(&store.join("layers")).len(), 3);
+    let images = brig_ok(
+        brig_with_store(test, &store).args(["images"]),
+        "brig images",
+    );
+    assert!(
+        images.contains(&image) && images.contains(&source),
+        "{images}"
+    );
+    assert_eq!(dir_entries(&store.join("tmp")), Vec::<String>::new());
+}
