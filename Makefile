@@ -35,7 +35,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-images bench-net bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-images bench-podman bench-net bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -158,6 +158,15 @@ bench-images: stage
 	set -o pipefail; $(call IN_GUEST_HOST,$$exe --ignored --exact bench_images --nocapture --test-threads=1) | tee bench/reports/images.log \
 		| sed -n 's/^report: //p' > bench/reports/images.md.new
 	@test -s bench/reports/images.md.new && mv bench/reports/images.md.new bench/reports/images.md && rm -f bench/reports/images.log && cat bench/reports/images.md
+
+# podman run with Brig against podman with runc, and Brig's microVM boot, in one lab boot;
+# the report is committed.
+bench-podman: stage
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_podman --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	set -o pipefail; $(call IN_GUEST_HOST,$$exe --ignored --exact bench_podman --nocapture --test-threads=1) | tee bench/reports/podman.log \
+		| sed -n 's/^report: //p' > bench/reports/podman.md.new
+	@test -s bench/reports/podman.md.new && mv bench/reports/podman.md.new bench/reports/podman.md && rm -f bench/reports/podman.log && cat bench/reports/podman.md
 
 # Pod networking, a Brig pod against a runc pod on one CNI bridge (iperf3, wrk), in one lab
 # boot; the report is committed.

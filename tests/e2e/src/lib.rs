@@ -7,6 +7,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod net;
+pub mod podman;
 pub mod registry;
 
 use std::path::PathBuf;
