@@ -139,34 +139,32 @@ bench-run: stage bench-fs
 	@set -o pipefail; $(call IN_GUEST_HOST,$(BIN)/brig-bench run --runs 10 --rootfs $(STAGE)/busybox-rootfs) | tee bench/reports/run.md.new
 	@mv bench/reports/run.md.new bench/reports/run.md
 
+# Run the #[ignore]d end-to-end benchmark test $(1) where guests boot; its `report: ` lines
+# become bench/reports/$(2).md (the whole output stays in $(2).log if it printed none).
+define E2E_BENCH
+	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test $(1) --no-run --message-format=json 2>/dev/null \
+		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
+	test -n "$$exe" || { echo "the benchmark $(1) did not build"; exit 1; }; \
+	mkdir -p bench/reports; set -o pipefail; \
+	$(call IN_GUEST_HOST,$$exe --ignored --exact $(1) --nocapture --test-threads=1) | tee bench/reports/$(2).log \
+		| sed -n 's/^report: //p' > bench/reports/$(2).md.new
+	@test -s bench/reports/$(2).md.new && mv bench/reports/$(2).md.new bench/reports/$(2).md && rm -f bench/reports/$(2).log && cat bench/reports/$(2).md
+endef
+
 # Pods through containerd's CRI, Brig against runc, in one lab boot; the report is committed.
 bench-pods: stage
-	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_pods --no-run --message-format=json 2>/dev/null \
-		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
-	test -n "$$exe" || { echo "the pods benchmark did not build"; exit 1; }; \
-	mkdir -p bench/reports; set -o pipefail; \
-	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_pods --nocapture --test-threads=1) | tee bench/reports/pods.log \
-		| sed -n 's/^report: //p' > bench/reports/pods.md.new
-	@test -s bench/reports/pods.md.new && mv bench/reports/pods.md.new bench/reports/pods.md && rm -f bench/reports/pods.log && cat bench/reports/pods.md
+	$(call E2E_BENCH,bench_pods,pods)
 
 # Pull and unpack of a multi-layer image, Brig against skopeo copy + umoci unpack, in one
 # session (in the lab where guests need it, for the same conditions as the tests); the
 # report is committed.
 bench-images: stage
-	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_images --no-run --message-format=json 2>/dev/null \
-		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
-	set -o pipefail; $(call IN_GUEST_HOST,$$exe --ignored --exact bench_images --nocapture --test-threads=1) | tee bench/reports/images.log \
-		| sed -n 's/^report: //p' > bench/reports/images.md.new
-	@test -s bench/reports/images.md.new && mv bench/reports/images.md.new bench/reports/images.md && rm -f bench/reports/images.log && cat bench/reports/images.md
+	$(call E2E_BENCH,bench_images,images)
 
 # podman run with Brig against podman with runc, and Brig's microVM boot, in one lab boot;
 # the report is committed.
 bench-podman: stage
-	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_podman --no-run --message-format=json 2>/dev/null \
-		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
-	set -o pipefail; $(call IN_GUEST_HOST,$$exe --ignored --exact bench_podman --nocapture --test-threads=1) | tee bench/reports/podman.log \
-		| sed -n 's/^report: //p' > bench/reports/podman.md.new
-	@test -s bench/reports/podman.md.new && mv bench/reports/podman.md.new bench/reports/podman.md && rm -f bench/reports/podman.log && cat bench/reports/podman.md
+	$(call E2E_BENCH,bench_podman,podman)
 
 # Pod networking, a Brig pod against a runc pod on one CNI bridge (iperf3, wrk), in one lab
 # boot; the report is committed.

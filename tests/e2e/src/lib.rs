@@ -33,6 +33,17 @@ pub fn stdout_of(out: std::process::Output, what: &str) -> String {
     text(&out.stdout)
 }
 
+/// Minimum, median and maximum of benchmark samples, in milliseconds.
+pub fn min_median_max_ms(samples: &mut [std::time::Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    (
+        ms(samples[0]),
+        ms(samples[samples.len() / 2]),
+        ms(samples[samples.len() - 1]),
+    )
+}
+
 /// A path from the environment, or a panic that says which variable to set.
 pub fn env_path(var: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use brig_e2e::registry::{self, Registry};
-use brig_e2e::{busybox_rootfs, env_path, scratch, text};
+use brig_e2e::{busybox_rootfs, env_path, min_median_max_ms, scratch, text};
 
 const RUNS: usize = 5;
 
@@ -33,16 +33,6 @@ fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
     t.elapsed()
-}
-
-fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (
-        ms(samples[0]),
-        ms(samples[samples.len() / 2]),
-        ms(samples[samples.len() - 1]),
-    )
 }
 
 /// A tree of `files` small text files and one incompressible file of `mib` MiB.
@@ -136,8 +126,8 @@ fn bench_images() {
         let _ = std::fs::remove_dir_all(&oci);
         let _ = std::fs::remove_dir_all(&bundle);
     }
-    let (b_min, b_med, b_max) = stats(&mut brig);
-    let (p_min, p_med, p_max) = stats(&mut peer);
+    let (b_min, b_med, b_max) = min_median_max_ms(&mut brig);
+    let (p_min, p_med, p_max) = min_median_max_ms(&mut peer);
     report("# Images: pull and unpack");
     report("");
     report(&format!(

@@ -6,25 +6,15 @@
 //!
 //! Lines of the report are printed with the prefix `report: `.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use brig_e2e::podman::{Podman, IMAGE};
-use brig_e2e::{brig, stdout_of};
+use brig_e2e::{brig, min_median_max_ms, stdout_of};
 
 const RUNS: usize = 10;
 
 fn report(line: &str) {
     println!("report: {line}");
-}
-
-fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (
-        ms(samples[0]),
-        ms(samples[samples.len() / 2]),
-        ms(samples[samples.len() - 1]),
-    )
 }
 
 #[test]
@@ -57,9 +47,9 @@ fn bench_podman() {
         );
         boots.push(t.elapsed());
     }
-    let (b_min, b_med, b_max) = stats(&mut brig_runs);
-    let (r_min, r_med, r_max) = stats(&mut runc_runs);
-    let (v_min, v_med, v_max) = stats(&mut boots);
+    let (b_min, b_med, b_max) = min_median_max_ms(&mut brig_runs);
+    let (r_min, r_med, r_max) = min_median_max_ms(&mut runc_runs);
+    let (v_min, v_med, v_max) = min_median_max_ms(&mut boots);
     report("# podman run: Brig against runc");
     report("");
     report(&format!(

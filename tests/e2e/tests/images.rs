@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use brig_e2e::registry::{self, Registry};
-use brig_e2e::{brig, dir_entries, scratch, text};
+use brig_e2e::{brig, dir_entries, scratch, stdout_of, text};
 
 /// `brig` with a test state root and an image store of its own (on a tmpfs in the lab:
 /// overlayfs cannot use L1's 9p root for its upper layers).
@@ -20,15 +20,7 @@ fn brig_with_store(test: &str, store: &Path) -> Command {
 }
 
 fn brig_ok(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    stdout_of(cmd.output().unwrap(), what)
 }
 
 /// One line on stderr and Brig's own exit status.
