@@ -59,6 +59,8 @@ fn data_tree(dir: &Path, files: usize, mib: usize, seed: u64) {
 #[test]
 #[ignore]
 fn bench_images() {
+    // libtest prints "test NAME ... " without a newline: the first report line needs its own.
+    println!();
     let work = scratch("bench-images");
     let reg = Registry::start(&work.join("reg"));
     let busybox = busybox_rootfs(&work.join("busybox"));

@@ -20,6 +20,8 @@ fn report(line: &str) {
 #[test]
 #[ignore]
 fn bench_podman() {
+    // libtest prints "test NAME ... " without a newline: the first report line needs its own.
+    println!();
     let with_brig = Podman::new("bench-podman");
     with_brig.import_busybox();
     let with_runc = Podman {

@@ -112,6 +112,17 @@ fn pause_stops_a_counter_resume_lets_it_go_on_and_a_paused_container_can_be_kill
     );
     wait_for("the counter to advance", || count(&counter) >= 3);
 
+    // `brig ps ID` lists the container's processes (runc's `ps`): its shell, by PID.
+    let table = text(&brig_ok(t, &["ps", "ticker"]).stdout);
+    let shell = table
+        .lines()
+        .find(|l| l.contains("sh -c i=0"))
+        .unwrap_or_else(|| panic!("brig ps ticker: {table}"));
+    let pid: u32 = shell.split_whitespace().next().unwrap().parse().unwrap();
+    let json = brig_ok(t, &["ps", "--format", "json", "ticker"]).stdout;
+    let pids: Vec<u32> = serde_json::from_slice(&json).unwrap();
+    assert!(pids.contains(&pid), "{pids:?} lacks the shell {pid}");
+
     brig_ok(t, &["pause", "ticker"]);
     assert_eq!(
         ps_status(t, "ticker", false)

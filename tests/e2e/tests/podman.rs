@@ -182,7 +182,9 @@ fn podman_pauses_unpauses_and_updates_a_container() {
         &[
             "sh",
             "-c",
-            "while true; do date +%s%N > /tmp/tick; sleep 0.2; done",
+            // Renamed into place: a reader never meets the file between its truncation and
+            // its write (busybox's date has no %N; seconds and a counter tell ticks apart).
+            "i=0; while true; do i=$((i+1)); echo \"$(date +%s) $i\" > /tmp/.tick; mv /tmp/.tick /tmp/tick; sleep 0.2; done",
         ],
     );
     let tick = || podman.ok(&["exec", "box", "cat", "/tmp/tick"]);
