@@ -389,7 +389,7 @@ fn detach(id: &str) -> anyhow::Result<u8> {
     let exe = std::env::current_exe().context("finding brig's own binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
-        .env(DETACHED_ENV, "1")
+        .env(DETACHED_ENV, id)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -521,11 +521,36 @@ impl Run<'_> {
         if let Some((image, scratch)) = &self.image {
             record.set_image(image.clone(), scratch.clone())?;
         }
+        // The spec's cgroup (podman's, say): this process and the VMM it starts go there,
+        // so the engine accounts and limits the whole microVM, as it does runc's processes.
+        let cgroup = match self.cgroups_path() {
+            Some(path) => match brig_runtime::cgroup::PodCgroup::enter(&path) {
+                Ok(cgroup) => Some(cgroup),
+                Err(e) => {
+                    let _ = record.forget();
+                    return Err(anyhow::Error::new(e).context("the container's cgroup"));
+                }
+            },
+            None => None,
+        };
         let result = self.run_in(&mut record).await;
+        if let Some(cgroup) = cgroup {
+            cgroup.leave();
+        }
         if self.remove || result.is_err() {
             let _ = record.forget();
         }
         result
+    }
+
+    /// The spec's `linux.cgroupsPath`, if it has one.
+    fn cgroups_path(&self) -> Option<String> {
+        self.container
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.display().to_string())
     }
 
     async fn run_in(&self, record: &mut Container) -> anyhow::Result<u8> {

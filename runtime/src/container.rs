@@ -479,6 +479,14 @@ impl Container {
         self.save()
     }
 
+    /// The `linux.cgroupsPath` of the bundle it was created from, if it still has one.
+    fn bundle_cgroups_path(&self) -> Option<String> {
+        let config = self.state.bundle.as_ref()?.join("config.json");
+        let spec = Spec::load(config).ok()?;
+        let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+        Some(path.display().to_string())
+    }
+
     /// Note the image it is made from and the scratch directory of its overlay root
     /// filesystem, which its removal unmounts and removes.
     pub fn set_image(&mut self, image: String, scratch: PathBuf) -> Result<(), ContainerError> {
@@ -720,6 +728,11 @@ impl Container {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while gone_before_return.iter().any(|p| !p.gone()) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // The cgroup its owner made for the microVM: an owner that was killed did not
+        // remove it.
+        if let Some(path) = self.bundle_cgroups_path() {
+            crate::cgroup::remove_path(&path);
         }
         self.forget()
     }

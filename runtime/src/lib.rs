@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
 
 pub mod agent;
+pub mod cgroup;
 pub mod cni;
 pub mod config;
 pub mod container;

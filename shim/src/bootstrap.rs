@@ -236,7 +236,7 @@ pub fn delete(flags: &Flags) -> anyhow::Result<()> {
             .and_then(|s| s.linux().as_ref())
             .and_then(|l| l.cgroups_path().clone());
         if let Some(path) = path.as_deref().and_then(Path::to_str) {
-            crate::cgroup::remove_path(path);
+            brig_runtime::cgroup::remove_path(path);
         }
     }
     task::unmount_rootfs(&bundle.join("rootfs"));

@@ -9,7 +9,6 @@
 //! - no action (`-socket ADDR`): serve the task API. Spawned by `start`, never by containerd.
 
 mod bootstrap;
-mod cgroup;
 mod io;
 mod metrics;
 mod options;

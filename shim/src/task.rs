@@ -153,7 +153,7 @@ struct Pod {
     config: Option<RuntimeConfig>,
     sandbox: Option<Arc<Sandbox>>,
     /// The pod's host cgroup the shim (and so the VMM) joined, if the sandbox named one.
-    cgroup: Option<crate::cgroup::PodCgroup>,
+    cgroup: Option<brig_runtime::cgroup::PodCgroup>,
     containers: HashMap<String, Ctr>,
 }
 
@@ -613,7 +613,7 @@ impl Service {
             // Into the pod's cgroup before the VMM starts, which then inherits it.
             let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
             if let Some(path) = cgroups_path.as_deref().and_then(Path::to_str) {
-                pod.cgroup = Some(crate::cgroup::PodCgroup::enter(path).map_err(|e| {
+                pod.cgroup = Some(brig_runtime::cgroup::PodCgroup::enter(path).map_err(|e| {
                     err(Code::FAILED_PRECONDITION, format!("the pod's cgroup: {e}"))
                 })?);
             }

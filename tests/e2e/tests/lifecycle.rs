@@ -305,3 +305,29 @@ fn an_oom_kill_shows_in_stats_and_as_an_oom_event() {
     );
     cleanup(t, "hog");
 }
+
+#[test]
+fn run_d_without_a_name_prints_the_id_it_runs_under() {
+    let t = "unnamed";
+    let started = Instant::now();
+    let out = brig(t)
+        .args(["run", "-d", "--network", "none"])
+        .arg(rootfs())
+        .args(["sleep", "100"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "brig run -d: {}", text(&out.stderr));
+    // It returns once the container runs, not when it ends.
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let id = text(&out.stdout).trim().to_string();
+    assert_eq!(id.len(), 12, "an ID on stdout: {id:?}");
+    assert_eq!(
+        ps_status(t, &id, false)
+            .as_deref()
+            .map(|s| s.starts_with("running")),
+        Some(true),
+        "brig ps lists {id} as running"
+    );
+    cleanup(t, &id);
+}

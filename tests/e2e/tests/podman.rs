@@ -40,7 +40,36 @@ fn podman_runs_execs_stops_and_removes_containers_in_microvms() {
     let out = podman.run(&["exec", "web", "sh", "-c", "echo in-exec; exit 5"]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "in-exec\n");
+    // The process podman waits on and the microVM's VMM are in the container's cgroup, as
+    // runc's processes would be: podman accounts and limits the whole microVM.
+    let id = podman
+        .ok(&["inspect", "--format", "{{.Id}}", "web"])
+        .trim()
+        .to_string();
+    let pid = podman
+        .ok(&["inspect", "--format", "{{.State.Pid}}", "web"])
+        .trim()
+        .to_string();
+    let cgroup_of = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .trim()
+            .trim_start_matches("0::")
+            .to_string()
+    };
+    let cgroup = cgroup_of(&pid);
+    assert!(
+        cgroup.contains(&id),
+        "the keeper {pid} is in {cgroup:?}, not the container's"
+    );
+    let vmms = processes_named("brig-vmm");
+    assert!(!vmms.is_empty());
+    for vmm in &vmms {
+        assert_eq!(cgroup_of(&vmm.to_string()), cgroup, "VMM {vmm}");
+    }
     podman.ok(&["stop", "-t", "20", "web"]);
+    let cgroup_dir = std::path::Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'));
+    assert!(!cgroup_dir.exists(), "{} is left", cgroup_dir.display());
     assert_eq!(podman.exit_code("web"), "0", "the TERM trap's status");
     let logs = podman.ok(&["logs", "web"]);
     assert_eq!(logs, "started\nbye\n");

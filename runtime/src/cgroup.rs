@@ -1,7 +1,8 @@
-//! The pod's cgroup on the host: the shim and its microVM run in the sandbox's
-//! `linux.cgroupsPath` (CRI sets it under the pod's cgroup that kubelet made), so a pod's
-//! whole overhead is accounted and limited where Kubernetes expects it, as runc's pause
-//! process is. cgroup v2, with cgroupfs paths (`/kubepods/…/<id>`) or systemd ones
+//! A sandbox's cgroup on the host: the process that holds the microVM (the containerd shim,
+//! or the keeper `brig create` leaves for podman) and the VMM run in the spec's
+//! `linux.cgroupsPath` (CRI sets it under the pod's cgroup that kubelet made; podman under
+//! its own parent), so a pod's whole overhead is accounted and limited where the engine
+//! expects it, as runc's container processes are. cgroup v2, with cgroupfs paths (`/kubepods/…/<id>`) or systemd ones
 //! (`slice:prefix:name`, which CRI sends when the pod's cgroup parent is a slice): those are
 //! placed where systemd's driver puts them, `<slice, expanded>/<prefix>-<name>.scope`, by
 //! writing cgroupfs directly (no transient unit over D-Bus), so the pod's overhead is
@@ -12,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 /// Where cgroup v2 is mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Errors placing the shim into the pod's cgroup.
+/// Errors placing a process into a sandbox's cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     /// The path is not a plain absolute cgroupfs path.
@@ -27,12 +28,12 @@ pub enum CgroupError {
     },
 }
 
-/// The shim's placement in a pod's cgroup, to be undone when the pod is gone.
+/// A process's placement in a sandbox's cgroup, to be undone when the sandbox is gone.
 #[derive(Debug)]
 pub struct PodCgroup {
     /// The pod's cgroup directory (we made it if it did not exist).
     dir: PathBuf,
-    /// The cgroup the shim came from (where it goes back before removing `dir`).
+    /// The cgroup the process came from (where it goes back before removing `dir`).
     from: PathBuf,
 }
 
@@ -157,8 +158,8 @@ impl PodCgroup {
         Ok(Self { dir, from })
     }
 
-    /// Once the microVM is gone: go back where the shim came from and remove the pod's
-    /// cgroup (kubelet removes the pod's parent cgroup only when it is empty).
+    /// Once the microVM is gone: go back where the process came from and remove the
+    /// sandbox's cgroup (kubelet removes the pod's parent cgroup only when it is empty).
     pub fn leave(self) {
         if let Err(e) = join(&self.from, std::process::id()) {
             tracing::warn!("leaving the pod's cgroup: {e}");
@@ -167,7 +168,8 @@ impl PodCgroup {
     }
 }
 
-/// Remove the pod cgroup `cgroups_path` if it exists and is empty (a dead shim's `delete`).
+/// Remove the sandbox cgroup `cgroups_path` if it exists and is empty (after a holder that
+/// died without leaving it: a killed shim or keeper).
 pub fn remove_path(cgroups_path: &str) {
     if let Ok(dir) = cgroup_dir(Path::new(CGROUP_ROOT), cgroups_path) {
         if dir.exists() {
