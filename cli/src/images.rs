@@ -222,12 +222,15 @@ fn human_size(bytes: u64) -> String {
 pub(crate) struct RunImage {
     pub(crate) store: Store,
     pub(crate) record: ImageRecord,
+    /// Keeps `rmi` from removing its layers until the container's record names the image.
+    pub(crate) hold: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl RunImage {
     pub(crate) fn resolve(input: &str, policy: PullPolicy, tls: &TlsArgs) -> anyhow::Result<Self> {
         let source: Source = input.parse()?;
         let (store, insecure) = store()?;
+        let hold = store.hold()?;
         let key = lookup_key(input);
         let found = store.find(&key)?;
         let record = match (found, policy) {
@@ -237,7 +240,11 @@ impl RunImage {
             }
             (_, _) => pull_into(&store, &source, &options(tls, insecure))?,
         };
-        Ok(Self { store, record })
+        Ok(Self {
+            store,
+            record,
+            hold,
+        })
     }
 
     /// The scratch directory of container `id`'s writable layer.

@@ -163,7 +163,7 @@ pub fn run(args: RunArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
         !layout.container(&id).exists(),
         "a container named {id} already exists: remove it with `brig rm {id}` or pick another --name"
     );
-    if let Some(image) = &image {
+    if let Some(image) = image {
         if args.detach && detached.is_none() {
             return detach(&id);
         }
@@ -186,7 +186,7 @@ fn run_image(
     config: &RuntimeConfig,
     layout: &Layout,
     id: &str,
-    image: &RunImage,
+    image: RunImage,
     scratch: &std::path::Path,
 ) -> anyhow::Result<u8> {
     let lowers = image.store.lower_dirs(&image.record)?;
@@ -243,8 +243,11 @@ fn run_image(
         id,
         target,
         Some(ImageRun {
-            name: image.record.name.clone(),
-            scratch: scratch.to_path_buf(),
+            image: ContainerImage {
+                name: image.record.name.clone(),
+                scratch: scratch.to_path_buf(),
+                hold: std::sync::Mutex::new(Some(image.hold)),
+            },
             user,
         }),
     )
@@ -252,10 +255,20 @@ fn run_image(
 
 /// What `brig run IMAGE` adds to a run.
 struct ImageRun {
-    name: String,
-    scratch: PathBuf,
+    image: ContainerImage,
     /// The user, resolved through the image's /etc/passwd.
     user: Option<String>,
+}
+
+/// The image a container is made from, for its record.
+pub(crate) struct ContainerImage {
+    /// As the image store names it.
+    pub(crate) name: String,
+    /// The scratch directory of the container's overlay root filesystem.
+    pub(crate) scratch: PathBuf,
+    /// The image store's hold (see `brig_image::Store::hold`), let go once the record
+    /// names the image: from then on `rmi` sees the container.
+    pub(crate) hold: std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
 }
 
 fn run_target(
@@ -354,7 +367,7 @@ fn run_target(
         resolv_conf,
         hostname: overrides.hostname.clone(),
         output,
-        image: image.map(|i| (i.name, i.scratch)),
+        image: image.map(|i| i.image),
         memory: args.memory,
         remove: args.rm,
         bundle: None,
@@ -506,7 +519,7 @@ pub(crate) struct Run<'a> {
     /// `brig create`: once created, report it and wait for `brig start`.
     pub(crate) gate: Option<crate::create::StartGate>,
     /// The image it is made from and its overlay's scratch directory (`brig run IMAGE`).
-    pub(crate) image: Option<(String, PathBuf)>,
+    pub(crate) image: Option<ContainerImage>,
 }
 
 impl Run<'_> {
@@ -518,8 +531,11 @@ impl Run<'_> {
         if let Some(bundle) = &self.bundle {
             record.set_bundle(bundle.clone())?;
         }
-        if let Some((image, scratch)) = &self.image {
-            record.set_image(image.clone(), scratch.clone())?;
+        if let Some(image) = &self.image {
+            record.set_image(image.name.clone(), image.scratch.clone())?;
+            if let Ok(mut hold) = image.hold.lock() {
+                hold.take();
+            }
         }
         // The spec's cgroup (podman's, say): this process and the VMM it starts go there,
         // so the engine accounts and limits the whole microVM, as it does runc's processes.

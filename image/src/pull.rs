@@ -145,6 +145,7 @@ impl Store {
         options: &PullOptions,
         progress: Progress,
     ) -> Result<ImageRecord, StoreError> {
+        let _hold = self.hold()?;
         let name = source.name();
         let (resolved, size) = match source {
             Source::Registry(reference) => {

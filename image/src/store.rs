@@ -260,6 +260,14 @@ impl Store {
         std::fs::rename(&tmp, &path).map_err(io_err("writing", &path))
     }
 
+    /// Keep every layer in the store while the returned lock is held: pulls hold it until
+    /// their image is recorded, `brig run` until its container's record names its image,
+    /// and [`Store::remove`] waits for them before it removes unused layers (which would
+    /// otherwise take a layer an image being pulled or mounted is about to name).
+    pub fn hold(&self) -> Result<Flock<File>, StoreError> {
+        self.lock("gc", false)
+    }
+
     /// Every image in the store.
     pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
         let _lock = self.lock("images", false)?;
@@ -288,6 +296,8 @@ impl Store {
         name: &str,
         in_use: impl Fn(&ImageRecord) -> Option<String>,
     ) -> Result<ImageRecord, StoreError> {
+        // In this order (pulls take "gc", then a layer's lock or "images"): no deadlock.
+        let _no_holders = self.lock("gc", true)?;
         let _lock = self.lock("images", true)?;
         let mut images = self.read_images()?;
         let image = find_in(&images, name)
@@ -576,6 +586,45 @@ mod tests {
             store.remove("r/one:1", |_| None),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn removal_waits_for_pulls_and_runs_that_hold_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tar = layer_tar("a", "1");
+        let digest = digest_of(&tar);
+        let plain = "application/vnd.oci.image.layer.v1.tar";
+        store.add_layer(&tar[..], &digest, plain, &digest).unwrap();
+        store
+            .record(ImageRecord {
+                name: "r/one:1".into(),
+                digest: digest_of(b"one"),
+                layers: vec![digest.clone()],
+                size: 1,
+                pulled: 0,
+                defaults: ImageDefaults::default(),
+            })
+            .unwrap();
+        // A pull of another image that shares the layer, not recorded yet, holds the store.
+        let hold = store.hold().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let remover = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.remove("r/one:1", |_| None).unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "removed while held"
+        );
+        assert!(store.has_layer(&digest));
+        drop(hold);
+        remover.join().unwrap();
+        assert!(!store.has_layer(&digest));
     }
 
     #[test]
