@@ -24,6 +24,15 @@ rm -rf "$work"; mkdir -p "$work"
 echo "guest-kernel: unpacking linux-source $pkgver into $work" >&2
 tar xf "$tarball" -C "$work"
 src=$work/linux-source-6.1
+# Free page reporting at a finer grain than 2 MiB blocks, when the command line asks for it
+# (page_reporting.page_reporting_order=N): 6.1 overwrites that parameter with the balloon
+# driver's order when the balloon registers; later kernels keep it (as here, backported).
+reporting=$src/mm/page_reporting.c
+grep -q 'page_reporting_order = prdev->order ? : pageblock_order;' "$reporting" \
+  || { echo "guest-kernel: $reporting changed: update the page_reporting_order patch" >&2; exit 1; }
+sed -i 's/^unsigned int page_reporting_order = MAX_ORDER;/unsigned int page_reporting_order = -1;/; s/\tpage_reporting_order = prdev->order ? : pageblock_order;/\tif (page_reporting_order == -1)\n\t\tpage_reporting_order = prdev->order ? : pageblock_order;/' "$reporting"
+grep -q '^unsigned int page_reporting_order = -1;' "$reporting" \
+  || { echo "guest-kernel: the page_reporting_order patch did not apply" >&2; exit 1; }
 make -C "$src" ARCH=x86_64 KCONFIG_ALLCONFIG="$here/brig.fragment" allnoconfig >"$work/config.log" 2>&1 \
   || { tail -20 "$work/config.log" >&2; exit 1; }
 

@@ -28,6 +28,9 @@ use crate::host::{self, HostError, KvmKind};
 use crate::share::{self, SHARE_TAG};
 use crate::state::{self, Layout, ProcessRef, StateError};
 
+/// The order (2^N pages) of the blocks a guest reports free: 5 is 128 KiB.
+pub const FREE_PAGE_REPORTING_ORDER: u32 = 5;
+
 /// The guest kernel command line (brig-vmm appends its device declarations).
 pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule quiet";
 
@@ -437,6 +440,16 @@ impl Sandbox {
                 .arg("--fs-cache")
                 .arg(&config.fs_cache);
             cmdline.push_str(&format!(" brig.share={SHARE_TAG}"));
+        }
+        if config.free_page_reporting {
+            // Freed memory reported in 128 KiB blocks, not 2 MiB ones: what a guest frees
+            // after boot (its initramfs, its init sections) lies in smaller blocks, and an
+            // idle sandbox then costs the host 3.3 MB less (lab A/B, 31.3 -> 28.0 MB VMM
+            // RSS). Brig's kernel honours the parameter (guest-kernel/build.sh); before
+            // kernel_params, so that a user's value wins.
+            cmdline.push_str(&format!(
+                " page_reporting.page_reporting_order={FREE_PAGE_REPORTING_ORDER}"
+            ));
         }
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
