@@ -14,7 +14,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use crate::source::Source;
-use crate::store::{digest_of, sha256_hex, ImageDefaults, ImageRecord, Store, StoreError};
+use crate::store::{digest_of, io_err, sha256_hex, ImageDefaults, ImageRecord, Store, StoreError};
 
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
@@ -258,11 +258,7 @@ impl Store {
                     let (path, layer, diff_id) =
                         (blob_path.clone(), layer.clone(), diff_id.clone());
                     blocking(move || {
-                        let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
-                            action: "reading",
-                            path: path.clone(),
-                            cause: source,
-                        })?;
+                        let file = std::fs::File::open(&path).map_err(io_err("reading", &path))?;
                         store.add_layer(
                             std::io::BufReader::new(file),
                             &layer.digest,
@@ -300,13 +296,7 @@ impl Store {
         path: &Path,
         progress: &Progress,
     ) -> Result<(), StoreError> {
-        let io = |action| {
-            move |source| StoreError::Io {
-                action,
-                path: path.to_path_buf(),
-                cause: source,
-            }
-        };
+        let io = |action| io_err(action, path);
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
             digest: layer.digest.clone(),
@@ -427,11 +417,7 @@ impl Store {
         for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
             size += layer.size;
             let path = blob_path(dir, &layer.digest)?;
-            let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
-                action: "reading",
-                path: path.clone(),
-                cause: source,
-            })?;
+            let file = std::fs::File::open(&path).map_err(io_err("reading", &path))?;
             progress(PullEvent::Layer {
                 digest: layer.digest.clone(),
                 size: layer.size,
@@ -465,17 +451,9 @@ impl Store {
     ) -> Result<(Resolved, u64), StoreError> {
         let tmp = self.tmp_path("archive");
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|source| StoreError::Io {
-            action: "creating",
-            path: tmp.clone(),
-            cause: source,
-        })?;
+        std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
         let result = std::fs::File::open(file)
-            .map_err(|source| StoreError::Io {
-                action: "reading",
-                path: file.to_path_buf(),
-                cause: source,
-            })
+            .map_err(io_err("reading", file))
             .and_then(|f| {
                 crate::unpack::unpack(std::io::BufReader::new(f), &tmp).map_err(|source| {
                     StoreError::Unpack {
@@ -498,19 +476,11 @@ fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, StoreError> {
 /// A small file (index, manifest, config), at most `limit` bytes.
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|source| StoreError::Io {
-        action: "reading",
-        path: path.to_path_buf(),
-        cause: source,
-    })?;
+    let file = std::fs::File::open(path).map_err(io_err("reading", path))?;
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| StoreError::Io {
-            action: "reading",
-            path: path.to_path_buf(),
-            cause: source,
-        })?;
+        .map_err(io_err("reading", path))?;
     if bytes.len() as u64 > limit {
         return Err(StoreError::Invalid(format!(
             "{} is larger than {limit} bytes",

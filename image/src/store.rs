@@ -49,7 +49,7 @@ pub enum StoreError {
     InUse { name: String, container: String },
 }
 
-fn io_err<'a>(
+pub(crate) fn io_err<'a>(
     action: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
