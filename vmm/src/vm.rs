@@ -618,9 +618,9 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
-                    if let (Ok(mut s), Some(&b)) = (bus.serial.lock(), data.first()) {
+                    if let Ok(mut s) = bus.serial.lock() {
                         // The range check above keeps the offset under COM1_LEN (8).
-                        s.write(((port - COM1_BASE) & 0x7) as u8, b);
+                        s.write_bytes(((port - COM1_BASE) & 0x7) as u8, data);
                     }
                 } else if port == I8042_COMMAND_PORT && data.first() == Some(&I8042_RESET) {
                     return VmExit::GuestReset;
@@ -628,8 +628,11 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> VmExit {
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
-                    let value = bus.serial.lock().map(|mut s| s.read(((port - COM1_BASE) & 0x7) as u8)).unwrap_or(0xff);
-                    data.fill(value);
+                    match bus.serial.lock() {
+                        // The range check above keeps the offset under COM1_LEN (8).
+                        Ok(mut s) => s.read_bytes(((port - COM1_BASE) & 0x7) as u8, data),
+                        Err(_) => data.fill(0xff),
+                    }
                 } else if port == I8042_COMMAND_PORT || port == I8042_DATA_PORT {
                     data.fill(0); // controller idle: the kernel's reset path may poll it
                 } else {

@@ -121,6 +121,23 @@ impl SerialConsole {
         }
     }
 
+    /// Guest write of `data` to register `offset` from one port I/O exit: a string
+    /// instruction (`rep outsb`) may bring several bytes, and each is one write to the
+    /// register, in order (not just the first).
+    pub fn write_bytes(&mut self, offset: u8, data: &[u8]) {
+        for &b in data {
+            self.write(offset, b);
+        }
+    }
+
+    /// Guest read of register `offset` into each byte of `data`, one read each (`rep insb`
+    /// takes that many bytes from the receive buffer, not one byte that many times).
+    pub fn read_bytes(&mut self, offset: u8, data: &mut [u8]) {
+        for b in data {
+            *b = self.read(offset);
+        }
+    }
+
     /// Flush buffered console output.
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
@@ -144,6 +161,66 @@ mod tests {
             watch.panic_line().as_deref(),
             Some("Kernel panic - not syncing: No working init found.")
         );
+    }
+
+    /// Transmit holding register, line control register and its divisor latch bit.
+    const THR: u8 = 0;
+    const LCR: u8 = 3;
+    const LCR_DLAB: u8 = 0x80;
+
+    /// A sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn console() -> (SerialConsole, Shared) {
+        let sink = Shared::default();
+        let out = ConsoleOutput::new(Some(Box::new(sink.clone())), PanicWatch::default());
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        (SerialConsole::new(irq, out), sink)
+    }
+
+    #[test]
+    fn every_byte_of_a_string_write_reaches_the_console() {
+        let (mut serial, sink) = console();
+        serial.write_bytes(THR, b"one exit, ");
+        serial.write_bytes(THR, b"many bytes\n");
+        serial.write_bytes(THR, b"!");
+        assert_eq!(
+            sink.0.lock().unwrap().as_slice(),
+            b"one exit, many bytes\n!"
+        );
+    }
+
+    #[test]
+    fn a_string_write_to_the_divisor_latch_is_not_output() {
+        let (mut serial, sink) = console();
+        serial.write(LCR, LCR_DLAB | 0x03);
+        serial.write_bytes(THR, &[0x01, 0x00]);
+        serial.write(LCR, 0x03);
+        serial.write_bytes(THR, b"ok");
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"ok");
+    }
+
+    #[test]
+    fn a_string_read_takes_one_byte_of_the_receive_buffer_each() {
+        let (mut serial, _) = console();
+        serial.uart.enqueue_raw_bytes(b"abc").unwrap();
+        let mut got = [0u8; 2];
+        serial.read_bytes(THR, &mut got);
+        assert_eq!(&got, b"ab");
+        let mut rest = [0u8; 1];
+        serial.read_bytes(THR, &mut rest);
+        assert_eq!(&rest, b"c");
     }
 
     #[test]
