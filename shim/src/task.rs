@@ -45,6 +45,22 @@ fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
+/// The JSON document containerd sent in `any` (absent counts as empty), bounded by
+/// [`MAX_REQUEST_JSON`] before it is parsed; `what` names it in errors.
+fn request_json<T: serde::de::DeserializeOwned>(
+    any: Option<&Any>,
+    what: &str,
+) -> Result<T, ttrpc::Error> {
+    let value = any.map(|a| a.value.as_slice()).unwrap_or_default();
+    if value.len() > MAX_REQUEST_JSON {
+        return Err(err(
+            Code::INVALID_ARGUMENT,
+            format!("{what} is larger than {MAX_REQUEST_JSON} bytes"),
+        ));
+    }
+    serde_json::from_slice(value).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{what}: {e}")))
+}
+
 fn not_found(what: &str) -> ttrpc::Error {
     err(Code::NOT_FOUND, format!("{what} not found"))
 }
@@ -923,23 +939,7 @@ impl Task for Service {
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let paths = StdioPaths::checked(&req.stdin, &req.stdout, &req.stderr, req.terminal)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-        let value = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.as_slice())
-            .unwrap_or_default();
-        if value.len() > MAX_REQUEST_JSON {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                format!("the exec's process spec is larger than {MAX_REQUEST_JSON} bytes"),
-            ));
-        }
-        let process: Process = serde_json::from_slice(value).map_err(|e| {
-            err(
-                Code::INVALID_ARGUMENT,
-                format!("the exec's process spec: {e}"),
-            )
-        })?;
+        let process: Process = request_json(req.spec.as_ref(), "the exec's process spec")?;
         let mut pod = self.inner.pod.lock().await;
         let ctr = pod.ctr_mut(&req.id)?;
         if ctr.container.state().status != Status::Running || ctr.init.exited().is_some() {
@@ -1117,23 +1117,10 @@ impl Task for Service {
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         // containerd sends the OCI LinuxResources as JSON in an Any.
-        let value = req
-            .resources
-            .as_ref()
-            .map(|a| a.value.as_slice())
-            .unwrap_or_default();
-        if value.len() > MAX_REQUEST_JSON {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                format!("the resources are larger than {MAX_REQUEST_JSON} bytes"),
-            ));
-        }
-        let linux: LinuxResources = serde_json::from_slice(value).map_err(|e| {
-            err(
-                Code::INVALID_ARGUMENT,
-                format!("the update's resources (OCI LinuxResources JSON): {e}"),
-            )
-        })?;
+        let linux: LinuxResources = request_json(
+            req.resources.as_ref(),
+            "the update's resources (OCI LinuxResources JSON)",
+        )?;
         let resources = Resources::from(&linux);
         let pod = self.inner.pod.lock().await;
         let sandbox = sandbox_of(&pod)?;
@@ -1225,6 +1212,39 @@ mod tests {
         assert_eq!(network_namespace(&new), None);
         let host = spec(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{}}"#);
         assert_eq!(network_namespace(&host), None);
+    }
+
+    #[test]
+    fn json_from_containerd_is_bounded_before_it_is_parsed() {
+        let code = |e: ttrpc::Error| match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("not a status: {other:?}"),
+        };
+        let any = |value: Vec<u8>| Any {
+            value,
+            ..Default::default()
+        };
+        let ok: LinuxResources =
+            request_json(Some(&any(br#"{"pids":{"limit":5}}"#.to_vec())), "r").unwrap();
+        assert_eq!(ok.pids().as_ref().map(|p| p.limit()), Some(5));
+        // One byte past the bound: refused without being parsed (it is valid JSON).
+        let mut big = b"{\"x\":\"".to_vec();
+        big.resize(MAX_REQUEST_JSON - 1, b'a');
+        big.extend_from_slice(b"\"}");
+        assert_eq!(big.len(), MAX_REQUEST_JSON + 1);
+        let (c, msg) =
+            code(request_json::<serde_json::Value>(Some(&any(big)), "the spec").unwrap_err());
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert_eq!(
+            msg,
+            format!("the spec is larger than {MAX_REQUEST_JSON} bytes")
+        );
+        let (c, msg) =
+            code(request_json::<Process>(Some(&any(b"{".to_vec())), "the spec").unwrap_err());
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert!(msg.starts_with("the spec: "), "{msg}");
+        // Absent is empty, which is not a document.
+        assert!(request_json::<Process>(None, "the spec").is_err());
     }
 
     #[test]
