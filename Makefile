@@ -15,6 +15,8 @@ export BRIG_BIN := $(BIN)/brig
 export BRIG_SHIM := $(BIN)/containerd-shim-brig-v2
 export BRIG_KERNEL := $(SHARE)/vmlinux
 export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
+# A hostile test guest (a freestanding PVH kernel) for the e2e tests: tests/stress-guest.
+export BRIG_STRESS_GUEST := $(STAGE)/test/brig-stress-guest
 
 # (protobuf-compiler: the e2e CRI client compiles the CRI api.proto that k8s-cri ships)
 # (docker-registry skopeo umoci: the image tests' registry, and the tools that build and push
@@ -35,7 +37,7 @@ IN_GUEST_HOST = if tests/lab/run.sh --check >/dev/null 2>&1; then tests/lab/run.
 
 PREFIX ?= /usr/local
 
-.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-images bench-podman bench-net bench-deps bench-fs clean-stage
+.PHONY: install all setup deps rust-targets kernel initramfs binaries rootfs-fixture stress-guest stage run test lint fuzz-tools fuzz-smoke fuzz unit-test e2e-test bench-boot bench-run bench-pods bench-images bench-podman bench-net bench-deps bench-fs clean-stage
 
 all: stage
 
@@ -64,6 +66,12 @@ binaries: setup
 	cargo build --release --locked --target $(MUSL) -p brig-vmm -p brig-cli -p brig-shim
 	@mkdir -p $(BIN)
 	cp target/$(MUSL)/release/brig-vmm target/$(MUSL)/release/brig target/$(MUSL)/release/containerd-shim-brig-v2 $(BIN)/
+
+# The hostile test guest: freestanding, so built alone with its own link script.
+stress-guest: setup
+	cd tests/stress-guest && cargo build --release --locked
+	@mkdir -p $(dir $(BRIG_STRESS_GUEST))
+	cp tests/stress-guest/target/$(MUSL)/release/brig-stress-guest $(BRIG_STRESS_GUEST)
 
 # A small root filesystem (static busybox) for `make run` and manual tries; no registry needed.
 rootfs-fixture: deps
@@ -117,7 +125,7 @@ unit-test: setup
 # End-to-end tests: the real binaries booting real guests. Each test has 450 s
 # (tests/e2e/run-all.sh); where guests need the lab, two L1s (one per core) share the suite
 # (tests/e2e/run-in-labs.sh), each with 30 min.
-e2e-test: stage
+e2e-test: stage stress-guest
 	@exes=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run --message-format=json 2>/dev/null \
 		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
 	test -n "$$exes" || { echo "e2e test binaries did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
