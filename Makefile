@@ -89,7 +89,7 @@ test: lint unit-test fuzz-smoke e2e-test
 # committed seed corpus in DIR/fuzz/corpus/TARGET. `make test` runs each for FUZZ_SECONDS
 # (new inputs go to a scratch directory, not into the tree); `make fuzz` for 10 minutes. An
 # input that takes over 30 s is a failure (a hang), not a wait for libFuzzer's 20 minutes.
-FUZZ_TARGETS := vmm:vsock_connect_line vmm:vsock_tx_packet vmm:mmio_registers vmm:net_chains vmm:balloon_reports vmm:fs_requests runtime:vsock_ack runtime:agent_replies agent:oci_config
+FUZZ_TARGETS := vmm:vsock_connect_line vmm:vsock_tx_packet vmm:vsock_backend vmm:mmio_registers vmm:net_chains vmm:balloon_reports vmm:fs_requests runtime:vsock_ack runtime:agent_replies agent:oci_config
 FUZZ_SECONDS ?= 10
 
 fuzz-tools: setup

@@ -91,6 +91,16 @@ impl UnixBackend {
         &self.listener
     }
 
+    /// The descriptors of the host streams (handshakes and connections), for a driver that
+    /// polls them itself instead of through the event loop (the `vsock_backend` fuzz target).
+    pub fn host_fds(&self) -> Vec<RawFd> {
+        self.handshakes
+            .keys()
+            .chain(self.conn_by_fd.keys())
+            .copied()
+            .collect()
+    }
+
     /// Number of open connections.
     #[cfg(test)]
     pub fn connection_count(&self) -> usize {

@@ -20,7 +20,7 @@
 //! nonblocking and only ever touched on the event loop; `reset()` only moves them aside and
 //! wakes the loop, which deregisters and closes them.
 
-mod backend;
+pub mod backend;
 mod connect_line;
 mod connection;
 pub mod packet;
