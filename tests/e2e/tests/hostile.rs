@@ -442,7 +442,8 @@ fn a_guest_flooding_its_console_and_its_virtqueues_leaves_capped_files_and_worki
     );
     assert!(
         tail.contains("brig-stress: done chains=100000 vsock=ok fs=ok balloon=ok net=ok"),
-        "console tail: {tail}"
+        "console tail: {tail}\nvmm.log tail: {}",
+        &log_text[log_text.len().saturating_sub(3000)..]
     );
     assert_eq!(
         host.join().unwrap(),

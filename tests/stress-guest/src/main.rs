@@ -36,6 +36,9 @@ const ID_FS: u32 = 26;
 /// How long to wait for a device to return what it was given (TSC cycles, about a second
 /// at the TSC rates of today's hosts; the lab's emulation is slow, the TSC is not).
 const PATIENCE: u64 = 3_000_000_000;
+/// How long a good request may take before the device counts as dead: generous, because
+/// the lab's L1 can stall for half a minute while the TSC runs on.
+const LIVENESS: u64 = 100 * PATIENCE;
 /// Chains offered per notification.
 const BATCH: u16 = 8;
 
@@ -134,6 +137,16 @@ fn flood_console(kib: u64) {
 struct Rng(u64);
 
 impl Rng {
+    /// Fill `len` bytes of guest memory at `addr` with nonsense.
+    fn scribble(&mut self, addr: u64, len: usize) {
+        let mut junk = [0u8; 128];
+        let len = len.min(junk.len());
+        for b in junk[..len].iter_mut() {
+            *b = self.next() as u8;
+        }
+        virtio::poke(addr, &junk[..len]);
+    }
+
     fn next(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
@@ -207,6 +220,16 @@ struct Tally {
     failed_resets: u64,
 }
 
+/// A descriptor.
+const fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
+    Desc {
+        addr,
+        len,
+        flags,
+        next,
+    }
+}
+
 /// Lay malformed chain number `n` into the queue and offer it.
 fn offer_malformed(dev: &mut Device, t: Target, n: u64, rng: &mut Rng) {
     let q = dev.queue(t.queue);
@@ -218,165 +241,41 @@ fn offer_malformed(dev: &mut Device, t: Target, n: u64, rng: &mut Rng) {
     let mut offer_head = head;
     match n % 12 {
         // Beyond guest RAM (below the MMIO windows: nothing there).
-        0 => q.set_desc(
-            head,
-            Desc {
-                addr: 0xc000_0000,
-                len: 4096,
-                flags: dir,
-                next: 0,
-            },
-        ),
+        0 => q.set_desc(head, desc(0xc000_0000, 4096, dir, 0)),
         // Wraps around the address space.
-        1 => q.set_desc(
-            head,
-            Desc {
-                addr: u64::MAX - 15,
-                len: 4096,
-                flags: dir,
-                next: 0,
-            },
-        ),
+        1 => q.set_desc(head, desc(u64::MAX - 15, 4096, dir, 0)),
         // Empty.
-        2 => q.set_desc(
-            head,
-            Desc {
-                addr: buf,
-                len: 0,
-                flags: dir,
-                next: 0,
-            },
-        ),
+        2 => q.set_desc(head, desc(buf, 0, dir, 0)),
         // The wrong direction.
-        3 => q.set_desc(
-            head,
-            Desc {
-                addr: buf,
-                len: 4096,
-                flags: wrong,
-                next: 0,
-            },
-        ),
+        3 => q.set_desc(head, desc(buf, 4096, wrong, 0)),
         // `next` past the table.
-        4 => q.set_desc(
-            head,
-            Desc {
-                addr: buf,
-                len: t.header,
-                flags: dir | DESC_NEXT,
-                next: 0x7fff,
-            },
-        ),
+        4 => q.set_desc(head, desc(buf, t.header, dir | DESC_NEXT, 0x7fff)),
         // Two descriptors that point at each other.
         5 => {
-            q.set_desc(
-                head,
-                Desc {
-                    addr: buf,
-                    len: 8,
-                    flags: dir | DESC_NEXT,
-                    next: head + 1,
-                },
-            );
-            q.set_desc(
-                head + 1,
-                Desc {
-                    addr: buf + 8,
-                    len: 8,
-                    flags: dir | DESC_NEXT,
-                    next: head,
-                },
-            );
+            q.set_desc(head, desc(buf, 8, dir | DESC_NEXT, head + 1));
+            q.set_desc(head + 1, desc(buf + 8, 8, dir | DESC_NEXT, head));
         }
         // Indirect (not negotiated), its table out of RAM and of a size no table has.
-        6 => q.set_desc(
-            head,
-            Desc {
-                addr: 0xbfff_f000,
-                len: 17,
-                flags: DESC_INDIRECT,
-                next: 0,
-            },
-        ),
+        6 => q.set_desc(head, desc(0xbfff_f000, 17, DESC_INDIRECT, 0)),
         // Shorter than the header.
-        7 => q.set_desc(
-            head,
-            Desc {
-                addr: buf,
-                len: t.header / 3 + 1,
-                flags: dir,
-                next: 0,
-            },
-        ),
+        7 => q.set_desc(head, desc(buf, t.header / 3 + 1, dir, 0)),
         // A header's worth of nonsense, then a second descriptor in the wrong direction.
         8 => {
-            let mut junk = [0u8; 64];
-            for b in junk.iter_mut() {
-                *b = rng.next() as u8;
-            }
-            virtio::poke(buf, &junk);
-            q.set_desc(
-                head,
-                Desc {
-                    addr: buf,
-                    len: t.header,
-                    flags: dir | DESC_NEXT,
-                    next: head + 1,
-                },
-            );
-            q.set_desc(
-                head + 1,
-                Desc {
-                    addr: buf + 64,
-                    len: 64,
-                    flags: wrong,
-                    next: 0,
-                },
-            );
+            rng.scribble(buf, 64);
+            q.set_desc(head, desc(buf, t.header, dir | DESC_NEXT, head + 1));
+            q.set_desc(head + 1, desc(buf + 64, 64, wrong, 0));
         }
         // Page-aligned but not whole pages, inside RAM (a bad free page report too).
-        9 => q.set_desc(
-            head,
-            Desc {
-                addr: 64 << 20,
-                len: 4095,
-                flags: dir,
-                next: 0,
-            },
-        ),
+        9 => q.set_desc(head, desc(64 << 20, 4095, dir, 0)),
         // Right size and direction, every byte nonsense (huge lengths, unknown operations).
         10 => {
-            let mut junk = [0u8; 128];
-            for b in junk.iter_mut() {
-                *b = rng.next() as u8;
-            }
-            virtio::poke(buf, &junk);
-            q.set_desc(
-                head,
-                Desc {
-                    addr: buf,
-                    len: 128.max(t.header),
-                    flags: dir,
-                    next: 0,
-                },
-            );
+            rng.scribble(buf, 128);
+            q.set_desc(head, desc(buf, 128.max(t.header), dir, 0));
         }
         // A head the table does not have (rarely: the device may give up on the queue).
-        _ => {
-            if n % 1200 == 11 {
-                offer_head = QUEUE_SIZE + 3;
-            } else {
-                q.set_desc(
-                    head,
-                    Desc {
-                        addr: buf,
-                        len: 1,
-                        flags: wrong | DESC_NEXT,
-                        next: head,
-                    },
-                );
-            }
-        }
+        _ if n % 1200 == 11 => offer_head = QUEUE_SIZE + 3,
+        // A one-byte descriptor in the wrong direction that chains to itself.
+        _ => q.set_desc(head, desc(buf, 1, wrong | DESC_NEXT, head)),
     }
     q.offer(offer_head);
 }
@@ -475,37 +374,18 @@ fn vsock_send(dev: &mut Device, header: &[u8; 44], payload: &[u8]) -> bool {
     virtio::poke(buf, header);
     virtio::poke(buf + 44, payload);
     let len = 44 + payload.len() as u32;
-    q.set_desc(
-        0,
-        Desc {
-            addr: buf,
-            len,
-            flags: 0,
-            next: 0,
-        },
-    );
+    q.set_desc(0, desc(buf, len, 0, 0));
     q.offer(0);
     dev.notify(VSOCK_TX);
-    dev.drain(VSOCK_TX, PATIENCE)
+    dev.drain(VSOCK_TX, LIVENESS)
 }
 
 /// After the attack, a good connection to host port `port` that carries one line.
 fn vsock_alive(dev: &mut Device, port: u32, line: &[u8]) -> Result<(), &'static str> {
-    if !dev.restart() {
-        return Err("the device refused a fresh start");
-    }
     // RX buffers for the host's answers.
     let rx = dev.queue(VSOCK_RX);
     for i in 0..QUEUE_SIZE {
-        rx.set_desc(
-            i,
-            Desc {
-                addr: rx.buffer(i),
-                len: 4096,
-                flags: DESC_WRITE,
-                next: 0,
-            },
-        );
+        rx.set_desc(i, desc(rx.buffer(i), 4096, DESC_WRITE, 0));
         rx.offer(i);
     }
     dev.notify(VSOCK_RX);
@@ -531,7 +411,7 @@ fn vsock_alive(dev: &mut Device, port: u32, line: &[u8]) -> Result<(), &'static 
                 return Err("the host refused the connection");
             }
         }
-        if port::rdtsc().wrapping_sub(start) > 10 * PATIENCE {
+        if port::rdtsc().wrapping_sub(start) > LIVENESS {
             return Err("no answer to the request");
         }
         core::hint::spin_loop();
@@ -548,9 +428,6 @@ fn vsock_alive(dev: &mut Device, port: u32, line: &[u8]) -> Result<(), &'static 
 
 /// After the attack, a FUSE_INIT the file server answers without an error.
 fn fs_alive(dev: &mut Device) -> Result<(), &'static str> {
-    if !dev.restart() {
-        return Err("the device refused a fresh start");
-    }
     let q = dev.queue(1);
     let (inb, outb) = (q.buffer(0), q.buffer(1));
     let mut req = [0u8; 56];
@@ -561,27 +438,11 @@ fn fs_alive(dev: &mut Device) -> Result<(), &'static str> {
     req[44..48].copy_from_slice(&31u32.to_le_bytes()); // minor
     virtio::poke(inb, &req);
     virtio::poke(outb, &[0xffu8; 16]);
-    q.set_desc(
-        0,
-        Desc {
-            addr: inb,
-            len: 56,
-            flags: DESC_NEXT,
-            next: 1,
-        },
-    );
-    q.set_desc(
-        1,
-        Desc {
-            addr: outb,
-            len: 4096,
-            flags: DESC_WRITE,
-            next: 0,
-        },
-    );
+    q.set_desc(0, desc(inb, 56, DESC_NEXT, 1));
+    q.set_desc(1, desc(outb, 4096, DESC_WRITE, 0));
     q.offer(0);
     dev.notify(1);
-    if !dev.drain(1, 10 * PATIENCE) {
+    if !dev.drain(1, LIVENESS) {
         return Err("FUSE_INIT was not answered");
     }
     let mut out = [0u8; 16];
@@ -596,58 +457,47 @@ fn fs_alive(dev: &mut Device) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// After the attack, one good free page report (2 MiB this program never touches).
-fn balloon_alive(dev: &mut Device) -> Result<(), &'static str> {
-    if !dev.restart() {
-        return Err("the device refused a fresh start");
-    }
-    let q = dev.queue(2);
-    q.set_desc(
-        0,
-        Desc {
-            addr: 96 << 20,
-            len: 2 << 20,
-            flags: DESC_WRITE,
-            next: 0,
-        },
-    );
-    q.offer(0);
-    dev.notify(2);
-    if dev.drain(2, 10 * PATIENCE) {
+/// Offer one good chain (`d`) on queue `q` and wait for the device to take it.
+fn one_good_chain(
+    dev: &mut Device,
+    q: usize,
+    d: Desc,
+    refused: &'static str,
+) -> Result<(), &'static str> {
+    dev.queue(q).set_desc(0, d);
+    dev.queue(q).offer(0);
+    dev.notify(q);
+    if dev.drain(q, LIVENESS) {
         Ok(())
     } else {
-        Err("the report was not taken")
+        Err(refused)
     }
+}
+
+/// After the attack, one good free page report (2 MiB this program never touches).
+fn balloon_alive(dev: &mut Device) -> Result<(), &'static str> {
+    one_good_chain(
+        dev,
+        2,
+        desc(96 << 20, 2 << 20, DESC_WRITE, 0),
+        "the report was not taken",
+    )
 }
 
 /// After the attack, one good frame (a broadcast of the local experimental ethertype).
 fn net_alive(dev: &mut Device) -> Result<(), &'static str> {
-    if !dev.restart() {
-        return Err("the device refused a fresh start");
-    }
-    let q = dev.queue(1);
-    let buf = q.buffer(0);
+    let buf = dev.queue(1).buffer(0);
     let mut frame = [0u8; 12 + 60];
     frame[12..18].fill(0xff); // destination: broadcast
     frame[18..24].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
     frame[24..26].copy_from_slice(&[0x88, 0xb5]);
     virtio::poke(buf, &frame);
-    q.set_desc(
-        0,
-        Desc {
-            addr: buf,
-            len: frame.len() as u32,
-            flags: 0,
-            next: 0,
-        },
-    );
-    q.offer(0);
-    dev.notify(1);
-    if dev.drain(1, 10 * PATIENCE) {
-        Ok(())
-    } else {
-        Err("the frame was not taken")
-    }
+    one_good_chain(
+        dev,
+        1,
+        desc(buf, frame.len() as u32, 0, 0),
+        "the frame was not taken",
+    )
 }
 
 fn verdict(r: Result<(), &'static str>) -> &'static str {
@@ -724,20 +574,28 @@ extern "C" fn stress_main(start_info: u32) -> ! {
 
     // Each device still serves.
     let (mut vsock, mut fs, mut balloon, mut net) = ("absent", "absent", "absent", "absent");
+    let mut line = port::Line::new();
+    let _ = core::fmt::Write::write_fmt(
+        &mut line,
+        format_args!("brig-stress alive after {} malformed chains\n", tally.sent),
+    );
     for (dev, _) in devices.iter_mut().flatten() {
-        match dev.id {
-            ID_VSOCK => {
-                let mut line = port::Line::new();
-                let _ = core::fmt::Write::write_fmt(
-                    &mut line,
-                    format_args!("brig-stress alive after {} malformed chains\n", tally.sent),
-                );
-                vsock = verdict(vsock_alive(dev, opts.port, line.bytes()));
+        // A fresh start first: the attack may have left a queue the device gave up on.
+        let result = if dev.restart() {
+            match dev.id {
+                ID_VSOCK => vsock_alive(dev, opts.port, line.bytes()),
+                ID_FS => fs_alive(dev),
+                ID_BALLOON => balloon_alive(dev),
+                _ => net_alive(dev),
             }
-            ID_FS => fs = verdict(fs_alive(dev)),
-            ID_BALLOON => balloon = verdict(balloon_alive(dev)),
-            ID_NET => net = verdict(net_alive(dev)),
-            _ => {}
+        } else {
+            Err("the device refused a fresh start")
+        };
+        match dev.id {
+            ID_VSOCK => vsock = verdict(result),
+            ID_FS => fs = verdict(result),
+            ID_BALLOON => balloon = verdict(result),
+            _ => net = verdict(result),
         }
     }
     say!(
