@@ -328,7 +328,7 @@ fn stress_console_kib() -> u64 {
     std::env::var("BRIG_E2E_STRESS_CONSOLE_KIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4 * STRESS_CONSOLE_CAP >> 10)
+        .unwrap_or((4 * STRESS_CONSOLE_CAP) >> 10)
 }
 /// The host port the stress guest connects to once it is done.
 const STRESS_PORT: u32 = 7000;
