@@ -13,6 +13,7 @@ mod images;
 mod kill;
 mod logs;
 mod pause;
+mod port;
 mod ps;
 mod relay;
 mod rm;
@@ -145,6 +146,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Show what a detached container wrote.
     Logs(logs::LogsArgs),
+    /// List the ports a container publishes on the host (`-p`, `-P`).
+    Port(port::PortArgs),
     /// Send a signal to a container.
     Kill(kill::KillArgs),
     /// Remove containers (-f: stop them first).
@@ -201,6 +204,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => with_layout(cli.root, |l| ps::run(args, l)),
         Command::Exec(args) => with_layout(cli.root, |l| exec::run(args, l)),
         Command::Logs(args) => with_layout(cli.root, |l| logs::run(args, l)),
+        Command::Port(args) => with_layout(cli.root, |l| port::run(args, l)),
         Command::Kill(args) => with_layout(cli.root, |l| kill::run(args, l)),
         Command::Rm(args) => with_layout(cli.root, |l| rm::run(args, l)),
         Command::Pause(args) => with_layout(cli.root, |l| pause::run(args, l, true)),

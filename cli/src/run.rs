@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Publish a container port on the host (bridge network): HOST:CTR[/tcp|udp].
     #[arg(short = 'p', long = "publish", value_name = "HOST:CTR[/PROTO]")]
     publish: Vec<brig_runtime::cni::PortMapping>,
+    /// Publish every port the image exposes, each on a free host port (`brig port NAME`
+    /// shows which).
+    #[arg(short = 'P', long = "publish-all")]
+    publish_all: bool,
     /// DNS server for the container's /etc/resolv.conf (default on a bridge: the host's
     /// servers, loopback ones left out).
     #[arg(long, value_name = "IP")]
@@ -243,6 +247,7 @@ fn run_image(
         id,
         target,
         Some(ImageRun {
+            published: published_exposed_ports(args, defaults)?,
             image: ContainerImage {
                 name: image.record.name.clone(),
                 scratch: scratch.to_path_buf(),
@@ -253,8 +258,33 @@ fn run_image(
     )
 }
 
+/// With `-P`, the ports the image exposes that `-p` does not publish already, each on a free
+/// host port.
+fn published_exposed_ports(
+    args: &RunArgs,
+    defaults: &brig_image::ImageDefaults,
+) -> anyhow::Result<Vec<brig_runtime::cni::PortMapping>> {
+    if !args.publish_all {
+        return Ok(Vec::new());
+    }
+    let mut ports = Vec::new();
+    for exposed in &defaults.exposed_ports {
+        let port = brig_runtime::cni::PortMapping::exposed(exposed).map_err(anyhow::Error::msg)?;
+        let taken = args
+            .publish
+            .iter()
+            .any(|p| p.container_port == port.container_port && p.protocol == port.protocol);
+        if !taken {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
 /// What `brig run IMAGE` adds to a run.
 struct ImageRun {
+    /// Ports the image exposes, published by `-P`.
+    published: Vec<brig_runtime::cni::PortMapping>,
     image: ContainerImage,
     /// The user, resolved through the image's /etc/passwd.
     user: Option<String>,
@@ -325,7 +355,10 @@ fn run_target(
         .clone()
         .unwrap_or_else(|| config.network.clone());
     match network.as_str() {
-        "bridge" => sandbox_spec.bridge = Some(args.publish.clone()),
+        "bridge" => {
+            let exposed = image.iter().flat_map(|i| i.published.iter().cloned());
+            sandbox_spec.bridge = Some(args.publish.iter().cloned().chain(exposed).collect())
+        }
         "none" => {}
         other => match other.strip_prefix("netns:") {
             Some(path) if std::path::Path::new(path).is_absolute() => {
@@ -337,8 +370,8 @@ fn run_target(
         },
     }
     anyhow::ensure!(
-        args.publish.is_empty() || network == "bridge",
-        "-p publishes ports of the bridge network: drop -p or use --network bridge"
+        (args.publish.is_empty() && !args.publish_all) || network == "bridge",
+        "-p and -P publish ports of the bridge network: drop them or use --network bridge"
     );
     let resolv_conf = (network != "none" || !args.dns.is_empty()).then(|| resolv_conf(&args.dns));
     let container = ContainerConfig {

@@ -53,6 +53,53 @@ impl std::str::FromStr for PortMapping {
     }
 }
 
+impl PortMapping {
+    /// A port an image's config exposes (`80/tcp`, `53/udp`, or `8080`, which is TCP),
+    /// published on a free host port (`brig run -P`, as docker does).
+    pub fn exposed(port: &str) -> Result<Self, String> {
+        let bad = || format!("the image exposes {port:?}, which is not PORT[/tcp|/udp]");
+        let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
+        if protocol != "tcp" && protocol != "udp" {
+            return Err(bad());
+        }
+        let container_port = number
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(bad)?;
+        let host_port = free_host_port(protocol)
+            .map_err(|e| format!("finding a free host port for {port}: {e}"))?;
+        Ok(Self {
+            host_port,
+            container_port,
+            protocol: protocol.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for PortMapping {
+    /// As `docker port` shows a mapping: `80/tcp -> 0.0.0.0:32768`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} -> 0.0.0.0:{}",
+            self.container_port, self.protocol, self.host_port
+        )
+    }
+}
+
+/// A host port of `protocol` that nothing listens on now: the kernel's pick from its
+/// ephemeral range (a later listener could still take it first, as with docker's `-P`).
+fn free_host_port(protocol: &str) -> std::io::Result<u16> {
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let addr = if protocol == "udp" {
+        std::net::UdpSocket::bind(any)?.local_addr()?
+    } else {
+        std::net::TcpListener::bind(any)?.local_addr()?
+    };
+    Ok(addr.port())
+}
+
 /// What CNI set up for one sandbox: enough to undo it from any process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CniRecord {
@@ -302,6 +349,27 @@ mod tests {
         for bad in ["80", "0:80", "8080:", "a:b", "8080:80/sctp", "70000:80"] {
             let err = bad.parse::<PortMapping>().unwrap_err();
             assert!(err.contains("HOST_PORT:CONTAINER_PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn exposed_ports_get_free_host_ports_and_show_as_docker_port_does() {
+        let web = PortMapping::exposed("80/tcp").unwrap();
+        assert_eq!((web.container_port, web.protocol.as_str()), (80, "tcp"));
+        assert_ne!(web.host_port, 0);
+        // Free: we can listen there ourselves.
+        std::net::TcpListener::bind(("0.0.0.0", web.host_port)).unwrap();
+        let dns = PortMapping::exposed("53/udp").unwrap();
+        assert_eq!((dns.container_port, dns.protocol.as_str()), (53, "udp"));
+        std::net::UdpSocket::bind(("0.0.0.0", dns.host_port)).unwrap();
+        assert_eq!(PortMapping::exposed("8080").unwrap().protocol, "tcp");
+        assert_eq!(
+            web.to_string(),
+            format!("80/tcp -> 0.0.0.0:{}", web.host_port)
+        );
+        for bad in ["", "0/tcp", "80/sctp", "http", "70000"] {
+            let err = PortMapping::exposed(bad).unwrap_err();
+            assert!(err.contains("PORT[/tcp|/udp]"), "{bad}: {err}");
         }
     }
 

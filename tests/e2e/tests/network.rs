@@ -109,6 +109,84 @@ fn the_default_bridge_publishes_a_port_and_reaches_the_host_and_leaves_nothing()
 }
 
 #[test]
+fn publish_all_puts_each_port_an_image_exposes_on_a_free_host_port() {
+    let test = "net-publish-all";
+    let name = "webp";
+    let dir = brig_e2e::scratch(test);
+    // An image that exposes 80/tcp and 53/udp and serves a page on 80.
+    let image = dir.join("image");
+    brig_e2e::registry::oci_layout(
+        &image,
+        &serde_json::json!({
+            "tag": "latest",
+            "config": {
+                "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                "ExposedPorts": {"80/tcp": {}, "53/udp": {}},
+                "Cmd": ["sh", "-c", "mkdir -p /www && echo hello-from-an-image > /www/index.html && exec httpd -f -p 80 -h /www"],
+            },
+            "layers": [{"dir": rootfs()}],
+        }),
+    );
+    let brig = |args: &[&str]| {
+        brig(test)
+            .env("BRIG_IMAGE_ROOT", dir.join("store"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let source = format!("oci:{}", image.display());
+    let out = brig(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "bridge",
+        "-P",
+        &source,
+    ]);
+    stdout_of(out, "brig run -d -P");
+    // Both exposed ports, each on a host port of its own, as `docker port` lists them.
+    let ports = stdout_of(brig(&["port", name]), "brig port");
+    let mut lines: Vec<&str> = ports.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 2, "{ports}");
+    let host_port = |line: &str, prefix: &str| -> u16 {
+        line.strip_prefix(prefix)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{line:?} is not {prefix}PORT"))
+    };
+    let web = host_port(lines[1], "80/tcp -> 0.0.0.0:");
+    let dns = host_port(lines[0], "53/udp -> 0.0.0.0:");
+    assert!(web != 0 && dns != 0);
+    assert_eq!(
+        http_get(&format!("10.89.0.1:{web}"), Duration::from_secs(60)),
+        "hello-from-an-image"
+    );
+    let rules = iptables_rules();
+    assert!(
+        rules.contains(&format!("--dport {web}")),
+        "no rule for {web}: {rules}"
+    );
+    stdout_of(brig(&["rm", "-f", name]), "brig rm -f");
+    let rules = iptables_rules();
+    assert!(
+        !rules.contains(&format!("--dport {web}")),
+        "rule left: {rules}"
+    );
+    // Without the bridge there is nothing to publish on.
+    let out = brig(&["run", "--rm", "--network", "none", "-P", &source]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("-p and -P publish ports of the bridge network"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn network_none_has_loopback_only_and_it_is_up() {
     let out = brig("net-none")
         .args(["run", "--rm", "--network", "none", "--name", "alone"])
@@ -163,7 +241,7 @@ fn a_bad_network_is_one_clear_line() {
         (vec!["--network", "bogus"], "use bridge, none, or netns:"),
         (
             vec!["--network", "none", "-p", "80:80"],
-            "drop -p or use --network bridge",
+            "-p and -P publish ports of the bridge network",
         ),
         (vec!["-p", "80"], "HOST_PORT:CONTAINER_PORT"),
     ] {
