@@ -740,6 +740,23 @@ impl Sandbox {
         }
     }
 
+    /// Let the sandbox run on after this value (and the process holding it) is gone, as an
+    /// opened sandbox is: a pod's sandbox whose microVM outlives the process that booted it
+    /// (the keeper of a pod's sandbox container, whose members still run). Whoever removes
+    /// the sandbox ([`remove_sandbox`]) ends it. Start such a sandbox without
+    /// [`SandboxSpec::tie_to_owner`], or the kernel kills the VMM with its owner anyway.
+    pub fn leave_running(mut self) {
+        let Some(vmm) = self.vmm() else {
+            return; // already gone: Drop cleans up
+        };
+        if let Vmm::Child(child) = std::mem::replace(&mut self.vmm, Vmm::Opened(vmm)) {
+            // tokio kills a dropped child it was told to (`kill_on_drop`, which guards a boot
+            // abandoned halfway); forgotten, the VMM runs on and is reparented when this
+            // process exits, whose child reaper the descriptor-free handle does not need.
+            std::mem::forget(child);
+        }
+    }
+
     /// Stop the VMM at once (SIGKILL) and clean up.
     pub async fn kill(mut self) -> Result<ExitStatus, SandboxError> {
         self.signal_vmm(libc::SIGKILL);
