@@ -14,10 +14,11 @@
 //! (CRI-O's `io.kubernetes.cri-o.ContainerType=container` with `…SandboxID`, or containerd
 //! CRI's `io.kubernetes.cri.container-type`/`sandbox-id`) is created in the microVM of that
 //! sandbox container instead of booting one, and joins its IPC, UTS and PID namespaces where
-//! the spec names them as `/proc/PID/ns/…` of the sandbox's PID. Its keeper stands for it as
-//! for any container and takes it out of the microVM when its command exits. A pod's
-//! sandbox container (type `sandbox`) boots the microVM, which outlives its command, so that
-//! the containers that joined it run on; `delete` of the sandbox container removes it.
+//! the spec names them as `/proc/PID/ns/…` of the sandbox's PID, or by the paths the
+//! sandbox's own spec named (CRI-O's pinned namespaces). Its keeper stands for it as for any
+//! container and takes it out of the microVM when its command exits. A pod's sandbox
+//! container (type `sandbox`) boots the microVM, which outlives its command, so that the
+//! containers that joined it run on; `delete` of the sandbox container removes it.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -238,7 +239,10 @@ fn keep(
     // Other namespace paths name host processes, which mean nothing in the guest (where
     // the same path could even name an unrelated process): the container gets new ones,
     // but for those of its pod's sandbox container that a member joins.
-    brig_runtime::pod::guest_namespaces(&mut spec, pod.sandbox.as_ref().and_then(PodSandbox::join));
+    match &pod.sandbox {
+        Some(sandbox) => sandbox.guest_namespaces(&mut spec),
+        None => brig_runtime::pod::guest_namespaces(&mut spec, None),
+    }
     let container = ContainerConfig {
         id: id.clone(),
         spec,

@@ -130,6 +130,10 @@ pub enum PodError {
 pub struct PodSandbox {
     /// The sandbox container's record.
     pub container: ContainerState,
+    /// The host namespaces (IPC, UTS, PID) its own spec named by path: CRI-O pins a pod's
+    /// IPC and UTS namespaces (`/var/run/ipcns/…`) and names the same paths in the sandbox's
+    /// spec and its members'.
+    pub namespace_paths: Vec<(LinuxNamespaceType, PathBuf)>,
 }
 
 impl PodSandbox {
@@ -165,7 +169,16 @@ impl PodSandbox {
                 status: container.status.as_str(),
             });
         }
-        Ok(Some(Self { container }))
+        let namespace_paths = container
+            .bundle
+            .as_ref()
+            .and_then(|bundle| Spec::load(bundle.join("config.json")).ok())
+            .map(|spec| shared_namespace_paths(&spec))
+            .unwrap_or_default();
+        Ok(Some(Self {
+            container,
+            namespace_paths,
+        }))
     }
 
     /// The ID of the microVM's sandbox (the sandbox container's own, for a pod it started).
@@ -177,6 +190,31 @@ impl PodSandbox {
     /// `state` shows it and engines name it in `/proc/PID/ns/…`; its init's guest PID).
     pub fn join(&self) -> Option<(u32, u32)> {
         Some((self.container.owner?.pid, self.container.guest_pid?))
+    }
+
+    /// The namespaces member `spec` gets in the guest (see [`guest_namespaces`]): besides
+    /// `/proc/PID/ns/…` of the sandbox container's host PID, a path its own spec named for
+    /// the same kind (a pinned namespace) is its namespace too.
+    pub fn guest_namespaces(&self, spec: &mut Spec) {
+        let join = self.join();
+        if let (Some((host_pid, _)), Some(namespaces)) = (
+            join,
+            spec.linux_mut()
+                .as_mut()
+                .and_then(|l| l.namespaces_mut().as_mut()),
+        ) {
+            for ns in namespaces.iter_mut() {
+                let shared = ns.path().as_ref().is_some_and(|path| {
+                    self.namespace_paths
+                        .iter()
+                        .any(|(typ, own)| *typ == ns.typ() && own == path)
+                });
+                if let (true, Some(name)) = (shared, shared_namespace_name(ns.typ())) {
+                    ns.set_path(Some(format!("/proc/{host_pid}/ns/{name}").into()));
+                }
+            }
+        }
+        guest_namespaces(spec, join);
     }
 
     /// Connect to its microVM.
@@ -234,6 +272,31 @@ fn guest_namespace(path: &Path, host_pid: u32, guest_pid: u32) -> Option<PathBuf
         .to_str()?;
     matches!(name, "ipc" | "uts" | "pid")
         .then(|| PathBuf::from(format!("/proc/{guest_pid}/ns/{name}")))
+}
+
+/// The `/proc/PID/ns/` name of a kind of namespace a pod shares.
+fn shared_namespace_name(typ: LinuxNamespaceType) -> Option<&'static str> {
+    match typ {
+        LinuxNamespaceType::Ipc => Some("ipc"),
+        LinuxNamespaceType::Uts => Some("uts"),
+        LinuxNamespaceType::Pid => Some("pid"),
+        _ => None,
+    }
+}
+
+/// The paths `spec` names for the kinds of namespace a pod shares.
+fn shared_namespace_paths(spec: &Spec) -> Vec<(LinuxNamespaceType, PathBuf)> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .map(|namespaces| {
+            namespaces
+                .iter()
+                .filter(|ns| shared_namespace_name(ns.typ()).is_some())
+                .filter_map(|ns| Some((ns.typ(), ns.path().clone()?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -369,5 +432,51 @@ mod tests {
         guest_namespaces(&mut alone, None);
         assert!(paths(&alone).iter().all(|(_, p)| p.is_none()));
         assert_eq!(paths(&alone).len(), 6, "the network entry goes");
+    }
+
+    #[test]
+    fn a_member_naming_the_sandboxs_pinned_namespaces_joins_them_and_no_others() {
+        let sandbox_spec = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[
+            {"type":"network","path":"/var/run/netns/pod"},
+            {"type":"ipc","path":"/var/run/ipcns/pod"},
+            {"type":"uts","path":"/var/run/utsns/pod"},
+            {"type":"pid"},{"type":"mount"}]}}"#,
+        );
+        let mut container = ContainerState::new("pod", "pod", None);
+        container.owner = Some(crate::state::ProcessRef {
+            pid: 42,
+            start_time: 1,
+        });
+        container.guest_pid = Some(3);
+        let sandbox = PodSandbox {
+            container,
+            namespace_paths: shared_namespace_paths(&sandbox_spec),
+        };
+        assert_eq!(
+            sandbox.namespace_paths,
+            vec![
+                (LinuxNamespaceType::Ipc, "/var/run/ipcns/pod".into()),
+                (LinuxNamespaceType::Uts, "/var/run/utsns/pod".into()),
+            ]
+        );
+        let mut member = spec(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[
+            {"type":"network","path":"/var/run/netns/pod"},
+            {"type":"ipc","path":"/var/run/ipcns/pod"},
+            {"type":"uts","path":"/var/run/utsns/other"},
+            {"type":"pid","path":"/proc/42/ns/pid"},
+            {"type":"mount","path":"/var/run/ipcns/pod"}]}}"#,
+        );
+        sandbox.guest_namespaces(&mut member);
+        assert_eq!(
+            paths(&member),
+            vec![
+                (LinuxNamespaceType::Ipc, Some("/proc/3/ns/ipc".into())),
+                (LinuxNamespaceType::Uts, None),
+                (LinuxNamespaceType::Pid, Some("/proc/3/ns/pid".into())),
+                (LinuxNamespaceType::Mount, None),
+            ]
+        );
     }
 }

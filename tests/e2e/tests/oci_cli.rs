@@ -444,9 +444,13 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
 }
 
-/// Sets `config.json`'s annotations (and, if given, its hostname) in the bundle at `dir`,
-/// and makes its namespaces of `joined` kinds name `/proc/PID/ns/KIND` of `pid`, as CRI-O
-/// joins a pod's containers to its sandbox's.
+/// Where the test's pod has its IPC namespace pinned, as CRI-O pins a pod's (the sandbox's
+/// spec and a member's name the path, which need not exist for a microVM).
+const PINNED_IPC: &str = "/var/run/ipcns/brig-e2e-pod";
+
+/// Sets `config.json`'s annotations in the bundle at `dir`, and for a member (`joined`) makes
+/// its IPC and UTS namespaces name `/proc/PID/ns/KIND` of the sandbox's `pid`, as CRI-O joins
+/// a pod's containers to its sandbox's; a sandbox gets a hostname and the pinned IPC path.
 fn set_pod(dir: &Path, annotations: serde_json::Value, joined: Option<u32>, cgroup: Option<&str>) {
     let path = dir.join("config.json");
     let mut config: serde_json::Value =
@@ -463,6 +467,11 @@ fn set_pod(dir: &Path, annotations: serde_json::Value, joined: Option<u32>, cgro
         }
     } else {
         config["hostname"] = "podhost".into();
+        for ns in config["linux"]["namespaces"].as_array_mut().unwrap() {
+            if ns["type"] == "ipc" {
+                ns["path"] = PINNED_IPC.into();
+            }
+        }
     }
     if let Some(cgroup) = cgroup {
         config["linux"]["cgroupsPath"] = cgroup.into();
@@ -510,8 +519,8 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     let base = scratch(test);
     let root = Path::new("/run/brig-e2e/oci-pod");
     let vmms_before = brig_e2e::vmm_processes().len();
-    let script = "trap 'exit 5' TERM; cat /proc/sys/kernel/random/boot_id; hostname; echo ready; \
-                  while true; do sleep 1; done";
+    let script = "trap 'exit 5' TERM; cat /proc/sys/kernel/random/boot_id; hostname; \
+                  readlink /proc/self/ns/ipc; echo ready; while true; do sleep 1; done";
 
     // The pod's sandbox container boots the microVM.
     let sandbox_dir = base.join("sandbox");
@@ -520,25 +529,34 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     set_pod(&sandbox_dir, crio("sandbox", "pod"), None, None);
     let (mut sandbox_create, sandbox_pid) = brig_create(test, &sandbox_dir, "pod", b"");
     ok(test, &["start", "pod"]);
-    let (sandbox_out, _sandbox_stdout) = lines(&mut sandbox_create, 3);
-    assert_eq!(sandbox_out[1..], ["podhost", "ready"], "{sandbox_out:?}");
-    let boot_id = sandbox_out[0].clone();
+    let (sandbox_out, _sandbox_stdout) = lines(&mut sandbox_create, 4);
+    assert_eq!(sandbox_out[1], "podhost", "{sandbox_out:?}");
+    assert_eq!(sandbox_out[3], "ready", "{sandbox_out:?}");
+    let (boot_id, ipc) = (sandbox_out[0].clone(), sandbox_out[2].clone());
 
-    // Two containers join it, in its IPC and UTS namespaces; the first in a cgroup of its own.
+    // Two containers join it, in its IPC and UTS namespaces (app2 names the pinned IPC
+    // namespace, as CRI-O does); the first in a cgroup of its own.
     let mut members = Vec::new();
     for (id, cgroup) in [("app1", Some("/brige2e-pod/app1")), ("app2", None)] {
         let dir = base.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         bundle(&dir, script);
         set_pod(&dir, crio("container", "pod"), Some(sandbox_pid), cgroup);
+        if id == "app2" {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let from = format!("/proc/{sandbox_pid}/ns/ipc");
+            assert!(text.contains(&from));
+            std::fs::write(&path, text.replace(&from, PINNED_IPC)).unwrap();
+        }
         let (mut create, pid) = brig_create(test, &dir, id, b"");
         assert_eq!(state(test, id)["status"], "created");
         ok(test, &["start", id]);
-        let (out, stdout) = lines(&mut create, 3);
+        let (out, stdout) = lines(&mut create, 4);
         assert_eq!(
             out,
-            [boot_id.as_str(), "podhost", "ready"],
-            "{id}: the sandbox's kernel and hostname"
+            [boot_id.as_str(), "podhost", ipc.as_str(), "ready"],
+            "{id}: the sandbox's kernel, hostname and IPC namespace"
         );
         let running = state(test, id);
         assert_eq!(running["status"], "running", "{running}");
