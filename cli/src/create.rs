@@ -208,6 +208,7 @@ fn keep(
     // documentation); a member boots nothing.
     let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), &config, &target.spec);
     sandbox_spec.tie_to_owner = pod.role != PodRole::Sandbox;
+    sandbox_spec.outlives_owner = pod.role == PodRole::Sandbox;
     // A network namespace the spec names (an engine's, made with CNI) is joined; a new one,
     // as runc makes it, has loopback only.
     sandbox_spec.netns = target

@@ -1315,6 +1315,7 @@ mod tests {
             cmdline: None,
             share: true,
             tie_to_owner: false,
+            outlives_owner: false,
             netns: None,
             bridge: None,
         };

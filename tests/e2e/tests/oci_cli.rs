@@ -733,3 +733,88 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     let _ = std::fs::remove_dir("/sys/fs/cgroup/brige2e-pod");
     std::fs::remove_dir_all(base).unwrap();
 }
+
+/// A console socket at `path`, as conmon listens on one: the terminal master `brig create`
+/// sends, received on a thread and kept open (returned when the thread is joined).
+fn console_socket(path: &Path) -> std::thread::JoinHandle<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut name = [0u8; 256];
+        let mut iov = [std::io::IoSliceMut::new(&mut name)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        for cmsg in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the descriptor just arrived with the message: nothing else owns it.
+                return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+            }
+        }
+        panic!("no terminal master in the console socket's message");
+    })
+}
+
+#[test]
+fn a_pods_microvm_outlives_a_sandbox_container_that_had_a_terminal() {
+    let test = "oci-pod-tty";
+    become_subreaper();
+    let dir = scratch(test);
+    let vmms_before = brig_e2e::vmm_processes().len();
+    bundle(&dir, "echo up; sleep 1");
+    set_pod(&dir, crio("sandbox", "podtty"), None, None);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["process"]["terminal"] = true.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let socket = dir.join("console.sock");
+    let master = console_socket(&socket);
+    let pid_file = dir.join("pid");
+    // The keeper keeps create's stderr: a file, not a pipe to wait on.
+    let stderr = dir.join("stderr");
+    let created = brig(test)
+        .args(["create", "--bundle"])
+        .arg(&dir)
+        .arg("--console-socket")
+        .arg(&socket)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("podtty")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        created.success(),
+        "{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    let master = master.join().unwrap();
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    ok(test, &["start", "podtty"]);
+    // The keeper, which held the terminal as its session's, exits with the command: the
+    // hangup that follows is not the microVM's, which stays for the pod.
+    assert_eq!(exit_code(pid), 0);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let vmm = vmm_pid(test, "podtty");
+    let stat = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
+    let vmm_state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+    assert!(
+        matches!(vmm_state, Some(s) if s != "Z"),
+        "the pod's microVM went with the keeper's terminal: {stat}"
+    );
+    assert_eq!(brig_e2e::vmm_processes().len(), vmms_before + 1);
+    drop(master);
+    ok_reaping(test, &["delete", "podtty"], &[vmm]);
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    std::fs::remove_dir_all(dir).unwrap();
+}
