@@ -9,6 +9,16 @@
 //! container's exit status (128 + N after signal N). `create` returns once the keeper says
 //! the container is created; `start` wakes the keeper through a FIFO in the container's
 //! state directory.
+//!
+//! Pods (see `brig_runtime::pod`): a container whose annotations make it a member of a pod
+//! (CRI-O's `io.kubernetes.cri-o.ContainerType=container` with `…SandboxID`, or containerd
+//! CRI's `io.kubernetes.cri.container-type`/`sandbox-id`) is created in the microVM of that
+//! sandbox container instead of booting one, and joins its IPC, UTS and PID namespaces where
+//! the spec names them as `/proc/PID/ns/…` of the sandbox's PID, or by the paths the
+//! sandbox's own spec named (CRI-O's pinned namespaces). Its keeper stands for it as for any
+//! container and takes it out of the microVM when its command exits. A pod's sandbox
+//! container (type `sandbox`) boots the microVM, which outlives its command, so that the
+//! containers that joined it run on; `delete` of the sandbox container removes it.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,12 +27,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use brig_runtime::container::{Container, ContainerConfig, Volume};
+use brig_runtime::pod::{PodRole, PodSandbox};
 use brig_runtime::spec;
 use brig_runtime::state::{Layout, StateError, Status};
 use brig_runtime::{RuntimeConfig, SandboxSpec};
 use oci_spec::runtime::LinuxNamespaceType;
 
-use crate::run::{Output, Run};
+use crate::run::{Output, Place, Run};
 use crate::EXIT_BRIG_ERROR;
 
 /// Arguments of `brig create`.
@@ -79,10 +90,32 @@ pub fn run(args: CreateArgs, root: Option<PathBuf>) -> anyhow::Result<u8> {
     let tty = target.spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
     crate::console::check(tty, args.console_socket.as_deref(), true)?;
     crate::hooks::check(&target.spec)?;
+    let mut config = RuntimeConfig::load()?;
+    if let Some(root) = root {
+        config.root = root;
+    }
+    // A member of a pod needs its sandbox up: a wrong or stopped one is the caller's
+    // mistake, told before any keeper exists.
+    let role = PodRole::of(target.spec.annotations().as_ref());
+    let pod = PodSandbox::find(&Layout::new(&config.root), &args.id, &role)?;
     match keeper_ready()? {
-        Some(ready) => keep(args, root, bundle, target, tty, ready),
+        Some(ready) => keep(
+            args,
+            config,
+            Pod { role, sandbox: pod },
+            bundle,
+            target,
+            tty,
+            ready,
+        ),
         None => spawn_keeper(&format!("created {}", args.id)),
     }
+}
+
+/// What a container is in its pod, and the sandbox container it joins.
+struct Pod {
+    role: PodRole,
+    sandbox: Option<PodSandbox>,
 }
 
 /// In a keeper: the descriptor on which it tells its caller it is ready. `None` in the
@@ -154,16 +187,13 @@ pub(crate) fn spawn_keeper(expect: &str) -> anyhow::Result<u8> {
 /// The keeper: the container's whole life, paused between created and started.
 fn keep(
     args: CreateArgs,
-    root: Option<PathBuf>,
+    config: RuntimeConfig,
+    pod: Pod,
     bundle: PathBuf,
     target: spec::Target,
     tty: bool,
     ready: std::fs::File,
 ) -> anyhow::Result<u8> {
-    let mut config = RuntimeConfig::load()?;
-    if let Some(root) = root {
-        config.root = root;
-    }
     let id = args.id.clone();
     // The keeper's stdin and stdout become the terminal the engine holds the other end of.
     if let Some(socket) = &args.console_socket {
@@ -174,8 +204,11 @@ fn keep(
         !layout.container(&id).exists(),
         "container {id} already exists: delete it first (brig delete {id})"
     );
-    // A pod of one, owned by this keeper.
+    // A pod of one, owned by this keeper; a pod's sandbox outlives it (see the module's
+    // documentation); a member boots nothing.
     let mut sandbox_spec = SandboxSpec::pod_of_one(id.clone(), &config, &target.spec);
+    sandbox_spec.tie_to_owner = pod.role != PodRole::Sandbox;
+    sandbox_spec.outlives_owner = pod.role == PodRole::Sandbox;
     // A network namespace the spec names (an engine's, made with CNI) is joined; a new one,
     // as runc makes it, has loopback only.
     sandbox_spec.netns = target
@@ -205,15 +238,11 @@ fn keep(
     // reach the guest through the share.
     let volumes = Volume::take_host_binds(&mut spec);
     // Other namespace paths name host processes, which mean nothing in the guest (where
-    // the same path could even name an unrelated process): the container gets new ones.
-    if let Some(namespaces) = spec
-        .linux_mut()
-        .as_mut()
-        .and_then(|l| l.namespaces_mut().as_mut())
-    {
-        for ns in namespaces.iter_mut() {
-            ns.set_path(None);
-        }
+    // the same path could even name an unrelated process): the container gets new ones,
+    // but for those of its pod's sandbox container that a member joins.
+    match &pod.sandbox {
+        Some(sandbox) => sandbox.guest_namespaces(&mut spec),
+        None => brig_runtime::pod::guest_namespaces(&mut spec, None),
     }
     let container = ContainerConfig {
         id: id.clone(),
@@ -225,7 +254,11 @@ fn keep(
     let run = Run {
         layout: &layout,
         config: &config,
-        sandbox_spec: &sandbox_spec,
+        place: match pod.sandbox {
+            Some(sandbox) => Place::Join(Box::new(sandbox)),
+            None if pod.role == PodRole::Sandbox => Place::PodSandbox(&sandbox_spec),
+            None => Place::Own(&sandbox_spec),
+        },
         container: &container,
         resolv_conf: None,
         hostname: None,

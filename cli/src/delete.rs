@@ -1,5 +1,9 @@
 //! `brig delete`: the OCI runtime CLI's removal of a container, as runc's: a created or
 //! stopped one at once, a running one only with `--force` (its microVM is killed).
+//!
+//! A pod's sandbox container goes with its microVM, so only once the containers that joined
+//! it are deleted (as CRI-O and runc-like engines do it): otherwise the error names them, and
+//! `--force` deletes them too. Deleting a member leaves the microVM running.
 
 use brig_runtime::container::Container;
 use brig_runtime::state::{Layout, Status};
@@ -7,7 +11,8 @@ use brig_runtime::state::{Layout, Status};
 /// Arguments of `brig delete`.
 #[derive(clap::Args, Debug)]
 pub struct DeleteArgs {
-    /// Delete a running container too (its microVM is killed).
+    /// Delete a running container too (its microVM is killed), and a pod sandbox's
+    /// containers with it.
     #[arg(short = 'f', long)]
     force: bool,
     /// Container ID.
@@ -24,7 +29,10 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
         status.as_str()
     );
     let mut state = container.state().clone();
-    container.delete(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(container.delete(true, args.force))?;
     // poststop hooks from the bundle's config, now that the container is gone; a failing one
     // is a warning (the spec's rule): the container stays deleted.
     if let Some(bundle) = state.bundle.clone() {

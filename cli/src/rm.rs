@@ -15,8 +15,11 @@ pub struct RmArgs {
 }
 
 pub fn run(args: RmArgs, layout: &Layout) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     for id in &args.ids {
-        Container::load(layout, id)?.delete(args.force)?;
+        rt.block_on(Container::load(layout, id)?.delete(args.force, args.force))?;
         crate::outln!("{id}")?;
     }
     Ok(0)

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use brig_runtime::container::{Container, ContainerConfig, Volume};
+use brig_runtime::pod::PodSandbox;
 use brig_runtime::spec::{self, Overrides};
 use brig_runtime::state::{Layout, ProcessRef};
 use brig_runtime::{RuntimeConfig, Sandbox, SandboxSpec};
@@ -395,7 +396,7 @@ fn run_target(
     let run = Run {
         layout,
         config,
-        sandbox_spec: &sandbox_spec,
+        place: Place::Own(&sandbox_spec),
         container: &container,
         resolv_conf,
         hostname: overrides.hostname.clone(),
@@ -532,12 +533,26 @@ fn hosts_file(hostname: &str, addresses: &[std::net::IpAddr]) -> String {
     hosts
 }
 
-/// One container in a microVM of its own, from claiming its ID to its exit: `brig run`'s
-/// whole life, and that of the keeper `brig create` leaves behind.
+/// Where a container runs.
+pub(crate) enum Place<'a> {
+    /// A microVM of its own, booted for it and ended with it (a pod of one).
+    Own(&'a SandboxSpec),
+    /// A pod's microVM, booted for the pod's sandbox container and left running when that
+    /// container's command exits: the containers that joined it run on, until the sandbox
+    /// container is deleted (`brig delete`, which removes the microVM).
+    PodSandbox(&'a SandboxSpec),
+    /// The microVM of a pod's sandbox container, which this container joins; it leaves the
+    /// microVM when its command exits.
+    Join(Box<PodSandbox>),
+}
+
+/// One container, from claiming its ID to its exit: `brig run`'s whole life, and that of
+/// the keeper `brig create` leaves behind.
 pub(crate) struct Run<'a> {
     pub(crate) layout: &'a Layout,
     pub(crate) config: &'a RuntimeConfig,
-    pub(crate) sandbox_spec: &'a SandboxSpec,
+    /// Its microVM.
+    pub(crate) place: Place<'a>,
     pub(crate) container: &'a ContainerConfig,
     /// Written into the container's state directory and bound on /etc/resolv.conf.
     pub(crate) resolv_conf: Option<String>,
@@ -558,8 +573,16 @@ pub(crate) struct Run<'a> {
 impl Run<'_> {
     pub(crate) async fn execute(self) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
-        let mut record =
-            Container::claim(self.layout, id, id, self.container.spec.process().clone())?;
+        let sandbox_id = match &self.place {
+            Place::Join(pod) => pod.vm_id(),
+            Place::Own(_) | Place::PodSandbox(_) => id,
+        };
+        let mut record = Container::claim(
+            self.layout,
+            id,
+            sandbox_id,
+            self.container.spec.process().clone(),
+        )?;
         record.set_owner(ProcessRef::current())?;
         if let Some(bundle) = &self.bundle {
             record.set_bundle(bundle.clone())?;
@@ -584,7 +607,12 @@ impl Run<'_> {
         };
         let result = self.run_in(&mut record).await;
         if let Some(cgroup) = cgroup {
-            cgroup.leave();
+            // A pod's microVM that runs on stays in it: its removal removes the cgroup.
+            let vm_runs_on = matches!(self.place, Place::PodSandbox(_))
+                && !brig_runtime::sandbox::vm_processes(self.layout.root(), sandbox_id).is_empty();
+            if !vm_runs_on {
+                cgroup.leave();
+            }
         }
         if self.remove || result.is_err() {
             let _ = record.forget();
@@ -614,7 +642,10 @@ impl Run<'_> {
                 read_only: true,
             });
         }
-        let mut sandbox = Sandbox::start(self.config, self.sandbox_spec).await?;
+        let mut sandbox = match &self.place {
+            Place::Own(spec) | Place::PodSandbox(spec) => Sandbox::start(self.config, spec).await?,
+            Place::Join(pod) => pod.open(self.layout.root()).await?,
+        };
         // /etc/hosts as docker writes it: localhost, and the container's hostname on its
         // addresses (known once the network is up).
         if let Some(hostname) = &self.hostname {
@@ -635,10 +666,51 @@ impl Run<'_> {
             Ok(stdio) => stdio,
             Err(e) => {
                 eprintln!("brig: {e}");
-                let _ = sandbox.stop().await;
+                self.end(sandbox, record, false).await;
                 return Ok(e.command_status().unwrap_or(EXIT_BRIG_ERROR));
             }
         };
+        match self.run_created(record, &mut sandbox, stdio).await {
+            Ok(code) => {
+                self.end(sandbox, record, true).await;
+                Ok(code)
+            }
+            Err(e) => {
+                self.end(sandbox, record, false).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Done with the microVM: end it if it is the container's own (or, unless `pod_lives`,
+    /// the pod's it booted), leave it if the container joined it.
+    async fn end(&self, sandbox: Sandbox, record: &Container, pod_lives: bool) {
+        match &self.place {
+            Place::Own(_) => {
+                // One container per microVM: stopping the microVM removes the container with
+                // it (the agent syncs first), so no RemoveContainer round trip.
+                let _ = sandbox.stop().await;
+            }
+            Place::PodSandbox(_) if pod_lives => sandbox.leave_running(),
+            Place::PodSandbox(_) => {
+                let _ = sandbox.stop().await;
+            }
+            Place::Join(_) => {
+                if let Err(e) = record.leave(&sandbox).await {
+                    tracing::debug!("leaving the pod's microVM: {e}");
+                }
+            }
+        }
+    }
+
+    /// From created to exited: the gate of `brig create`, start, relay, wait.
+    async fn run_created(
+        &self,
+        record: &mut Container,
+        sandbox: &mut Sandbox,
+        stdio: brig_runtime::container::Stdio,
+    ) -> anyhow::Result<u8> {
+        let id = self.container.id.as_str();
         if let Some(gate) = &self.gate {
             // createRuntime hooks (and prestart) before `create` returns; a failing one
             // stops the container, as runc does.
@@ -647,10 +719,7 @@ impl Run<'_> {
                     .await?;
                 gate.report_and_wait(&record.dir(), id).await
             };
-            if let Err(e) = created.await {
-                let _ = sandbox.stop().await;
-                return Err(e);
-            }
+            created.await?;
         }
         let tty = matches!(self.output, Output::User { tty: true, .. });
         let raw = tty.then(relay::RawTerminal::enter);
@@ -662,8 +731,8 @@ impl Run<'_> {
                     .await;
             }
         }
-        if let Err(e) = record.start(&sandbox).await {
-            return Err(vm_gone(&mut sandbox, e.into()).await);
+        if let Err(e) = record.start(sandbox).await {
+            return Err(vm_gone(sandbox, e.into()).await);
         }
         if let Some(gate) = &self.gate {
             // A failing poststart hook is a warning: the container runs on (the spec's rule).
@@ -674,7 +743,7 @@ impl Run<'_> {
                 eprintln!("brig: warning: {e:#}");
             }
         }
-        let forwarding = forward_signals(&sandbox, id, tty);
+        let forwarding = forward_signals(sandbox, id, tty);
         match &self.output {
             Output::User { logs, .. } => relay::relay(stdio, logs.as_deref()).await,
             Output::Logs(dir) => {
@@ -685,9 +754,9 @@ impl Run<'_> {
                 relay::to_logs(stdio, dir).await;
             }
         }
-        let status = match record.wait(&sandbox).await {
+        let status = match record.wait(sandbox).await {
             Ok(status) => status,
-            Err(e) => return Err(vm_gone(&mut sandbox, e.into()).await),
+            Err(e) => return Err(vm_gone(sandbox, e.into()).await),
         };
         forwarding.abort();
         drop(raw);
@@ -698,9 +767,6 @@ impl Run<'_> {
                 .unwrap_or_default();
             eprintln!("brig: container {id} was killed because it reached its memory limit{limit}");
         }
-        // One container per microVM: stopping the microVM removes the container with it
-        // (the agent syncs first), so no RemoveContainer round trip on the user's wait.
-        let _ = sandbox.stop().await;
         Ok(u8::try_from(status.code).unwrap_or(EXIT_BRIG_ERROR))
     }
 }

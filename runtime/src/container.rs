@@ -155,6 +155,9 @@ pub enum ContainerError {
     /// Its sandbox.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// Its pod.
+    #[error(transparent)]
+    Pod(#[from] crate::pod::PodError),
     /// The container is not in a state that allows the call.
     #[error("container {id} is {status}: {what}")]
     WrongState {
@@ -461,6 +464,12 @@ impl Container {
         &self.state.id
     }
 
+    /// Whether it joined another container's sandbox (a member of a pod) instead of running
+    /// in a sandbox of its own.
+    pub fn is_member(&self) -> bool {
+        self.state.sandbox_id != self.state.id
+    }
+
     /// Its directory under the state root (the record; the CLI keeps logs there too).
     pub fn dir(&self) -> PathBuf {
         self.layout.container(&self.state.id)
@@ -702,39 +711,123 @@ impl Container {
         Ok(self.layout.remove_container(&self.state.id)?)
     }
 
-    /// Delete a container of a pod of one (the CLI's): a live one only with `force`, which
-    /// kills its owner and its sandbox's VMM; its sandbox's mounts and directory are removed
-    /// and its record forgotten.
-    pub fn delete(self, force: bool) -> Result<(), ContainerError> {
+    /// Take it out of `sandbox`'s microVM (the agent kills what is left of it) and unmount
+    /// its root filesystem and volumes from the share, keeping its record: a pod member
+    /// whose command exited leaves the microVM it shares at once.
+    pub async fn leave(&self, sandbox: &Sandbox) -> Result<(), ContainerError> {
+        let removed = sandbox.agent().remove_container(&self.state.id).await;
+        self.unshare(sandbox);
+        Ok(removed?)
+    }
+
+    /// Delete a container the CLI runs: a live one only with `force`, which kills its owner
+    /// (the host process that stands for it); its record is forgotten.
+    ///
+    /// A container that owns its sandbox (a pod of one, or a pod's sandbox container) takes
+    /// its microVM with it: the VMM is killed, the sandbox's mounts and directory removed.
+    /// Containers that joined that microVM must be deleted first (runc-like engines, CRI-O
+    /// among them, delete a pod's containers before its sandbox): otherwise the error names
+    /// them, unless `with_members`, which deletes them first as if forced.
+    ///
+    /// A member of a pod (see [`crate::pod`]) leaves the microVM running: only it is taken out
+    /// of the guest, its binds unmounted and its files in the share removed.
+    pub async fn delete(self, force: bool, with_members: bool) -> Result<(), ContainerError> {
+        if self.state.status != Status::Stopped && !force {
+            return Err(ContainerError::WrongState {
+                id: self.state.id.clone(),
+                status: self.state.status.as_str(),
+                what: "stop it first, or force the removal (brig rm -f)",
+            });
+        }
+        if self.is_member() {
+            return self.delete_member().await;
+        }
+        let members = crate::pod::members(&self.layout, &self.state.id, &self.state.sandbox_id);
+        if !members.is_empty() {
+            if !with_members {
+                return Err(crate::pod::PodError::HasMembers {
+                    sandbox: self.state.id.clone(),
+                    members: members.join(", "),
+                }
+                .into());
+            }
+            for id in members {
+                match Container::load(&self.layout, &id) {
+                    Ok(member) => member.delete_member().await?,
+                    Err(ContainerError::State(StateError::NotFound { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         // The VM's own process (the VMM's child, in a PID namespace of its own), noted while
         // the VMM still names it: killed with the owner, it is reaped by whoever adopts it,
         // and is waited for below like the owner.
         let mut gone_before_return: Vec<ProcessRef> =
             sandbox::vm_processes(self.layout.root(), &self.state.sandbox_id);
-        if self.state.status != Status::Stopped {
-            if !force {
-                return Err(ContainerError::WrongState {
-                    id: self.state.id.clone(),
-                    status: self.state.status.as_str(),
-                    what: "stop it first, or force the removal (brig rm -f)",
-                });
-            }
-            if let Some(owner) = self.state.owner {
-                let _ = owner.signal(libc::SIGKILL);
-            }
-        }
+        self.kill_owner();
         sandbox::remove_sandbox(self.layout.root(), &self.state.sandbox_id)?;
         gone_before_return.extend(self.state.owner);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while gone_before_return.iter().any(|p| !p.gone()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_gone(&gone_before_return).await;
         // The cgroup its owner made for the microVM: an owner that was killed did not
         // remove it.
         if let Some(path) = self.bundle_cgroups_path() {
             crate::cgroup::remove_path(&path);
         }
         self.forget()
+    }
+
+    /// A live container's owner gets SIGKILL.
+    fn kill_owner(&self) {
+        if self.state.status != Status::Stopped {
+            if let Some(owner) = self.state.owner {
+                let _ = owner.signal(libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Delete a member of a pod (as if forced): its owner killed, it taken out of the
+    /// microVM if that still runs, its binds and share files removed, its record forgotten.
+    async fn delete_member(self) -> Result<(), ContainerError> {
+        self.kill_owner();
+        // Dead is enough (a zombie its parent has not reaped yet has left its cgroup and
+        // holds nothing of the pod's).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.state.owner.is_some_and(|o| o.alive()) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sandbox_id = &self.state.sandbox_id;
+        if !sandbox::vm_processes(self.layout.root(), sandbox_id).is_empty() {
+            match Sandbox::open(self.layout.root(), sandbox_id).await {
+                // An owner whose command exited took it out of the guest already.
+                Ok(sandbox) => {
+                    if let Err(e) = sandbox.agent().remove_container(&self.state.id).await {
+                        tracing::debug!(id = %self.state.id, "removing from the microVM: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "reaching sandbox {sandbox_id} to remove container {}: {e}",
+                    self.state.id
+                ),
+            }
+        }
+        let shared = self
+            .layout
+            .sandbox(sandbox_id)
+            .join("shared")
+            .join(&self.state.id);
+        share::remove(&shared)?;
+        if let Some(path) = self.bundle_cgroups_path() {
+            crate::cgroup::remove_path(&path);
+        }
+        self.forget()
+    }
+}
+
+/// Wait (up to 10 s) until every one of `processes` is gone from the process table.
+async fn wait_gone(processes: &[ProcessRef]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while processes.iter().any(|p| !p.gone()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

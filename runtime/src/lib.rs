@@ -17,6 +17,7 @@ pub mod guest_text;
 pub mod host;
 pub mod hybrid_vsock;
 pub mod net;
+pub mod pod;
 pub mod resources;
 pub mod rootfs;
 pub mod sandbox;

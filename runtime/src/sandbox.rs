@@ -63,6 +63,12 @@ pub struct SandboxSpec {
     /// Have the kernel kill the VMM when the thread that starts it ends (the foreground
     /// `brig run`, which owns its microVM). Off, the VMM runs until it is stopped.
     pub tie_to_owner: bool,
+    /// The VMM runs on after the process that starts it exits (a pod's sandbox whose
+    /// members outlive the keeper of its sandbox container; see [`Sandbox::leave_running`]):
+    /// it gets a process group of its own, so that what is meant for its owner's group, such
+    /// as the hangup of a terminal its owner controls, does not end it. Not with
+    /// `tie_to_owner`.
+    pub outlives_owner: bool,
     /// The pod's network namespace (made by CNI): the VMM runs in it, and the guest gets
     /// its interface through a TAP (see `net`). `None`: the guest has loopback only.
     pub netns: Option<PathBuf>,
@@ -81,6 +87,7 @@ impl SandboxSpec {
             cmdline: None,
             share: false,
             tie_to_owner: false,
+            outlives_owner: false,
             netns: None,
             bridge: None,
         }
@@ -377,6 +384,9 @@ impl Sandbox {
                     Ok(())
                 });
             }
+        }
+        if spec.outlives_owner {
+            cmd.process_group(0);
         }
         // The pod's network: the VMM runs in its namespace and gets the TAP as NET_FD.
         let mut attached = None;
@@ -737,6 +747,24 @@ impl Sandbox {
                 }
                 Ok(None)
             }
+        }
+    }
+
+    /// Let the sandbox run on after this value (and the process holding it) is gone, as an
+    /// opened sandbox is: a pod's sandbox whose microVM outlives the process that booted it
+    /// (the keeper of a pod's sandbox container, whose members still run). Whoever removes
+    /// the sandbox ([`remove_sandbox`]) ends it. Start such a sandbox with
+    /// [`SandboxSpec::outlives_owner`] and without [`SandboxSpec::tie_to_owner`], or the
+    /// kernel kills the VMM with its owner anyway.
+    pub fn leave_running(mut self) {
+        let Some(vmm) = self.vmm() else {
+            return; // already gone: Drop cleans up
+        };
+        if let Vmm::Child(child) = std::mem::replace(&mut self.vmm, Vmm::Opened(vmm)) {
+            // tokio kills a dropped child it was told to (`kill_on_drop`, which guards a boot
+            // abandoned halfway); forgotten, the VMM runs on and is reparented when this
+            // process exits, whose child reaper the descriptor-free handle does not need.
+            std::mem::forget(child);
         }
     }
 

@@ -21,45 +21,12 @@ const LISTEN_FD_ENV: &str = "BRIG_SHIM_LISTEN_FD";
 /// The descriptor number the listener gets in the serving shim.
 const LISTEN_FD: i32 = 3;
 
-/// Annotations that name a container's pod, as containerd's CRI and CRI-O set them.
-const POD_ANNOTATIONS: [(&str, &str, &str); 2] = [
-    (
-        "io.kubernetes.cri.container-type",
-        "container",
-        "io.kubernetes.cri.sandbox-id",
-    ),
-    (
-        "io.kubernetes.cri-o.ContainerType",
-        "container",
-        "io.kubernetes.cri-o.SandboxID",
-    ),
-];
-
 /// The bundle: `-bundle`, else the working directory (where containerd runs the shim).
 fn bundle_dir(flags: &Flags) -> anyhow::Result<PathBuf> {
     if !flags.bundle.is_empty() {
         return Ok(PathBuf::from(&flags.bundle));
     }
     std::env::current_dir().context("the shim's working directory (the bundle)")
-}
-
-/// Which pod (and so which shim and microVM) a container belongs to: the sandbox ID of a
-/// Kubernetes pod's container, else the container's own ID (a pod sandbox, or a container
-/// of its own as `ctr run` makes).
-pub fn group_of(
-    id: &str,
-    annotations: Option<&std::collections::HashMap<String, String>>,
-) -> String {
-    if let Some(annotations) = annotations {
-        for (kind_key, container, sandbox_key) in POD_ANNOTATIONS {
-            if annotations.get(kind_key).map(String::as_str) == Some(container) {
-                if let Some(sandbox) = annotations.get(sandbox_key).filter(|s| !s.is_empty()) {
-                    return sandbox.clone();
-                }
-            }
-        }
-    }
-    id.to_string()
 }
 
 fn socket_path(address: &str) -> &Path {
@@ -75,7 +42,12 @@ pub fn start(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags)?;
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
         .with_context(|| format!("reading {}", bundle.join("config.json").display()))?;
-    let group = group_of(&flags.id, spec.annotations().as_ref());
+    // Which pod (and so which shim and microVM) it belongs to: its sandbox's for a member
+    // of a Kubernetes pod, else its own (a pod sandbox, or a container alone as `ctr run`
+    // makes it).
+    let group = brig_runtime::pod::PodRole::of(spec.annotations().as_ref())
+        .group(&flags.id)
+        .to_string();
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
     let path = socket_path(&address);
     let listener = match bind(path)? {
@@ -336,6 +308,8 @@ pub fn serve(flags: &Flags) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn delete_finds_the_state_root_its_pod_used() {
         let bundle = std::env::temp_dir().join(format!("brig-shim-root-{}", std::process::id()));
@@ -350,40 +324,5 @@ mod tests {
             .unwrap()
             .ends_with("containerd/k8s.io"));
         let _ = std::fs::remove_dir_all(&bundle);
-    }
-
-    use super::*;
-    use std::collections::HashMap;
-
-    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn containers_of_a_pod_share_its_shim_and_sandboxes_get_their_own() {
-        let cri = annotations(&[
-            ("io.kubernetes.cri.container-type", "container"),
-            ("io.kubernetes.cri.sandbox-id", "pod1"),
-        ]);
-        assert_eq!(group_of("app", Some(&cri)), "pod1");
-        let crio = annotations(&[
-            ("io.kubernetes.cri-o.ContainerType", "container"),
-            ("io.kubernetes.cri-o.SandboxID", "pod2"),
-        ]);
-        assert_eq!(group_of("app", Some(&crio)), "pod2");
-        let sandbox = annotations(&[
-            ("io.kubernetes.cri.container-type", "sandbox"),
-            ("io.kubernetes.cri.sandbox-id", "pod1"),
-        ]);
-        assert_eq!(group_of("pod1", Some(&sandbox)), "pod1");
-        assert_eq!(group_of("alone", None), "alone");
-        let empty = annotations(&[
-            ("io.kubernetes.cri.container-type", "container"),
-            ("io.kubernetes.cri.sandbox-id", ""),
-        ]);
-        assert_eq!(group_of("x", Some(&empty)), "x");
     }
 }

@@ -359,27 +359,13 @@ fn sandbox_of(pod: &Pod) -> TtrpcResult<Arc<Sandbox>> {
 
 /// What the guest can use of a container's spec, and the host paths it must be shared.
 ///
-/// Namespaces name host paths: CRI joins a pod's containers to the sandbox's namespaces at
-/// `/proc/PID/ns/…`, PID being the sandbox task's PID as the shim reported it (the VMM's).
-/// In the guest, the sandbox's namespaces are those of the sandbox container's init:
-/// `join` = (VMM's host PID, that init's guest PID) turns such paths into the guest's
-/// `/proc/GUEST_PID/ns/…`, so the containers of a pod share IPC, UTS (and PID, when the pod
-/// asks for it) as they do under runc. Any other path means nothing in the guest, where it
-/// could even name an unrelated process: it is dropped (a new namespace). Every container of
-/// the pod shares the microVM's network namespace, which is the pod's network. Bind mounts of
-/// host files and directories (CRI's /etc/hosts, /etc/resolv.conf, Kubernetes volumes)
-/// become volumes, shared into the guest over virtio-fs.
+/// Namespaces as `brig_runtime::pod::guest_namespaces` gives them: CRI joins a pod's
+/// containers to the sandbox's namespaces at `/proc/PID/ns/…`, PID being the sandbox task's
+/// PID as the shim reported it (the VMM's), so `join` = (VMM's host PID, the sandbox
+/// container init's guest PID). Bind mounts of host files and directories (CRI's /etc/hosts,
+/// /etc/resolv.conf, Kubernetes volumes) become volumes, shared into the guest over virtio-fs.
 fn guest_spec(mut spec: Spec, join: Option<(u32, u32)>) -> (Spec, Vec<Volume>) {
-    if let Some(linux) = spec.linux_mut() {
-        if let Some(namespaces) = linux.namespaces_mut() {
-            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
-            for ns in namespaces.iter_mut() {
-                if let Some(path) = ns.path().clone() {
-                    ns.set_path(join.and_then(|(host, guest)| guest_namespace(&path, host, guest)));
-                }
-            }
-        }
-    }
+    brig_runtime::pod::guest_namespaces(&mut spec, join);
     let volumes = Volume::take_host_binds(&mut spec);
     (spec, volumes)
 }
@@ -413,17 +399,6 @@ fn fit_pod(sandbox: &mut SandboxSpec, spec: &Spec) {
         number("io.kubernetes.cri.sandbox-cpu-quota"),
         number("io.kubernetes.cri.sandbox-cpu-period").and_then(|p| u64::try_from(p).ok()),
     );
-}
-
-/// `/proc/HOST_PID/ns/NAME` as `/proc/GUEST_PID/ns/NAME` for the namespaces a pod shares;
-/// `None` for any other path.
-fn guest_namespace(path: &Path, host_pid: u32, guest_pid: u32) -> Option<PathBuf> {
-    let name = path
-        .strip_prefix(format!("/proc/{host_pid}/ns"))
-        .ok()?
-        .to_str()?;
-    matches!(name, "ipc" | "uts" | "pid")
-        .then(|| PathBuf::from(format!("/proc/{guest_pid}/ns/{name}")))
 }
 
 /// Mount what containerd gives as the rootfs on `bundle/rootfs`; `false` when containerd gave
@@ -1360,6 +1335,7 @@ mod tests {
             cmdline: None,
             share: true,
             tie_to_owner: false,
+            outlives_owner: false,
             netns: None,
             bridge: None,
         };

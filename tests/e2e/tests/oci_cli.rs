@@ -100,6 +100,64 @@ fn reap_adopted() {
     }
 }
 
+/// The VMM PID recorded for sandbox `id` of `test`.
+fn vmm_pid(test: &str, id: &str) -> u32 {
+    let record = Path::new("/run/brig-e2e")
+        .join(test)
+        .join("sandboxes")
+        .join(id)
+        .join("sandbox.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    record["vmm"]["pid"].as_u64().unwrap() as u32
+}
+
+/// `brig ARGS`, which must succeed, while this process reaps the adopted children `pids` it
+/// kills, as conmon (or init) reaps them: their wait statuses. (A VMM is adopted once its
+/// keeper is gone.)
+fn ok_reaping(test: &str, args: &[&str], pids: &[u32]) -> Vec<nix::sys::wait::WaitStatus> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut child = brig(test)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut statuses: Vec<Option<WaitStatus>> = vec![None; pids.len()];
+    let status = loop {
+        for (pid, status) in pids.iter().zip(statuses.iter_mut()) {
+            if status.is_none() {
+                let pid = nix::unistd::Pid::from_raw(*pid as i32);
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => {}
+                    Ok(s) => *status = Some(s),
+                    // Not ours yet: a VMM whose keeper still runs.
+                    Err(nix::errno::Errno::ECHILD) => {}
+                    Err(e) => panic!("waiting for {pid}: {e}"),
+                }
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "brig {args:?}: {status:?}: {err}");
+    pids.iter()
+        .zip(statuses)
+        .map(|(pid, s)| {
+            s.unwrap_or_else(|| waitpid(nix::unistd::Pid::from_raw(*pid as i32), None).unwrap())
+        })
+        .collect()
+}
+
 /// Wait for our adopted child `pid`: its exit code.
 fn exit_code(pid: u32) -> i32 {
     match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap() {
@@ -384,4 +442,379 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
     assert!(err.contains("hooks.createContainer"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+}
+
+/// Where the test's pod has its IPC namespace pinned, as CRI-O pins a pod's (the sandbox's
+/// spec and a member's name the path, which need not exist for a microVM).
+const PINNED_IPC: &str = "/var/run/ipcns/brig-e2e-pod";
+
+/// Sets `config.json`'s annotations in the bundle at `dir`, and for a member (`joined`) makes
+/// its IPC and UTS namespaces name `/proc/PID/ns/KIND` of the sandbox's `pid`, as CRI-O joins
+/// a pod's containers to its sandbox's; a sandbox gets a hostname and the pinned IPC path.
+fn set_pod(dir: &Path, annotations: serde_json::Value, joined: Option<u32>, cgroup: Option<&str>) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["annotations"] = annotations;
+    if let Some(pid) = joined {
+        // A container that joins a UTS namespace names no hostname (runc refuses one).
+        config.as_object_mut().unwrap().remove("hostname");
+        for ns in config["linux"]["namespaces"].as_array_mut().unwrap() {
+            let kind = ns["type"].as_str().unwrap().to_string();
+            if kind == "ipc" || kind == "uts" {
+                ns["path"] = format!("/proc/{pid}/ns/{kind}").into();
+            }
+        }
+    } else {
+        config["hostname"] = "podhost".into();
+        for ns in config["linux"]["namespaces"].as_array_mut().unwrap() {
+            if ns["type"] == "ipc" {
+                ns["path"] = PINNED_IPC.into();
+            }
+        }
+    }
+    if let Some(cgroup) = cgroup {
+        config["linux"]["cgroupsPath"] = cgroup.into();
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+/// CRI-O's annotations: a pod's sandbox container, or a container of sandbox `sandbox`.
+fn crio(kind: &str, sandbox: &str) -> serde_json::Value {
+    serde_json::json!({
+        "io.kubernetes.cri-o.ContainerType": kind,
+        "io.kubernetes.cri-o.SandboxID": sandbox,
+    })
+}
+
+/// The first `n` lines a created container wrote to its stdout.
+fn lines(
+    create: &mut Child,
+    n: usize,
+) -> (Vec<String>, std::io::BufReader<std::process::ChildStdout>) {
+    let mut out = std::io::BufReader::new(create.stdout.take().unwrap());
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        got.push(line.trim_end().to_string());
+    }
+    (got, out)
+}
+
+/// Mount points under `dir`, from this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect()
+}
+
+#[test]
+fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it() {
+    let test = "oci-pod";
+    become_subreaper();
+    let base = scratch(test);
+    let root = Path::new("/run/brig-e2e/oci-pod");
+    let vmms_before = brig_e2e::vmm_processes().len();
+    let script = "trap 'exit 5' TERM; cat /proc/sys/kernel/random/boot_id; hostname; \
+                  readlink /proc/self/ns/ipc; echo ready; while true; do sleep 1; done";
+
+    // The pod's sandbox container boots the microVM.
+    let sandbox_dir = base.join("sandbox");
+    std::fs::create_dir_all(&sandbox_dir).unwrap();
+    bundle(&sandbox_dir, script);
+    set_pod(&sandbox_dir, crio("sandbox", "pod"), None, None);
+    let (mut sandbox_create, sandbox_pid) = brig_create(test, &sandbox_dir, "pod", b"");
+    ok(test, &["start", "pod"]);
+    let (sandbox_out, _sandbox_stdout) = lines(&mut sandbox_create, 4);
+    assert_eq!(sandbox_out[1], "podhost", "{sandbox_out:?}");
+    assert_eq!(sandbox_out[3], "ready", "{sandbox_out:?}");
+    let (boot_id, ipc) = (sandbox_out[0].clone(), sandbox_out[2].clone());
+
+    // Two containers join it, in its IPC and UTS namespaces (app2 names the pinned IPC
+    // namespace, as CRI-O does); the first in a cgroup of its own.
+    let mut members = Vec::new();
+    for (id, cgroup) in [("app1", Some("/brige2e-pod/app1")), ("app2", None)] {
+        let dir = base.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        bundle(&dir, script);
+        set_pod(&dir, crio("container", "pod"), Some(sandbox_pid), cgroup);
+        if id == "app2" {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let from = format!("/proc/{sandbox_pid}/ns/ipc");
+            assert!(text.contains(&from));
+            std::fs::write(&path, text.replace(&from, PINNED_IPC)).unwrap();
+        }
+        let (mut create, pid) = brig_create(test, &dir, id, b"");
+        assert_eq!(state(test, id)["status"], "created");
+        ok(test, &["start", id]);
+        let (out, stdout) = lines(&mut create, 4);
+        assert_eq!(
+            out,
+            [boot_id.as_str(), "podhost", ipc.as_str(), "ready"],
+            "{id}: the sandbox's kernel, hostname and IPC namespace"
+        );
+        let running = state(test, id);
+        assert_eq!(running["status"], "running", "{running}");
+        assert_eq!(running["pid"], pid, "{running}");
+        members.push((id, pid, create, stdout));
+    }
+    assert_eq!(
+        brig_e2e::vmm_processes().len(),
+        vmms_before + 1,
+        "one microVM for the pod"
+    );
+    let keeper_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", members[0].1)).unwrap();
+    assert!(
+        keeper_cgroup.trim_end().ends_with("/brige2e-pod/app1"),
+        "the keeper is in its cgroupsPath: {keeper_cgroup}"
+    );
+
+    // exec, pause/resume, update and ps reach a member.
+    let process = base.join("process.json");
+    std::fs::write(
+        &process,
+        serde_json::json!({
+            "args": ["sh", "-c", "cat /proc/sys/kernel/random/boot_id; exit 4"], "cwd": "/",
+            "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"], "terminal": false,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let exec = brig(test)
+        .args(["exec", "--process"])
+        .arg(&process)
+        .arg("app1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(exec.status.code(), Some(4), "{}", text(&exec.stderr));
+    assert_eq!(text(&exec.stdout).trim_end(), boot_id);
+    ok(test, &["pause", "app1"]);
+    assert_eq!(state(test, "app1")["status"], "paused");
+    ok(test, &["resume", "app1"]);
+    assert_eq!(state(test, "app1")["status"], "running");
+    ok(test, &["update", "--pids-limit", "50", "app1"]);
+    let ps = brig(test)
+        .args(["ps", "-f", "json", "app1"])
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "{}", text(&ps.stderr));
+    let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(!pids.is_empty(), "{}", text(&ps.stdout));
+
+    // A member stops and is deleted: only it goes, the pod runs on.
+    let (_, app2_pid, _, _) = &members[1];
+    ok(test, &["kill", "app2", "TERM"]);
+    assert_eq!(
+        exit_code(*app2_pid),
+        5,
+        "the member's keeper exits with its status"
+    );
+    assert_eq!(state(test, "app2")["status"], "stopped");
+    ok(test, &["delete", "app2"]);
+    let gone = brig(test).args(["state", "app2"]).output().unwrap();
+    assert!(
+        text(&gone.stderr).contains("does not exist"),
+        "{}",
+        text(&gone.stderr)
+    );
+    let shared = root.join("sandboxes/pod/shared");
+    assert_eq!(
+        brig_e2e::dir_entries(&shared),
+        ["app1", "pod"],
+        "app2's share is gone"
+    );
+    assert!(
+        mounts_under(&shared.join("app2")).is_empty(),
+        "app2's binds are gone"
+    );
+    assert_eq!(state(test, "pod")["status"], "running");
+    assert_eq!(state(test, "app1")["status"], "running");
+    assert_eq!(brig_e2e::vmm_processes().len(), vmms_before + 1);
+
+    // A sandbox that does not exist, or is stopped, is one clear line and leaves nothing.
+    let orphan = base.join("orphan");
+    std::fs::create_dir_all(&orphan).unwrap();
+    bundle(&orphan, "true");
+    for (sandbox, words) in [("nosuch", "does not exist"), ("pod2", "is stopped")] {
+        if sandbox == "pod2" {
+            // A pod's sandbox container whose command exited: its microVM is kept for
+            // `delete`, but nothing can join it.
+            let dir = base.join("pod2");
+            std::fs::create_dir_all(&dir).unwrap();
+            bundle(&dir, "true");
+            set_pod(&dir, crio("sandbox", "pod2"), None, None);
+            let (_create, pid) = brig_create(test, &dir, "pod2", b"");
+            ok(test, &["start", "pod2"]);
+            assert_eq!(exit_code(pid), 0);
+            assert_eq!(brig_e2e::vmm_processes().len(), vmms_before + 2);
+        }
+        set_pod(&orphan, crio("container", sandbox), None, None);
+        let out = brig(test)
+            .args(["create", "--bundle"])
+            .arg(&orphan)
+            .arg("orphan")
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(err.contains(sandbox) && err.contains(words), "{err}");
+        assert!(err.contains("io.kubernetes.cri-o.SandboxID"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            !root.join("containers/orphan").exists(),
+            "a record of the refused container"
+        );
+    }
+    ok_reaping(test, &["delete", "pod2"], &[vmm_pid(test, "pod2")]);
+    assert_eq!(brig_e2e::vmm_processes().len(), vmms_before + 1);
+
+    // The pod's microVM outlives its sandbox container's command: the members run on.
+    ok(test, &["kill", "pod", "TERM"]);
+    assert_eq!(exit_code(sandbox_pid), 5);
+    assert_eq!(state(test, "pod")["status"], "stopped");
+    assert_eq!(state(test, "app1")["status"], "running");
+    let exec = brig(test)
+        .args(["exec", "--process"])
+        .arg(&process)
+        .arg("app1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(exec.status.code(), Some(4), "{}", text(&exec.stderr));
+
+    // The sandbox container goes only with its members: named, or deleted with --force.
+    let refused = brig(test).args(["delete", "pod"]).output().unwrap();
+    let err = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(125), "{err}");
+    assert!(err.contains("app1") && err.contains("--force"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(state(test, "app1")["status"], "running");
+    let keepers = [members[0].1];
+    let vmm = vmm_pid(test, "pod");
+    let statuses = ok_reaping(test, &["delete", "--force", "pod"], &[keepers[0], vmm]);
+    for (pid, status) in keepers.iter().zip(&statuses) {
+        assert!(
+            matches!(
+                status,
+                nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+            ),
+            "keeper {pid}: {status:?}"
+        );
+    }
+    reap_adopted();
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    assert!(
+        brig_e2e::dir_entries(&root.join("containers")).is_empty(),
+        "records left"
+    );
+    assert!(
+        brig_e2e::dir_entries(&root.join("sandboxes")).is_empty(),
+        "sandboxes left"
+    );
+    assert!(
+        brig_e2e::dir_entries(&root.join("v")).is_empty(),
+        "vsock links left"
+    );
+    assert!(
+        mounts_under(root).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(root)
+    );
+    assert!(
+        !Path::new("/sys/fs/cgroup/brige2e-pod/app1").exists(),
+        "the member's cgroup is left"
+    );
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/brige2e-pod");
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+/// A console socket at `path`, as conmon listens on one: the terminal master `brig create`
+/// sends, received on a thread and kept open (returned when the thread is joined).
+fn console_socket(path: &Path) -> std::thread::JoinHandle<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut name = [0u8; 256];
+        let mut iov = [std::io::IoSliceMut::new(&mut name)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        for cmsg in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the descriptor just arrived with the message: nothing else owns it.
+                return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+            }
+        }
+        panic!("no terminal master in the console socket's message");
+    })
+}
+
+#[test]
+fn a_pods_microvm_outlives_a_sandbox_container_that_had_a_terminal() {
+    let test = "oci-pod-tty";
+    become_subreaper();
+    let dir = scratch(test);
+    let vmms_before = brig_e2e::vmm_processes().len();
+    bundle(&dir, "echo up; sleep 1");
+    set_pod(&dir, crio("sandbox", "podtty"), None, None);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["process"]["terminal"] = true.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let socket = dir.join("console.sock");
+    let master = console_socket(&socket);
+    let pid_file = dir.join("pid");
+    // The keeper keeps create's stderr: a file, not a pipe to wait on.
+    let stderr = dir.join("stderr");
+    let created = brig(test)
+        .args(["create", "--bundle"])
+        .arg(&dir)
+        .arg("--console-socket")
+        .arg(&socket)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("podtty")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        created.success(),
+        "{}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    let master = master.join().unwrap();
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    ok(test, &["start", "podtty"]);
+    // The keeper, which held the terminal as its session's, exits with the command: the
+    // hangup that follows is not the microVM's, which stays for the pod.
+    assert_eq!(exit_code(pid), 0);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let vmm = vmm_pid(test, "podtty");
+    let stat = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
+    let vmm_state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+    assert!(
+        matches!(vmm_state, Some(s) if s != "Z"),
+        "the pod's microVM went with the keeper's terminal: {stat}"
+    );
+    assert_eq!(brig_e2e::vmm_processes().len(), vmms_before + 1);
+    drop(master);
+    ok_reaping(test, &["delete", "podtty"], &[vmm]);
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    std::fs::remove_dir_all(dir).unwrap();
 }
