@@ -791,10 +791,7 @@ impl Container {
         self.kill_owner();
         // Dead is enough (a zombie its parent has not reaped yet has left its cgroup and
         // holds nothing of the pod's).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.state.owner.is_some_and(|o| o.alive()) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(|| !self.state.owner.is_some_and(|o| o.alive())).await;
         let sandbox_id = &self.state.sandbox_id;
         if !sandbox::vm_processes(self.layout.root(), sandbox_id).is_empty() {
             match Sandbox::open(self.layout.root(), sandbox_id).await {
@@ -810,11 +807,7 @@ impl Container {
                 ),
             }
         }
-        let shared = self
-            .layout
-            .sandbox(sandbox_id)
-            .join("shared")
-            .join(&self.state.id);
+        let shared = sandbox::shared_dir(&self.layout.sandbox(sandbox_id)).join(&self.state.id);
         share::remove(&shared)?;
         if let Some(path) = self.bundle_cgroups_path() {
             crate::cgroup::remove_path(&path);
@@ -825,8 +818,13 @@ impl Container {
 
 /// Wait (up to 10 s) until every one of `processes` is gone from the process table.
 async fn wait_gone(processes: &[ProcessRef]) {
+    wait_until(|| processes.iter().all(|p| p.gone())).await;
+}
+
+/// Wait until `done` holds, checking every 10 ms, for at most 10 s.
+async fn wait_until(mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while processes.iter().any(|p| !p.gone()) && std::time::Instant::now() < deadline {
+    while !done() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

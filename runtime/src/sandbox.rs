@@ -437,7 +437,7 @@ impl Sandbox {
             .clone()
             .unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
         if spec.share {
-            let shared = dir.join("shared");
+            let shared = shared_dir(dir);
             std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir {
                 dir: shared.clone(),
                 source,
@@ -637,7 +637,7 @@ impl Sandbox {
 
     /// The host directory exported to the guest over virtio-fs, if the sandbox has one.
     pub fn share_dir(&self) -> Option<PathBuf> {
-        self.share.then(|| self.dir.join("shared"))
+        self.share.then(|| shared_dir(&self.dir))
     }
 
     /// The sandbox's state directory.
@@ -830,6 +830,12 @@ async fn kill_child(vmm: &mut tokio::process::Child) {
         }
     }
     let _ = vmm.wait().await;
+}
+
+/// The directory a sandbox in `dir` exports to its guest over virtio-fs (each container's
+/// root filesystem and volumes under `shared/<container ID>`).
+pub fn shared_dir(dir: &Path) -> PathBuf {
+    dir.join("shared")
 }
 
 /// Remove what is left of sandbox `id` under `root` from any process: kill its VMM if it

@@ -304,13 +304,7 @@ fn a_running_container_takes_signals_and_is_deleted_only_by_force() {
     ok(test, &["start", "forced"]);
     ok(test, &["delete", "--force", "forced"]);
     let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
-    assert!(
-        matches!(
-            status,
-            nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
-        ),
-        "the keeper: {status:?}"
-    );
+    assert_sigkilled("the keeper", &status);
     reap_adopted();
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
     assert!(
@@ -699,13 +693,7 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     let vmm = vmm_pid(test, "pod");
     let statuses = ok_reaping(test, &["delete", "--force", "pod"], &[keepers[0], vmm]);
     for (pid, status) in keepers.iter().zip(&statuses) {
-        assert!(
-            matches!(
-                status,
-                nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
-            ),
-            "keeper {pid}: {status:?}"
-        );
+        assert_sigkilled(&format!("keeper {pid}"), status);
     }
     reap_adopted();
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
@@ -817,4 +805,15 @@ fn a_pods_microvm_outlives_a_sandbox_container_that_had_a_terminal() {
     ok_reaping(test, &["delete", "podtty"], &[vmm]);
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `what` ended by SIGKILL (as `delete --force` ends a keeper).
+fn assert_sigkilled(what: &str, status: &nix::sys::wait::WaitStatus) {
+    assert!(
+        matches!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+        ),
+        "{what}: {status:?}"
+    );
 }
