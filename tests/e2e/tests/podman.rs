@@ -254,3 +254,108 @@ fn podman_pauses_unpauses_and_updates_a_container() {
     );
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
 }
+
+/// A free TCP port on the host, as the kernel picks one.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[test]
+fn podmans_own_networks_reach_containers_in_microvms_and_leave_nothing() {
+    let podman = Podman::new("podman-net");
+    podman.import_busybox();
+    let namespaces_before = dir_entries(std::path::Path::new("/run/netns"));
+    // A page, served by busybox httpd in the background of a shell that ends on SIGTERM.
+    let serve = |page: &str| {
+        format!(
+            "mkdir -p /www && echo {page} > /www/index.html && httpd -p 80 -h /www && \
+             trap 'exit 0' TERM && while true; do sleep 1; done"
+        )
+    };
+
+    // podman's default network (netavark's bridge `podman`), a published port: the guest has
+    // the address podman gave the container, and the host reaches its page on both.
+    let port = free_port();
+    let published = format!("{port}:80");
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        &published,
+        IMAGE,
+        "sh",
+        "-c",
+        &serve("hello-from-the-default-network"),
+    ]);
+    let ip = podman
+        .ok(&[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.IPAddress}}",
+            "web",
+        ])
+        .trim()
+        .to_string();
+    let guest = podman.ok(&["exec", "web", "ip", "-4", "-o", "addr", "show", "eth0"]);
+    let on_port = brig_e2e::net::http_get(
+        &format!("127.0.0.1:{port}"),
+        std::time::Duration::from_secs(60),
+    );
+    let on_ip = brig_e2e::net::http_get(&format!("{ip}:80"), std::time::Duration::from_secs(30));
+
+    // A network of the user's: a second container finds the first by name through podman's
+    // DNS (aardvark-dns on the network's gateway).
+    podman.ok(&["network", "create", "brignet"]);
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "named",
+        "--network",
+        "brignet",
+        IMAGE,
+        "sh",
+        "-c",
+        &serve("hello-by-name"),
+    ]);
+    let by_name = podman.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "brignet",
+        IMAGE,
+        "sh",
+        "-c",
+        // The DNS server may come up after the client: a few tries. (busybox's `wget -T`
+        // crashes, with runc as well.)
+        "for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://named/ && exit 0; sleep 2; done; \
+         nslookup named; exit 1",
+    ]);
+
+    podman.ok(&["rm", "-f", "web", "named"]);
+    podman.ok(&["network", "rm", "brignet"]);
+    let namespaces_after = dir_entries(std::path::Path::new("/run/netns"));
+    let _ = std::fs::remove_dir_all(&podman.storage);
+
+    assert!(
+        guest.contains(&format!("inet {ip}/")),
+        "the guest's eth0 has not podman's address {ip}: {guest}"
+    );
+    assert_eq!(on_port, "hello-from-the-default-network");
+    assert_eq!(on_ip, "hello-from-the-default-network");
+    assert!(
+        by_name.status.success(),
+        "a container on brignet did not reach `named`: {}{}",
+        text(&by_name.stdout),
+        text(&by_name.stderr)
+    );
+    assert_eq!(text(&by_name.stdout).trim(), "hello-by-name");
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+    assert_eq!(
+        namespaces_after, namespaces_before,
+        "network namespaces left"
+    );
+}
