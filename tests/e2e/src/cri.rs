@@ -313,3 +313,160 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> api::Conta
         ..Default::default()
     }
 }
+
+/// An interactive session through CRI's streaming server, as `kubectl exec -it` and `kubectl
+/// attach -it` reach it: a WebSocket speaking `v4.channel.k8s.io`, each message led by its
+/// channel: 0 stdin, 1 stdout, 2 stderr, 3 the session's final status, 4 a terminal size.
+pub struct Session {
+    ws: tungstenite::WebSocket<std::net::TcpStream>,
+    /// All that came on stdout and stderr so far.
+    pub output: Vec<u8>,
+    /// The final status (channel 3), once it came.
+    pub status: Option<String>,
+}
+
+impl Cri {
+    /// CRI Exec of `cmd` in container `id` with a terminal and stdin: the session.
+    pub fn exec_session(&self, id: &str, cmd: &[&str]) -> Session {
+        let mut rt = self.runtime.clone();
+        let url = self
+            .ok(
+                &format!("Exec {cmd:?}"),
+                rt.exec(api::ExecRequest {
+                    container_id: id.into(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    tty: true,
+                    stdin: true,
+                    stdout: true,
+                    stderr: false,
+                }),
+            )
+            .url;
+        Session::connect(&url)
+    }
+
+    /// CRI Attach to container `id` (made with `tty` and `stdin`): the session.
+    pub fn attach_session(&self, id: &str) -> Session {
+        let mut rt = self.runtime.clone();
+        let url = self
+            .ok(
+                "Attach",
+                rt.attach(api::AttachRequest {
+                    container_id: id.into(),
+                    tty: true,
+                    stdin: true,
+                    stdout: true,
+                    stderr: false,
+                }),
+            )
+            .url;
+        Session::connect(&url)
+    }
+}
+
+impl Session {
+    fn connect(url: &str) -> Self {
+        use tungstenite::client::IntoClientRequest;
+        let ws_url = url.replacen("http://", "ws://", 1);
+        let authority = ws_url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut request = ws_url
+            .as_str()
+            .into_client_request()
+            .unwrap_or_else(|e| panic!("streaming URL {url}: {e}"));
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "v4.channel.k8s.io".parse().unwrap(),
+        );
+        let tcp = std::net::TcpStream::connect(&authority)
+            .unwrap_or_else(|e| panic!("connecting to the streaming server {authority}: {e}"));
+        let (ws, _) = tungstenite::client::client(request, tcp)
+            .unwrap_or_else(|e| panic!("WebSocket handshake with {url}: {e}"));
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self {
+            ws,
+            output: Vec::new(),
+            status: None,
+        }
+    }
+
+    fn send_on(&mut self, channel: u8, bytes: &[u8]) {
+        let mut message = vec![channel];
+        message.extend_from_slice(bytes);
+        self.ws
+            .send(tungstenite::Message::binary(message))
+            .expect("a message to the streaming server");
+    }
+
+    /// Type `bytes` on the terminal.
+    pub fn type_in(&mut self, bytes: &[u8]) {
+        self.send_on(0, bytes);
+    }
+
+    /// The terminal is now `rows` x `cols`.
+    pub fn resize(&mut self, rows: u16, cols: u16) {
+        let size = format!("{{\"Width\":{cols},\"Height\":{rows}}}");
+        self.send_on(4, size.as_bytes());
+    }
+
+    /// Read for up to `within`; false once the session has ended.
+    pub fn pump(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Binary(data)) => match data.split_first() {
+                    Some((1 | 2, rest)) => self.output.extend_from_slice(rest),
+                    Some((3, rest)) => {
+                        self.status = Some(String::from_utf8_lossy(rest).into_owned())
+                    }
+                    _ => {}
+                },
+                Ok(tungstenite::Message::Close(_)) => return false,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// How often `needle` came so far.
+    pub fn seen(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.output)
+            .matches(needle)
+            .count()
+    }
+
+    /// Type `line` once a second until `needle` came `times` times or `within` passed.
+    pub fn type_until(&mut self, line: &[u8], needle: &str, times: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.seen(needle) < times {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} did not come {times} times: {:?}",
+                String::from_utf8_lossy(&self.output)
+            );
+            self.type_in(line);
+            if !self.pump(Duration::from_secs(1)) {
+                break;
+            }
+        }
+    }
+
+    /// Read until the session ends (or `within` passes): its final status.
+    pub fn finish(&mut self, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline && self.pump(Duration::from_millis(500)) {}
+        self.status.clone()
+    }
+}

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use brig_e2e::containerd::{Containerd, IMAGE};
-use brig_e2e::cri::{api, container_config, pod_config, Cri};
+use brig_e2e::cri::{api, container_config, pod_config, Cri, Session};
 use brig_e2e::processes_named;
 
 /// The runtime handler of `configs/containerd.toml` (a RuntimeClass's `handler`).
@@ -510,4 +510,56 @@ fn a_pod_under_a_systemd_slice_runs_in_its_scope_and_leaves_nothing() {
         assert_eq!(cgroup, want, "the {name}'s cgroup");
     }
     assert!(left.is_empty(), "cgroups left in the pod's slice: {left:?}");
+}
+
+/// A shell on a terminal: its terminal's name, then the terminal's size after each line it
+/// reads, until its input ends; it then exits 3.
+const ON_A_TERMINAL: &str = "tty; while read x; do stty size; done; echo done; exit 3";
+
+/// What a user at a terminal of 30x100 does, then one of 40x120: types a line until the
+/// shell prints each size; then ^D. All the session showed, and its final status.
+fn resize_and_type(session: &mut Session) -> (String, Option<String>) {
+    let within = Duration::from_secs(60);
+    session.resize(30, 100);
+    session.type_until(b"x\n", "30 100", 1, within);
+    session.resize(40, 120);
+    session.type_until(b"x\n", "40 120", 1, within);
+    session.type_in(b"\x04");
+    let status = session.finish(within);
+    (
+        String::from_utf8_lossy(&session.output).into_owned(),
+        status,
+    )
+}
+
+#[test]
+fn cri_exec_and_attach_on_a_terminal_follow_the_users_resizes() {
+    let (c, cri, logs) = cri_setup("cri-tty");
+    let config = pod_config("tty", &logs);
+    let pod = cri.run_pod(HANDLER, &config);
+    let mut shell = container_config("shell", IMAGE, &["sh", "-c", ON_A_TERMINAL]);
+    shell.tty = true;
+    shell.stdin = true;
+    let shell = cri.run_container(&pod, &config, shell);
+
+    // kubectl exec -it: a process of its own on a terminal of its own (ResizePty of an exec).
+    let mut exec = cri.exec_session(&shell, &["sh", "-c", ON_A_TERMINAL]);
+    let (seen, status) = resize_and_type(&mut exec);
+    assert!(seen.contains("/dev/pts/"), "exec: no terminal: {seen:?}");
+    assert!(seen.contains("done"), "exec: {seen:?}");
+    let status = status.unwrap_or_default();
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains("\"message\":\"3\""),
+        "exec: the exit code 3 is not in the final status {status:?}"
+    );
+
+    // kubectl attach -it: the container's own process (ResizePty of the task).
+    let mut attach = cri.attach_session(&shell);
+    let (seen, _) = resize_and_type(&mut attach);
+    assert!(seen.contains("done"), "attach: {seen:?}");
+    let exited = cri.wait_exited(&shell, Duration::from_secs(60));
+    assert_eq!(exited.exit_code, 3, "{exited:?}");
+
+    cri.remove_pod(&pod);
+    c.assert_clean();
 }
