@@ -57,16 +57,39 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // task1 puts 48 MiB in its /dev/shm (tmpfs: charged to its memory cgroup), then counts,
+    // a line each 0.2 s, into a log file on the host.
+    let log = c.dir.join("task1.log");
+    let log_uri = format!("file://{}", log.display());
     c.ok(&[
         "run",
         "-d",
+        "--log-uri",
+        &log_uri,
         "--runtime",
         RUNTIME,
         IMAGE,
         "task1",
-        "sleep",
-        "600",
+        "sh",
+        "-c",
+        "head -c 50331648 /dev/zero > /dev/shm/fill && echo filled; \
+         i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done",
     ]);
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "task1 did not fill its 48 MiB and count: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let tasks = c.ok(&["task", "ls"]);
     assert!(
         tasks
@@ -115,6 +138,17 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
         metrics.contains("memory.usage") && metrics.contains("pids.current"),
         "metrics: {metrics}"
     );
+    // The memory the guest's cgroup counts: within 20 % of the 48 MiB the task allocated.
+    let usage: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("memory.usage "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no memory.usage in {metrics}"));
+    let allocated = 48.0 * 1024.0 * 1024.0;
+    assert!(
+        (usage - allocated).abs() <= 0.2 * allocated,
+        "memory.usage {usage} is not within 20 % of the {allocated} bytes task1 allocated: {metrics}"
+    );
     let pids = c.ok(&["task", "ps", "task1"]);
     assert!(pids.lines().count() >= 2, "ctr task ps: {pids}");
     c.ok(&["task", "pause", "task1"]);
@@ -125,7 +159,20 @@ fn a_detached_task_execs_reports_stats_and_is_killed_and_deleted() {
             .any(|l| l.starts_with("task1") && l.contains("PAUSED")),
         "ctr task ls after pause: {tasks}"
     );
+    // A paused task makes no progress (after a second for lines already on their way);
+    // once resumed, it counts on.
+    std::thread::sleep(Duration::from_secs(1));
+    let paused_at = lines();
+    std::thread::sleep(Duration::from_secs(2));
+    let paused_after = lines();
     c.ok(&["task", "resume", "task1"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let resumed_after = lines();
+    assert_eq!(paused_at, paused_after, "task1 counted while paused");
+    assert!(
+        resumed_after > paused_after,
+        "task1 did not count on after resume ({resumed_after} lines)"
+    );
     // (ctr 1.6 has no `task update`: Update has no test through containerd yet.)
     c.ok(&["task", "kill", "-s", "SIGKILL", "task1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
