@@ -19,7 +19,9 @@ pub fn run(args: PortArgs, layout: &Layout) -> anyhow::Result<u8> {
         .map(|cni| cni.ports)
         .unwrap_or_default();
     for port in ports {
-        println!("{port}");
+        if !crate::outln!("{port}")? {
+            break;
+        }
     }
     Ok(0)
 }

@@ -453,7 +453,8 @@ fn detach(id: &str) -> anyhow::Result<u8> {
         let _ = std::io::BufReader::new(out).read_line(&mut line);
     }
     if line.trim() == format!("started {id}") {
-        println!("{id}");
+        // The container runs on whether or not anyone still reads its ID.
+        crate::outln!("{id}")?;
         return Ok(0);
     }
     let mut err = String::new();
@@ -747,8 +748,9 @@ impl Run<'_> {
         match &self.output {
             Output::User { logs, .. } => relay::relay(stdio, logs.as_deref()).await,
             Output::Logs(dir) => {
-                // Tell the waiting `brig run -d` we are up, then stop writing to it.
-                println!("started {id}");
+                // Tell the waiting `brig run -d` we are up, then stop writing to it. A
+                // waiter that is gone (killed meanwhile) must not take the container along.
+                let _ = crate::outln!("started {id}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
                 relay::detach_stdio();
                 relay::to_logs(stdio, dir).await;
