@@ -3,10 +3,11 @@
 //!
 //! A pod's sandbox container goes with its microVM, so only once the containers that joined
 //! it are deleted (as CRI-O and runc-like engines do it): otherwise the error names them, and
-//! `--force` deletes them too. Deleting a member leaves the microVM running.
+//! `--force` deletes them too (each with its poststop hooks). Deleting a member leaves the
+//! microVM running.
 
 use brig_runtime::container::Container;
-use brig_runtime::state::{Layout, Status};
+use brig_runtime::state::{ContainerState, Layout, Status};
 
 /// Arguments of `brig delete`.
 #[derive(clap::Args, Debug)]
@@ -28,23 +29,40 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
         args.id,
         status.as_str()
     );
-    let mut state = container.state().clone();
+    let state = container.state().clone();
+    // The members a forced delete of a pod's sandbox container takes along are deleted
+    // first, and get their poststop hooks first.
+    let mut deleted: Vec<ContainerState> = if args.force {
+        brig_runtime::pod::members(layout, &state.id, &state.sandbox_id)
+            .iter()
+            .filter_map(|id| layout.load(id).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    deleted.push(state);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(container.delete(true, args.force))?;
-    // poststop hooks from the bundle's config, now that the container is gone; a failing one
-    // is a warning (the spec's rule): the container stays deleted.
-    if let Some(bundle) = state.bundle.clone() {
-        state.status = Status::Stopped;
-        let hooks = brig_runtime::spec::load_target(&bundle)
-            .ok()
-            .and_then(|target| target.spec.hooks().clone());
-        let document = crate::state::document(&state);
-        if let Err(e) = crate::hooks::run(hooks.as_ref(), crate::hooks::Moment::Deleted, &document)
-        {
-            eprintln!("brig: warning: {e:#}");
-        }
+    for state in deleted {
+        poststop(state);
     }
     Ok(0)
+}
+
+/// The poststop hooks from a deleted container's bundle config; a failing one is a warning
+/// (the spec's rule): the container stays deleted.
+fn poststop(mut state: ContainerState) {
+    let Some(bundle) = state.bundle.clone() else {
+        return;
+    };
+    state.status = Status::Stopped;
+    let hooks = brig_runtime::spec::load_target(&bundle)
+        .ok()
+        .and_then(|target| target.spec.hooks().clone());
+    let document = crate::state::document(&state);
+    if let Err(e) = crate::hooks::run(hooks.as_ref(), crate::hooks::Moment::Deleted, &document) {
+        eprintln!("brig: warning: {e:#}");
+    }
 }

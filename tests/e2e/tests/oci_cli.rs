@@ -528,6 +528,7 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     assert_eq!(sandbox_out[3], "ready", "{sandbox_out:?}");
     let (boot_id, ipc) = (sandbox_out[0].clone(), sandbox_out[2].clone());
 
+    let app1_poststop = base.join("app1-poststop.json");
     // Two containers join it, in its IPC and UTS namespaces (app2 names the pinned IPC
     // namespace, as CRI-O does); the first in a cgroup of its own.
     let mut members = Vec::new();
@@ -536,6 +537,13 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
         std::fs::create_dir_all(&dir).unwrap();
         bundle(&dir, script);
         set_pod(&dir, crio("container", "pod"), Some(sandbox_pid), cgroup);
+        if id == "app1" {
+            // Deleted along with the sandbox by `--force`: its poststop hook runs still.
+            set_hooks(
+                &dir,
+                serde_json::json!({"poststop": [saving_hook(&app1_poststop)]}),
+            );
+        }
         if id == "app2" {
             let path = dir.join("config.json");
             let text = std::fs::read_to_string(&path).unwrap();
@@ -695,6 +703,11 @@ fn a_pods_containers_join_the_microvm_of_its_sandbox_container_as_crio_names_it(
     for (pid, status) in keepers.iter().zip(&statuses) {
         assert_sigkilled(&format!("keeper {pid}"), status);
     }
+    assert_eq!(
+        saved_status(&app1_poststop).as_deref(),
+        Some("app1 stopped"),
+        "the poststop hook of a member deleted with the sandbox"
+    );
     reap_adopted();
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
     assert!(
