@@ -231,9 +231,9 @@ fn keep(
         .and_then(|m| m.limit())
         .and_then(|l| u64::try_from(l).ok());
     let mut spec = target.spec;
-    // Hooks run here on the host (see `hooks`); the guest never sees them.
+    // The host's hooks run here (see `hooks`); the guest gets only the startContainer
+    // hooks (brig_runtime::spec::guest_hooks).
     let hooks = spec.hooks().clone();
-    spec.set_hooks(None);
     // An engine's bind mounts of host files (podman's /etc/hosts, /etc/resolv.conf, `-v`)
     // reach the guest through the share.
     let volumes = Volume::take_host_binds(&mut spec);
@@ -250,6 +250,7 @@ fn keep(
         rootfs: target.rootfs,
         volumes,
         stdin: true,
+        bundle: Some(bundle.clone()),
     };
     let run = Run {
         layout: &layout,
