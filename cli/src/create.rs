@@ -271,6 +271,7 @@ fn keep(
             pid_file: args.pid_file.map(std::path::absolute).transpose()?,
             ready: std::sync::Mutex::new(Some(ready)),
             hooks,
+            netns: sandbox_spec.netns.clone(),
         }),
         image: None,
     };
@@ -285,6 +286,9 @@ pub(crate) struct StartGate {
     ready: std::sync::Mutex<Option<std::fs::File>>,
     /// The config's hooks, run on the host at their moments.
     hooks: Option<oci_spec::runtime::Hooks>,
+    /// The network namespace the microVM's VMM runs in, if the spec names one: where
+    /// createContainer hooks run.
+    netns: Option<PathBuf>,
 }
 
 impl StartGate {
@@ -296,10 +300,13 @@ impl StartGate {
         state: &brig_runtime::state::ContainerState,
     ) -> anyhow::Result<()> {
         let hooks = self.hooks.clone();
+        let netns = self.netns.clone();
         let document = crate::state::document(state);
-        tokio::task::spawn_blocking(move || crate::hooks::run(hooks.as_ref(), moment, &document))
-            .await
-            .context("running hooks")?
+        tokio::task::spawn_blocking(move || {
+            crate::hooks::run(hooks.as_ref(), moment, &document, netns.as_deref())
+        })
+        .await
+        .context("running hooks")?
     }
 
     /// The container exists: make the start FIFO, write the PID file, tell `create`, and
