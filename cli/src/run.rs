@@ -739,6 +739,12 @@ impl Run<'_> {
             }
         }
         if let Err(e) = record.start(sandbox).await {
+            if self.gate.is_some() {
+                // `brig start` waits for the record to leave `created`, and a record that is
+                // gone is a start that failed. Gone before the microVM ends, or it would read
+                // as stopped: a start that ran (a startContainer hook refused it, say).
+                let _ = self.layout.remove_container(id);
+            }
             return Err(vm_gone(sandbox, e.into()).await);
         }
         if let Some(gate) = &self.gate {

@@ -556,7 +556,8 @@ fn container_hooks_run_on_the_host_in_the_vmms_network_and_in_the_guest_before_t
     let mut lines = out.lines();
     assert_eq!(
         lines.next(),
-        Some("start-hook one from-hook uid=1000"),
+        // (a script's $0 is its path: the kernel starts `sh /hooks/start.sh one`)
+        Some("/hooks/start.sh one from-hook uid=1000"),
         "stdout: {out}\nstderr: {err}"
     );
     let state: serde_json::Value =
@@ -573,7 +574,9 @@ fn container_hooks_run_on_the_host_in_the_vmms_network_and_in_the_guest_before_t
 
     assert!(
         !start.status.success(),
-        "start of a refused container succeeded"
+        "start of a refused container succeeded: {}\nkeeper's stdout: {refused_out}\n\
+         keeper's stderr: {refused_err}",
+        text(&start.stderr)
     );
     assert!(
         text(&start.stderr).contains("failed to start"),
