@@ -329,6 +329,7 @@ fn container_config(args: &Args, volume: &Path) -> Result<ContainerConfig> {
             read_only: false,
         }],
         stdin: false,
+        bundle: None,
     })
 }
 

@@ -139,6 +139,7 @@ async fn brig_run(
         rootfs: target.rootfs,
         volumes: vec![],
         stdin: false,
+        bundle: None,
     };
     // The same calls, in the same order, as `brig run --rm` makes.
     let sandbox_spec = SandboxSpec::pod_of_one(id.clone(), config, &container.spec);

@@ -231,9 +231,9 @@ fn keep(
         .and_then(|m| m.limit())
         .and_then(|l| u64::try_from(l).ok());
     let mut spec = target.spec;
-    // Hooks run here on the host (see `hooks`); the guest never sees them.
+    // The host's hooks run here (see `hooks`); the guest gets only the startContainer
+    // hooks (brig_runtime::spec::guest_hooks).
     let hooks = spec.hooks().clone();
-    spec.set_hooks(None);
     // An engine's bind mounts of host files (podman's /etc/hosts, /etc/resolv.conf, `-v`)
     // reach the guest through the share.
     let volumes = Volume::take_host_binds(&mut spec);
@@ -250,6 +250,7 @@ fn keep(
         rootfs: target.rootfs,
         volumes,
         stdin: true,
+        bundle: Some(bundle.clone()),
     };
     let run = Run {
         layout: &layout,
@@ -270,6 +271,7 @@ fn keep(
             pid_file: args.pid_file.map(std::path::absolute).transpose()?,
             ready: std::sync::Mutex::new(Some(ready)),
             hooks,
+            netns: sandbox_spec.netns.clone(),
         }),
         image: None,
     };
@@ -284,6 +286,9 @@ pub(crate) struct StartGate {
     ready: std::sync::Mutex<Option<std::fs::File>>,
     /// The config's hooks, run on the host at their moments.
     hooks: Option<oci_spec::runtime::Hooks>,
+    /// The network namespace the microVM's VMM runs in, if the spec names one: where
+    /// createContainer hooks run.
+    netns: Option<PathBuf>,
 }
 
 impl StartGate {
@@ -295,10 +300,13 @@ impl StartGate {
         state: &brig_runtime::state::ContainerState,
     ) -> anyhow::Result<()> {
         let hooks = self.hooks.clone();
+        let netns = self.netns.clone();
         let document = crate::state::document(state);
-        tokio::task::spawn_blocking(move || crate::hooks::run(hooks.as_ref(), moment, &document))
-            .await
-            .context("running hooks")?
+        tokio::task::spawn_blocking(move || {
+            crate::hooks::run(hooks.as_ref(), moment, &document, netns.as_deref())
+        })
+        .await
+        .context("running hooks")?
     }
 
     /// The container exists: make the start FIFO, write the PID file, tell `create`, and

@@ -62,7 +62,12 @@ fn poststop(mut state: ContainerState) {
         .ok()
         .and_then(|target| target.spec.hooks().clone());
     let document = crate::state::document(&state);
-    if let Err(e) = crate::hooks::run(hooks.as_ref(), crate::hooks::Moment::Deleted, &document) {
+    if let Err(e) = crate::hooks::run(
+        hooks.as_ref(),
+        crate::hooks::Moment::Deleted,
+        &document,
+        None,
+    ) {
         eprintln!("brig: warning: {e:#}");
     }
 }

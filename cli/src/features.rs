@@ -12,9 +12,16 @@ pub fn document() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": format!("{VERSION_MAJOR}.{VERSION_MINOR}.{VERSION_PATCH}"),
-        // The hooks that run on the host (see `hooks`); the container's namespaces are in
-        // the microVM, so createContainer and startContainer are not among them.
-        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
+        // Every hook of the spec (see `hooks` for where each runs: startContainer in the
+        // microVM, the others on the host).
+        "hooks": [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop"
+        ],
         "mountOptions": MOUNT_OPTIONS,
         "linux": {
             "namespaces": NAMESPACES,
@@ -52,10 +59,15 @@ mod tests {
     fn the_document_has_the_specs_shape() {
         let doc = super::document();
         assert_eq!(doc["ociVersionMin"], "1.0.0");
-        assert!(!doc["hooks"]
-            .as_array()
-            .unwrap()
-            .contains(&"createContainer".into()));
+        let hooks = doc["hooks"].as_array().unwrap();
+        for hook in [
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststop",
+        ] {
+            assert!(hooks.contains(&hook.into()), "{hook}");
+        }
         assert!(doc["mountOptions"]
             .as_array()
             .unwrap()

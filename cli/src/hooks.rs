@@ -2,14 +2,27 @@
 //! as JSON on stdin, its own `args` (the first is its argv[0]) and `env` (none given: ours),
 //! and a `timeout` in seconds after which it is killed.
 //!
-//! The hooks that run in the runtime's namespaces run on the host: `prestart` (deprecated) and
-//! `createRuntime` once the container is created (a failure stops it: `create` fails),
-//! `poststart` once it started and `poststop` once it is deleted (a failure there is a
-//! warning). `createContainer` and `startContainer` would run in the container's namespaces,
-//! which are in the microVM where the hook's binary is not: a config with them is refused.
+//! Where each runs, mapped onto a microVM as Kata Containers maps them:
+//! - On the host, whose paths they name: `prestart` (deprecated) and `createRuntime` once the
+//!   container is created, then `createContainer`; a failure stops the container (`create`
+//!   fails and leaves nothing). `poststart` once it started and `poststop` once it is deleted;
+//!   a failure there is a warning.
+//! - `createContainer` is meant for the container's namespaces, but those are in the
+//!   microVM, where a host binary cannot run. It runs on the host in the network namespace the
+//!   microVM's VMM runs in, which is where the container's traffic leaves the host: the one
+//!   the spec names (an engine's, made with CNI), entered with setns(2) between fork and exec;
+//!   with none named (the guest then has loopback only) the VMM and the hook stay in ours.
+//! - `startContainer` names a path in the container's root filesystem: the guest's agent
+//!   runs it in the container's namespaces, as the container's user, after `start` and right
+//!   before the command (see `brig_runtime::spec::guest_hooks`, which keeps only those in the
+//!   spec the guest gets, and the agent's container init). Its failure is `start`'s: the
+//!   command never runs.
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +35,8 @@ const MAX_OUTPUT: u64 = 4096;
 /// The moments of a container's life at which the host runs hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moment {
-    /// After create, before `create` returns: `prestart` then `createRuntime`.
+    /// After create, before `create` returns: `prestart`, `createRuntime`, then
+    /// `createContainer`.
     Created,
     /// After the process started: `poststart`.
     Started,
@@ -30,28 +44,44 @@ pub enum Moment {
     Deleted,
 }
 
-/// Refuse hooks Brig cannot run where the spec says they run.
+/// Refuse hooks the spec does not allow, before anything exists: a hook's path must be
+/// absolute (on the host, or in the container's root filesystem for `startContainer`, whose
+/// further limits the guest's agent checks when the container is created).
 pub fn check(spec: &Spec) -> anyhow::Result<()> {
     let Some(hooks) = spec.hooks() else {
         return Ok(());
     };
-    for (name, list) in [
+    #[allow(deprecated)]
+    let lists = [
+        ("prestart", hooks.prestart()),
+        ("createRuntime", hooks.create_runtime()),
         ("createContainer", hooks.create_container()),
         ("startContainer", hooks.start_container()),
-    ] {
-        anyhow::ensure!(
-            list.as_ref().is_none_or(Vec::is_empty),
-            "hooks.{name}: hooks that run in the container's namespaces are not supported \
-             (the container is in a microVM, its hook binaries on the host); use \
-             createRuntime or poststart hooks, which run on the host"
-        );
+        ("poststart", hooks.poststart()),
+        ("poststop", hooks.poststop()),
+    ];
+    for (name, list) in lists {
+        for (i, hook) in list.iter().flatten().enumerate() {
+            anyhow::ensure!(
+                hook.path().is_absolute(),
+                "hooks.{name}[{i}]: path {} is not absolute (the OCI runtime spec requires \
+                 an absolute path)",
+                hook.path().display()
+            );
+        }
     }
     Ok(())
 }
 
-/// Run the hooks of `moment` in order with `state` on stdin. The first failure ends the run
-/// and is the error.
-pub fn run(hooks: Option<&Hooks>, moment: Moment, state: &serde_json::Value) -> anyhow::Result<()> {
+/// Run the hooks of `moment` in order with `state` on stdin; `createContainer` hooks in the
+/// network namespace `netns` when given (see the module's documentation). The first failure
+/// ends the run and is the error.
+pub fn run(
+    hooks: Option<&Hooks>,
+    moment: Moment,
+    state: &serde_json::Value,
+    netns: Option<&Path>,
+) -> anyhow::Result<()> {
     let Some(hooks) = hooks else {
         return Ok(());
     };
@@ -60,22 +90,47 @@ pub fn run(hooks: Option<&Hooks>, moment: Moment, state: &serde_json::Value) -> 
         Moment::Created => vec![
             ("prestart", hooks.prestart()),
             ("createRuntime", hooks.create_runtime()),
+            ("createContainer", hooks.create_container()),
         ],
         Moment::Started => vec![("poststart", hooks.poststart())],
         Moment::Deleted => vec![("poststop", hooks.poststop())],
     };
     let input = serde_json::to_vec(state)?;
     for (name, list) in lists {
+        let in_netns = match netns {
+            Some(path) if name == "createContainer" && list.iter().flatten().next().is_some() => {
+                Some(File::open(path).with_context(|| {
+                    format!(
+                        "hooks.{name}: opening the network namespace {}",
+                        path.display()
+                    )
+                })?)
+            }
+            _ => None,
+        };
         for (i, hook) in list.iter().flatten().enumerate() {
-            run_one(hook, &input)
+            run_one(hook, &input, in_netns.as_ref())
                 .with_context(|| format!("hooks.{name}[{i}] ({})", hook.path().display()))?;
         }
     }
     Ok(())
 }
 
-fn run_one(hook: &Hook, input: &[u8]) -> anyhow::Result<()> {
+fn run_one(hook: &Hook, input: &[u8], netns: Option<&File>) -> anyhow::Result<()> {
     let mut cmd = Command::new(hook.path());
+    if let Some(netns) = netns {
+        let fd = netns.as_raw_fd();
+        // SAFETY: setns(2) is a single async-signal-safe system call on a descriptor that
+        // stays open (borrowed from the caller) until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if let Some(args) = hook.args() {
         if let Some((first, rest)) = args.split_first() {
             cmd.arg0(first).args(rest);
@@ -168,7 +223,7 @@ mod tests {
             out.display()
         ));
         let state = serde_json::json!({"id": "c1", "status": "created"});
-        run(Some(&hooks), Moment::Created, &state).unwrap();
+        run(Some(&hooks), Moment::Created, &state, None).unwrap();
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
             r#"{"id":"c1","status":"created"} first 1"#.to_string() + "\nsecond\n"
@@ -182,7 +237,7 @@ mod tests {
         let failing = hooks(
             r#"{"poststop":[{"path":"/bin/sh","args":["sh","-c","echo no way >&2; exit 4"]}]}"#,
         );
-        let err = run(Some(&failing), Moment::Deleted, &state).unwrap_err();
+        let err = run(Some(&failing), Moment::Deleted, &state, None).unwrap_err();
         let err = format!("{err:#}");
         assert!(err.starts_with("hooks.poststop[0] (/bin/sh)"), "{err}");
         assert!(
@@ -195,7 +250,7 @@ mod tests {
         let started = Instant::now();
         let err = format!(
             "{:#}",
-            run(Some(&slow), Moment::Started, &state).unwrap_err()
+            run(Some(&slow), Moment::Started, &state, None).unwrap_err()
         );
         assert!(err.contains("timeout of 1 s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -203,7 +258,7 @@ mod tests {
         let missing = hooks(r#"{"createRuntime":[{"path":"/no/such/hook"}]}"#);
         let err = format!(
             "{:#}",
-            run(Some(&missing), Moment::Created, &state).unwrap_err()
+            run(Some(&missing), Moment::Created, &state, None).unwrap_err()
         );
         assert!(
             err.contains("/no/such/hook") && err.contains("cannot start it"),
@@ -212,14 +267,68 @@ mod tests {
     }
 
     #[test]
-    fn hooks_in_the_containers_namespaces_are_refused() {
+    fn every_kind_of_hook_is_accepted_with_an_absolute_path_only() {
         let mut spec = Spec::default();
-        spec.set_hooks(Some(hooks(r#"{"createContainer":[{"path":"/bin/true"}]}"#)));
-        let err = check(&spec).unwrap_err().to_string();
-        assert!(err.starts_with("hooks.createContainer"), "{err}");
         spec.set_hooks(Some(hooks(
-            r#"{"createRuntime":[{"path":"/bin/true"}],"startContainer":[]}"#,
+            r#"{"createRuntime":[{"path":"/bin/true"}],"createContainer":[{"path":"/bin/true"}],
+                "startContainer":[{"path":"/in/the/rootfs"}]}"#,
         )));
         check(&spec).unwrap();
+        spec.set_hooks(Some(hooks(
+            r#"{"startContainer":[{"path":"/a"},{"path":"bin/hook"}]}"#,
+        )));
+        let err = check(&spec).unwrap_err().to_string();
+        assert!(
+            err.starts_with("hooks.startContainer[1]: path bin/hook is not absolute"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn create_container_hooks_run_after_create_runtime_in_the_network_namespace_given() {
+        let dir = std::env::temp_dir().join(format!("brig-hooks-netns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let hooks = hooks(&format!(
+            r#"{{"createContainer":[{{"path":"/bin/sh","args":["sh","-c","echo container $(readlink /proc/self/ns/net) >> {0}"]}}],
+                 "createRuntime":[{{"path":"/bin/sh","args":["sh","-c","echo runtime >> {0}"]}}]}}"#,
+            out.display()
+        ));
+        let state = serde_json::json!({"id": "c1"});
+        // Our own namespace stands for the VMM's: setns into it is allowed to root and to
+        // nobody else, and it is the one the hook must report.
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let result = run(
+            Some(&hooks),
+            Moment::Created,
+            &state,
+            Some(Path::new("/proc/self/ns/net")),
+        );
+        let written = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        if nix::unistd::geteuid().is_root() {
+            result.unwrap();
+            assert_eq!(written, format!("runtime\ncontainer {}\n", ours.display()));
+        } else {
+            let err = format!("{:#}", result.unwrap_err());
+            assert!(
+                err.starts_with("hooks.createContainer[0] (/bin/sh)"),
+                "{err}"
+            );
+            assert_eq!(written, "runtime\n");
+        }
+
+        let missing = super::tests::hooks(r#"{"createContainer":[{"path":"/bin/true"}]}"#);
+        let err = run(
+            Some(&missing),
+            Moment::Created,
+            &state,
+            Some(Path::new("/no/such/netns")),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("opening the network namespace /no/such/netns"),
+            "{err:#}"
+        );
     }
 }

@@ -375,12 +375,18 @@ fn run_target(
         "-p and -P publish ports of the bridge network: drop them or use --network bridge"
     );
     let resolv_conf = (network != "none" || !args.dns.is_empty()).then(|| resolv_conf(&args.dns));
+    // A bundle's startContainer hooks read its path in their state.
+    let bundle = target
+        .bundle
+        .then(|| std::path::absolute(&args.target).ok())
+        .flatten();
     let container = ContainerConfig {
         id: id.clone(),
         spec: target.spec,
         rootfs: target.rootfs,
         volumes,
         stdin: args.interactive && !args.detach,
+        bundle,
     };
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(&id);
@@ -733,6 +739,12 @@ impl Run<'_> {
             }
         }
         if let Err(e) = record.start(sandbox).await {
+            if self.gate.is_some() {
+                // `brig start` waits for the record to leave `created`, and a record that is
+                // gone is a start that failed. Gone before the microVM ends, or it would read
+                // as stopped: a start that ran (a startContainer hook refused it, say).
+                let _ = self.layout.remove_container(id);
+            }
             return Err(vm_gone(sandbox, e.into()).await);
         }
         if let Some(gate) = &self.gate {

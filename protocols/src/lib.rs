@@ -30,5 +30,11 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The agent API version reported in `VersionResponse.api_version`.
 pub const AGENT_API_VERSION: u32 = 4;
 
+/// The annotation the host adds to a container's spec when it has `startContainer` hooks:
+/// the bundle's path on the host, which those hooks read in the state on their stdin (they
+/// run in the guest, which has no bundle of its own). The agent leaves it out of the
+/// annotations the hooks see.
+pub const BUNDLE_ANNOTATION: &str = "io.brig.bundle";
+
 pub mod features;
 pub mod vsock_self_test;

@@ -120,6 +120,8 @@ pub struct ContainerConfig {
     pub volumes: Vec<Volume>,
     /// Open a stdin stream.
     pub stdin: bool,
+    /// The OCI bundle the spec came from, if any: the state its guest hooks read names it.
+    pub bundle: Option<PathBuf>,
 }
 
 /// The stdio streams of a process, connected by the agent. With a terminal, `stdout`
@@ -865,6 +867,7 @@ pub fn share_container(
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));
+    oci::guest_hooks(&mut spec, config.bundle.as_deref());
     // The guest's network namespace is the sandbox's network (the pod's, through its TAP,
     // or loopback only): every container of the sandbox shares it, as a pod's containers
     // share the pause container's, instead of an empty one of its own.

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxSeccomp, Process,
-    Spec, UserBuilder,
+    HooksBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
+    LinuxSeccomp, Process, Spec, UserBuilder,
 };
 
 /// Errors building a spec.
@@ -263,9 +263,73 @@ pub fn load_seccomp(path: &Path) -> Result<LinuxSeccomp, SpecError> {
         .map_err(|e| SpecError::Invalid(format!("seccomp profile {}: {e}", path.display())))
 }
 
+/// Make `spec`'s hooks what the guest runs: only `startContainer`, whose paths are in the
+/// container's root filesystem and which run in its namespaces, in the microVM. The others
+/// run on the host (their binaries are there), so the guest never sees them. With
+/// `startContainer` hooks, the bundle's host path goes along in the annotation
+/// [`brig_protocols::BUNDLE_ANNOTATION`] for the state those hooks read.
+pub fn guest_hooks(spec: &mut Spec, bundle: Option<&Path>) {
+    let start = spec
+        .hooks()
+        .as_ref()
+        .and_then(|h| h.start_container().clone())
+        .filter(|list| !list.is_empty());
+    let Some(start) = start else {
+        spec.set_hooks(None);
+        return;
+    };
+    spec.set_hooks(Some(
+        HooksBuilder::default()
+            .start_container(start)
+            .build()
+            .unwrap_or_default(),
+    ));
+    if let Some(bundle) = bundle {
+        spec.annotations_mut()
+            .get_or_insert_with(Default::default)
+            .insert(
+                brig_protocols::BUNDLE_ANNOTATION.to_string(),
+                bundle.display().to_string(),
+            );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_gets_only_start_container_hooks_and_the_bundle_they_need() {
+        let mut spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","annotations":{"a":"1"},"hooks":{
+                "prestart":[{"path":"/host/prestart"}],
+                "createRuntime":[{"path":"/host/runtime"}],
+                "createContainer":[{"path":"/host/container"}],
+                "startContainer":[{"path":"/bin/in-rootfs","args":["x","1"],"timeout":3}],
+                "poststart":[{"path":"/host/poststart"}],
+                "poststop":[{"path":"/host/poststop"}]}}"#,
+        )
+        .unwrap();
+        guest_hooks(&mut spec, Some(Path::new("/b/undle")));
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            json["hooks"],
+            serde_json::json!({"startContainer":[{"path":"/bin/in-rootfs","args":["x","1"],"timeout":3}]})
+        );
+        assert_eq!(
+            json["annotations"],
+            serde_json::json!({"a":"1", brig_protocols::BUNDLE_ANNOTATION: "/b/undle"})
+        );
+
+        // Without startContainer hooks the guest gets no hooks and no extra annotation.
+        let mut spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","hooks":{"createRuntime":[{"path":"/h"}],"startContainer":[]}}"#,
+        )
+        .unwrap();
+        guest_hooks(&mut spec, Some(Path::new("/b")));
+        assert!(spec.hooks().is_none());
+        assert!(spec.annotations().is_none());
+    }
 
     #[test]
     fn overrides_land_in_the_spec() {

@@ -521,7 +521,9 @@ impl Service {
         let netns = network_namespace(&spec);
         let (spec, volumes) = guest_spec(spec, join);
         let result = self
-            .create_in_pod(&mut pod, &config, &id, spec, rootfs, volumes, &paths, netns)
+            .create_in_pod(
+                &mut pod, &config, &id, spec, rootfs, volumes, &paths, netns, &bundle,
+            )
             .await;
         let (container, relay) = match result {
             Ok(ok) => ok,
@@ -591,6 +593,7 @@ impl Service {
         volumes: Vec<Volume>,
         paths: &StdioPaths,
         netns: Option<PathBuf>,
+        bundle: &Path,
     ) -> TtrpcResult<(Container, Relay)> {
         let inner = &self.inner;
         if pod.sandbox.is_none() {
@@ -638,6 +641,7 @@ impl Service {
                     rootfs,
                     volumes,
                     stdin: !paths.stdin.is_empty(),
+                    bundle: Some(bundle.to_path_buf()),
                 },
             )
             .await;

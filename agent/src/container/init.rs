@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use nix::sched::CloneFlags;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use super::hooks::{self, HookContext};
 use super::spec::{FailureCode, InitConfig, InitMode, InitReport};
 use super::{credentials, mounts, seccomp, userns};
 
@@ -192,6 +193,9 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
         seccomp::install(&filters)
             .map_err(|err| internal(format!("cannot install the seccomp profile: {err}")))?;
     }
+    if let Some(context) = &config.hooks {
+        run_start_hooks(spec, context, &env)?;
+    }
     let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = c_env.iter().map(|e| e.as_ptr()).collect();
@@ -200,6 +204,19 @@ fn run(status: &mut File) -> Result<Infallible, Failure> {
     unsafe { libc::execve(c_path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
     let err = std::io::Error::last_os_error();
     Err(exec_failure(&command, &err))
+}
+
+/// The spec's `startContainer` hooks, here in the container as its user, right before its
+/// command (see `hooks`). A failure is the start's: also told on the container's stderr,
+/// where its own output would have gone.
+fn run_start_hooks(spec: &Spec, context: &HookContext, env: &[String]) -> Result<(), Failure> {
+    let state = context.state(spec.version(), std::process::id().try_into().unwrap_or(0));
+    let state = serde_json::to_vec(&state)
+        .map_err(|err| internal(format!("cannot write the hooks' state: {err}")))?;
+    hooks::run(hooks::start_hooks(spec), &state, env).map_err(|message| {
+        let _ = std::io::stderr().write_all(format!("brig: {message}\n").as_bytes());
+        internal(message)
+    })
 }
 
 fn exec_failure(command: &str, err: &std::io::Error) -> Failure {

@@ -9,6 +9,7 @@
 mod cgroup;
 mod credentials;
 mod devices;
+mod hooks;
 pub mod init;
 mod mounts;
 mod process;
@@ -185,6 +186,7 @@ impl Containers {
             stdio::setup(&self.config.stdio_target, ports, terminal, id).map_err(cleanup)?;
         let config = InitConfig {
             mode: InitMode::Init,
+            hooks: hooks::HookContext::of(id, &spec),
             spec: spec.clone(),
         };
         let spawned = process::spawn(
@@ -342,6 +344,7 @@ impl Containers {
                 init_pid: init_pid.as_raw(),
             },
             spec,
+            hooks: None,
         };
         let spawned = process::spawn(
             &self.reaper,

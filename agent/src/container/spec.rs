@@ -5,6 +5,7 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
 
+use super::hooks::HookContext;
 use super::ContainerError;
 
 /// Longest container or exec id.
@@ -39,6 +40,7 @@ pub fn parse_spec(json: &str) -> Result<Spec, ContainerError> {
     if let Some(mappings) = super::userns::from_spec(&spec)? {
         mappings.check_user(process.user())?;
     }
+    super::hooks::check(&spec)?;
     // What the container's init would refuse later, refused now with the same words.
     let invalid =
         |what: &str, err: String| ContainerError::InvalidArgument(format!("{what}: {err}"));
@@ -101,6 +103,10 @@ pub struct InitConfig {
     /// The container's spec with `root.path` resolved to the guest path of the rootfs, bind
     /// sources resolved, and `process` set to the process to run.
     pub spec: Spec,
+    /// Init only, when the spec has `startContainer` hooks: what their state says beyond the
+    /// spec.
+    #[serde(default)]
+    pub hooks: Option<HookContext>,
 }
 
 /// Whether the process sets up a new container or joins a running one.

@@ -409,12 +409,12 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
     let failed = create("refused");
     reap_adopted();
     let refused_state = brig(test).args(["state", "refused"]).output().unwrap();
-    // Hooks meant for the container's namespaces cannot run in a microVM: refused up front.
+    // A hook whose path is not absolute (the spec requires one) is refused up front.
     set_hooks(
         &dir,
-        serde_json::json!({"createContainer": [{"path": "/bin/true"}]}),
+        serde_json::json!({"startContainer": [{"path": "hooks/start.sh"}]}),
     );
-    let in_guest = create("in-guest");
+    let relative = create("relative");
     let _ = std::fs::remove_dir_all(&dir);
 
     assert_eq!(after_create, (Some("hooked created".into()), None));
@@ -431,10 +431,169 @@ fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
         !refused_state.status.success(),
         "the refused container was kept"
     );
-    let err = text(&in_guest.stderr);
-    assert_eq!(in_guest.status.code(), Some(125), "{err}");
-    assert!(err.contains("hooks.createContainer"), "{err}");
+    let err = text(&relative.stderr);
+    assert_eq!(relative.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("hooks.startContainer[0]: path hooks/start.sh is not absolute"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+}
+
+/// An executable script at `path` in the bundle's root filesystem (busybox's sh runs it).
+fn rootfs_script(dir: &Path, path: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("rootfs").join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The rest of a finished keeper's stdout and stderr (`brig create`'s pipes).
+fn keeper_output(create: &mut Child) -> (String, String) {
+    let (mut out, mut err) = (String::new(), String::new());
+    create
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    create
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (out, err)
+}
+
+#[test]
+fn container_hooks_run_on_the_host_in_the_vmms_network_and_in_the_guest_before_the_command() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "oci-container-hooks";
+    become_subreaper();
+    let dir = scratch(test);
+    // The container's own command shows what its startContainer hook left in its /dev/shm
+    // (a tmpfs of its own: the root of `runc spec` is read-only).
+    bundle(&dir, "cat /dev/shm/hook /dev/shm/state.json");
+    let netns = format!("brig-e2e-hooks-{}", std::process::id());
+    let ns = Command::new("ip")
+        .args(["netns", "add", &netns])
+        .output()
+        .unwrap();
+    assert!(ns.status.success(), "ip netns add: {}", text(&ns.stderr));
+    let netns_path = Path::new("/run/netns").join(&netns);
+    let netns_inode = std::fs::metadata(&netns_path).unwrap().ino();
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+    config["annotations"] = serde_json::json!({"org.example.owner": "hooks-test"});
+    for ns in config["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "network" {
+            ns["path"] = netns_path.display().to_string().into();
+        }
+    }
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    rootfs_script(
+        &dir,
+        "/hooks/start.sh",
+        "cat > /dev/shm/state.json; echo \"$0 $1 $MARK uid=$(id -u)\" > /dev/shm/hook",
+    );
+    rootfs_script(
+        &dir,
+        "/hooks/refuse.sh",
+        "echo \"not ready: $(id -u)\" >&2; exit 3",
+    );
+    let (created_state, created_netns) = (dir.join("created.json"), dir.join("created.netns"));
+    set_hooks(
+        &dir,
+        serde_json::json!({
+            "createContainer": [{"path": "/bin/sh", "args": ["sh", "-c", format!(
+                "cat > {}; readlink /proc/self/ns/net > {}",
+                created_state.display(),
+                created_netns.display()
+            )]}],
+            "startContainer": [{"path": "/hooks/start.sh", "args": ["start-hook", "one"],
+                "env": ["MARK=from-hook"], "timeout": 20}],
+        }),
+    );
+    let (mut create, pid) = brig_create(test, &dir, "inside", b"");
+    let after_create = (
+        saved_status(&created_state),
+        std::fs::read_to_string(&created_netns).ok(),
+    );
+    ok(test, &["start", "inside"]);
+    let code = exit_code(pid);
+    let (out, err) = keeper_output(&mut create);
+    ok(test, &["delete", "inside"]);
+
+    // A failing startContainer hook: `start` fails, the command never runs, and the keeper
+    // (the container's stderr, as engines show it) says which hook failed and how.
+    config["process"]["args"] = serde_json::json!(["sh", "-c", "echo the command ran"]);
+    config["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0});
+    config["hooks"] = serde_json::json!({"startContainer": [{"path": "/hooks/refuse.sh"}]});
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let (mut refused, refused_pid) = brig_create(test, &dir, "refused", b"");
+    let start = brig(test).args(["start", "refused"]).output().unwrap();
+    let refused_code = exit_code(refused_pid);
+    let (refused_out, refused_err) = keeper_output(&mut refused);
+    let _ = brig(test).args(["delete", "--force", "refused"]).output();
+    reap_adopted();
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // createContainer: on the host, with the state, in the network namespace the spec
+    // names (the VMM's), before `create` returned.
+    assert_eq!(after_create.0.as_deref(), Some("inside created"));
+    assert_eq!(
+        after_create.1.as_deref().map(str::trim_end),
+        Some(format!("net:[{netns_inode}]").as_str())
+    );
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    // startContainer: in the container (its /dev/shm, its user), before the command.
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        // (a script's $0 is its path: the kernel starts `sh /hooks/start.sh one`)
+        Some("/hooks/start.sh one from-hook uid=1000"),
+        "stdout: {out}\nstderr: {err}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(lines.next().unwrap_or_default()).expect("the state as JSON");
+    assert_eq!(state["id"], "inside", "{state}");
+    assert_eq!(state["status"], "created", "{state}");
+    assert_eq!(state["pid"], 1, "{state}");
+    assert_eq!(state["bundle"], dir.display().to_string(), "{state}");
+    assert_eq!(
+        state["annotations"],
+        serde_json::json!({"org.example.owner": "hooks-test"}),
+        "{state}"
+    );
+
+    assert!(
+        !start.status.success(),
+        "start of a refused container succeeded: {}\nkeeper's stdout: {refused_out}\n\
+         keeper's stderr: {refused_err}",
+        text(&start.stderr)
+    );
+    assert!(
+        text(&start.stderr).contains("failed to start"),
+        "{}",
+        text(&start.stderr)
+    );
+    assert_ne!(refused_code, 0);
+    assert!(
+        !refused_out.contains("the command ran"),
+        "the command ran: {refused_out}"
+    );
+    assert!(
+        refused_err.contains("hooks.startContainer[0] (/hooks/refuse.sh) failed")
+            && refused_err.contains("exit status: 3")
+            && refused_err.contains("not ready: 0"),
+        "{refused_err}"
+    );
     assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
 }
 
