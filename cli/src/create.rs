@@ -267,11 +267,13 @@ fn keep(
         memory,
         remove: false,
         bundle: Some(bundle),
+        hooks: Some(crate::hooks::HostHooks {
+            hooks,
+            netns: sandbox_spec.netns.clone(),
+        }),
         gate: Some(StartGate {
             pid_file: args.pid_file.map(std::path::absolute).transpose()?,
             ready: std::sync::Mutex::new(Some(ready)),
-            hooks,
-            netns: sandbox_spec.netns.clone(),
         }),
         image: None,
     };
@@ -284,31 +286,9 @@ pub(crate) struct StartGate {
     pid_file: Option<PathBuf>,
     /// `create`'s end: one line, then closed.
     ready: std::sync::Mutex<Option<std::fs::File>>,
-    /// The config's hooks, run on the host at their moments.
-    hooks: Option<oci_spec::runtime::Hooks>,
-    /// The network namespace the microVM's VMM runs in, if the spec names one: where
-    /// createContainer hooks run.
-    netns: Option<PathBuf>,
 }
 
 impl StartGate {
-    /// Run the hooks of `moment` with the container's state on stdin (blocking: hooks are
-    /// short programs, and nothing else of this container moves meanwhile).
-    pub(crate) async fn hooks(
-        &self,
-        moment: crate::hooks::Moment,
-        state: &brig_runtime::state::ContainerState,
-    ) -> anyhow::Result<()> {
-        let hooks = self.hooks.clone();
-        let netns = self.netns.clone();
-        let document = crate::state::document(state);
-        tokio::task::spawn_blocking(move || {
-            crate::hooks::run(hooks.as_ref(), moment, &document, netns.as_deref())
-        })
-        .await
-        .context("running hooks")?
-    }
-
     /// The container exists: make the start FIFO, write the PID file, tell `create`, and
     /// wait until `start` writes to the FIFO.
     pub(crate) async fn report_and_wait(&self, dir: &Path, id: &str) -> anyhow::Result<()> {

@@ -29,18 +29,7 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
         args.id,
         status.as_str()
     );
-    let state = container.state().clone();
-    // The members a forced delete of a pod's sandbox container takes along are deleted
-    // first, and get their poststop hooks first.
-    let mut deleted: Vec<ContainerState> = if args.force {
-        brig_runtime::pod::members(layout, &state.id, &state.sandbox_id)
-            .iter()
-            .filter_map(|id| layout.load(id).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    deleted.push(state);
+    let deleted = going(layout, container.state(), args.force);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -51,9 +40,24 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// What deleting the container of `state` removes, in order: with `force`, the members of
+/// a pod's sandbox container first, then the container itself.
+pub(crate) fn going(layout: &Layout, state: &ContainerState, force: bool) -> Vec<ContainerState> {
+    let mut going: Vec<ContainerState> = if force {
+        brig_runtime::pod::members(layout, &state.id, &state.sandbox_id)
+            .iter()
+            .filter_map(|id| layout.load(id).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    going.push(state.clone());
+    going
+}
+
 /// The poststop hooks from a deleted container's bundle config; a failing one is a warning
 /// (the spec's rule): the container stays deleted.
-fn poststop(mut state: ContainerState) {
+pub(crate) fn poststop(mut state: ContainerState) {
     let Some(bundle) = state.bundle.clone() else {
         return;
     };

@@ -44,6 +44,33 @@ pub enum Moment {
     Deleted,
 }
 
+/// A container's host hooks, and the network namespace its createContainer hooks run in.
+#[derive(Debug, Clone, Default)]
+pub struct HostHooks {
+    pub hooks: Option<Hooks>,
+    /// The network namespace the microVM's VMM runs in, if the spec names one.
+    pub netns: Option<std::path::PathBuf>,
+}
+
+impl HostHooks {
+    /// Run the hooks of `moment` with the container's state on stdin (blocking: hooks are
+    /// short programs, and nothing else of this container moves meanwhile).
+    pub async fn run(
+        &self,
+        moment: Moment,
+        state: &brig_runtime::state::ContainerState,
+    ) -> anyhow::Result<()> {
+        let hooks = self.hooks.clone();
+        let netns = self.netns.clone();
+        let document = crate::state::document(state);
+        tokio::task::spawn_blocking(move || {
+            run(hooks.as_ref(), moment, &document, netns.as_deref())
+        })
+        .await
+        .context("running hooks")?
+    }
+}
+
 /// Refuse hooks the spec does not allow, before anything exists: a hook's path must be
 /// absolute (on the host, or in the container's root filesystem for `startContainer`, whose
 /// further limits the guest's agent checks when the container is created).

@@ -19,7 +19,13 @@ pub fn run(args: RmArgs, layout: &Layout) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     for id in &args.ids {
-        rt.block_on(Container::load(layout, id)?.delete(args.force, args.force))?;
+        let container = Container::load(layout, id)?;
+        // A container run from a bundle gets its poststop hooks, as with `brig delete`.
+        let going = crate::delete::going(layout, container.state(), args.force);
+        rt.block_on(container.delete(args.force, args.force))?;
+        for state in going {
+            crate::delete::poststop(state);
+        }
         crate::outln!("{id}")?;
     }
     Ok(0)

@@ -380,13 +380,25 @@ fn run_target(
         .bundle
         .then(|| std::path::absolute(&args.target).ok())
         .flatten();
+    // A bundle's hooks run as `runc run` runs them: those of the host here, startContainer
+    // ones in the guest (see `hooks`).
+    let hooks = match &bundle {
+        Some(_) => {
+            crate::hooks::check(&target.spec)?;
+            Some(crate::hooks::HostHooks {
+                hooks: target.spec.hooks().clone(),
+                netns: sandbox_spec.netns.clone(),
+            })
+        }
+        None => None,
+    };
     let container = ContainerConfig {
         id: id.clone(),
         spec: target.spec,
         rootfs: target.rootfs,
         volumes,
         stdin: args.interactive && !args.detach,
-        bundle,
+        bundle: bundle.clone(),
     };
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(&id);
@@ -410,7 +422,8 @@ fn run_target(
         image: image.map(|i| i.image),
         memory: args.memory,
         remove: args.rm,
-        bundle: None,
+        bundle,
+        hooks,
         gate: None,
     };
     run.execute_here()
@@ -571,6 +584,8 @@ pub(crate) struct Run<'a> {
     pub(crate) remove: bool,
     /// The OCI bundle it comes from, for its record.
     pub(crate) bundle: Option<PathBuf>,
+    /// A bundle's hooks that run on the host, at their moments.
+    pub(crate) hooks: Option<crate::hooks::HostHooks>,
     /// `brig create`: once created, report it and wait for `brig start`.
     pub(crate) gate: Option<crate::create::StartGate>,
     /// The image it is made from and its overlay's scratch directory (`brig run IMAGE`).
@@ -622,7 +637,18 @@ impl Run<'_> {
             }
         }
         if self.remove || result.is_err() {
+            let mut state = record.state().clone();
             let _ = record.forget();
+            if self.gate.is_none() {
+                // `brig run` of a bundle: its poststop hooks once it is gone (a failure is
+                // a warning). `brig create`'s come with `brig delete`.
+                if let Some(hooks) = &self.hooks {
+                    state.status = brig_runtime::state::Status::Stopped;
+                    if let Err(e) = hooks.run(crate::hooks::Moment::Deleted, &state).await {
+                        eprintln!("brig: warning: {e:#}");
+                    }
+                }
+            }
         }
         result
     }
@@ -718,15 +744,15 @@ impl Run<'_> {
         stdio: brig_runtime::container::Stdio,
     ) -> anyhow::Result<u8> {
         let id = self.container.id.as_str();
+        if let Some(hooks) = &self.hooks {
+            // prestart, createRuntime and createContainer hooks before `create` returns; a
+            // failing one stops the container, as runc does.
+            hooks
+                .run(crate::hooks::Moment::Created, record.state())
+                .await?;
+        }
         if let Some(gate) = &self.gate {
-            // createRuntime hooks (and prestart) before `create` returns; a failing one
-            // stops the container, as runc does.
-            let created = async {
-                gate.hooks(crate::hooks::Moment::Created, record.state())
-                    .await?;
-                gate.report_and_wait(&record.dir(), id).await
-            };
-            created.await?;
+            gate.report_and_wait(&record.dir(), id).await?;
         }
         let tty = matches!(self.output, Output::User { tty: true, .. });
         let raw = tty.then(relay::RawTerminal::enter);
@@ -747,10 +773,10 @@ impl Run<'_> {
             }
             return Err(vm_gone(sandbox, e.into()).await);
         }
-        if let Some(gate) = &self.gate {
+        if let Some(hooks) = &self.hooks {
             // A failing poststart hook is a warning: the container runs on (the spec's rule).
-            if let Err(e) = gate
-                .hooks(crate::hooks::Moment::Started, record.state())
+            if let Err(e) = hooks
+                .run(crate::hooks::Moment::Started, record.state())
                 .await
             {
                 eprintln!("brig: warning: {e:#}");

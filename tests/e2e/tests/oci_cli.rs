@@ -365,6 +365,61 @@ fn saved_status(file: &Path) -> Option<String> {
 }
 
 #[test]
+fn brig_run_of_a_bundle_runs_its_hooks_as_runc_run_does() {
+    let test = "run-hooks";
+    let dir = scratch(test);
+    bundle(&dir, "echo ran");
+    let saved = |name: &str| dir.join(format!("{name}.json"));
+    set_hooks(
+        &dir,
+        serde_json::json!({
+            "createRuntime": [saving_hook(&saved("createRuntime"))],
+            "createContainer": [saving_hook(&saved("createContainer"))],
+            "poststart": [saving_hook(&saved("poststart"))],
+            "poststop": [saving_hook(&saved("poststop"))],
+        }),
+    );
+    // --rm: every host hook, the last once the container is gone.
+    let run = brig(test)
+        .args(["run", "--rm", "--network", "none", "--name", "once"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let seen: Vec<Option<String>> = ["createRuntime", "createContainer", "poststart", "poststop"]
+        .iter()
+        .map(|name| saved_status(&saved(name)))
+        .collect();
+    // Kept: its poststop hook comes with `brig rm`.
+    let _ = std::fs::remove_file(saved("poststop"));
+    let kept = brig(test)
+        .args(["run", "--network", "none", "--name", "kept"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let before_rm = saved_status(&saved("poststop"));
+    let rm = brig(test).args(["rm", "kept"]).output().unwrap();
+    let after_rm = saved_status(&saved("poststop"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert_eq!(text(&run.stdout), "ran\n");
+    assert_eq!(
+        seen,
+        [
+            Some("once created".to_string()),
+            Some("once created".to_string()),
+            Some("once running".to_string()),
+            Some("once stopped".to_string()),
+        ]
+    );
+    assert_eq!(kept.status.code(), Some(0), "{}", text(&kept.stderr));
+    assert_eq!(before_rm, None, "poststop before the container was removed");
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert_eq!(after_rm.as_deref(), Some("kept stopped"));
+    assert!(processes_named("brig-vmm").is_empty(), "a brig-vmm is left");
+}
+
+#[test]
 fn hooks_run_on_the_host_at_their_moments_with_the_state_on_stdin() {
     let test = "oci-hooks";
     become_subreaper();
