@@ -17,6 +17,11 @@ mod reaper;
 mod service;
 mod vsock_self_test;
 
+/// Held by the tests that wait for children of their own and by the one that reaps any
+/// child (`waitpid(-1)`), which would otherwise take another test's child from under it.
+#[cfg(test)]
+pub(crate) static CHILDREN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 use std::process::ExitCode;
 
 use brig_protocols::AGENT_VSOCK_PORT;

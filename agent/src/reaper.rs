@@ -117,6 +117,9 @@ mod tests {
 
     #[test]
     fn watched_child_status_is_delivered() {
+        let _children = crate::CHILDREN_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // No reaper thread here (tests run threads with SIGCHLD unblocked); drive it by hand.
         let reaper = Reaper::default();
         let (pid, statuses) = reaper

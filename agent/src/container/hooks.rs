@@ -408,6 +408,9 @@ mod tests {
 
     #[test]
     fn hooks_run_in_order_with_the_state_args_and_env() {
+        let _children = crate::CHILDREN_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("brig-agent-hooks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out");
@@ -424,6 +427,9 @@ mod tests {
 
     #[test]
     fn a_failing_or_slow_hook_says_which_how_and_the_end_of_its_stderr() {
+        let _children = crate::CHILDREN_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let failing = hooks(
             r#"[{"path":"/bin/true"},
                 {"path":"/bin/sh","args":["sh","-c","head -c 5000 /dev/zero | tr '\\0' x >&2; echo not ready >&2; exit 3"]}]"#,
