@@ -29,21 +29,24 @@ pub fn run(args: DeleteArgs, layout: &Layout) -> anyhow::Result<u8> {
         args.id,
         status.as_str()
     );
-    let deleted = going(layout, container.state(), args.force);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(container.delete(true, args.force))?;
-    for state in deleted {
-        poststop(state);
-    }
+    rt.block_on(delete_with_hooks(layout, container, true, args.force))?;
     Ok(0)
 }
 
-/// What deleting the container of `state` removes, in order: with `force`, the members of
-/// a pod's sandbox container first, then the container itself.
-pub(crate) fn going(layout: &Layout, state: &ContainerState, force: bool) -> Vec<ContainerState> {
-    let mut going: Vec<ContainerState> = if force {
+/// Delete `container` (`force`: a running one too; `with_members`: a pod's sandbox container
+/// with the containers that joined it, those first), then run the poststop hooks from the
+/// bundle of each container it removed, in the same order.
+pub(crate) async fn delete_with_hooks(
+    layout: &Layout,
+    container: Container,
+    force: bool,
+    with_members: bool,
+) -> anyhow::Result<()> {
+    let state = container.state().clone();
+    let mut going: Vec<ContainerState> = if with_members {
         brig_runtime::pod::members(layout, &state.id, &state.sandbox_id)
             .iter()
             .filter_map(|id| layout.load(id).ok())
@@ -51,27 +54,14 @@ pub(crate) fn going(layout: &Layout, state: &ContainerState, force: bool) -> Vec
     } else {
         Vec::new()
     };
-    going.push(state.clone());
-    going
-}
-
-/// The poststop hooks from a deleted container's bundle config; a failing one is a warning
-/// (the spec's rule): the container stays deleted.
-pub(crate) fn poststop(mut state: ContainerState) {
-    let Some(bundle) = state.bundle.clone() else {
-        return;
-    };
-    state.status = Status::Stopped;
-    let hooks = brig_runtime::spec::load_target(&bundle)
-        .ok()
-        .and_then(|target| target.spec.hooks().clone());
-    let document = crate::state::document(&state);
-    if let Err(e) = crate::hooks::run(
-        hooks.as_ref(),
-        crate::hooks::Moment::Deleted,
-        &document,
-        None,
-    ) {
-        eprintln!("brig: warning: {e:#}");
+    going.push(state);
+    container.delete(force, with_members).await?;
+    for state in going {
+        if let Some(bundle) = state.bundle.clone() {
+            crate::hooks::HostHooks::of_bundle(&bundle)
+                .poststop(state)
+                .await;
+        }
     }
+    Ok(())
 }

@@ -69,6 +69,26 @@ impl HostHooks {
         .await
         .context("running hooks")?
     }
+
+    /// The hooks in the config.json of `bundle` (none if it cannot be read): for a container
+    /// deleted by another process than its keeper.
+    pub fn of_bundle(bundle: &Path) -> Self {
+        Self {
+            hooks: brig_runtime::spec::load_target(bundle)
+                .ok()
+                .and_then(|target| target.spec.hooks().clone()),
+            netns: None,
+        }
+    }
+
+    /// The poststop hooks, once the container of `state` is gone; a failing one is a warning
+    /// (the spec's rule): the container stays deleted.
+    pub async fn poststop(&self, mut state: brig_runtime::state::ContainerState) {
+        state.status = brig_runtime::state::Status::Stopped;
+        if let Err(e) = self.run(Moment::Deleted, &state).await {
+            eprintln!("brig: warning: {e:#}");
+        }
+    }
 }
 
 /// Refuse hooks the spec does not allow, before anything exists: a hook's path must be

@@ -21,11 +21,9 @@ pub fn run(args: RmArgs, layout: &Layout) -> anyhow::Result<u8> {
     for id in &args.ids {
         let container = Container::load(layout, id)?;
         // A container run from a bundle gets its poststop hooks, as with `brig delete`.
-        let going = crate::delete::going(layout, container.state(), args.force);
-        rt.block_on(container.delete(args.force, args.force))?;
-        for state in going {
-            crate::delete::poststop(state);
-        }
+        rt.block_on(crate::delete::delete_with_hooks(
+            layout, container, args.force, args.force,
+        ))?;
         crate::outln!("{id}")?;
     }
     Ok(0)

@@ -637,17 +637,12 @@ impl Run<'_> {
             }
         }
         if self.remove || result.is_err() {
-            let mut state = record.state().clone();
+            let state = record.state().clone();
             let _ = record.forget();
-            if self.gate.is_none() {
-                // `brig run` of a bundle: its poststop hooks once it is gone (a failure is
-                // a warning). `brig create`'s come with `brig delete`.
-                if let Some(hooks) = &self.hooks {
-                    state.status = brig_runtime::state::Status::Stopped;
-                    if let Err(e) = hooks.run(crate::hooks::Moment::Deleted, &state).await {
-                        eprintln!("brig: warning: {e:#}");
-                    }
-                }
+            // `brig run` of a bundle: its poststop hooks once it is gone. `brig create`'s
+            // come with `brig delete`.
+            if let (None, Some(hooks)) = (&self.gate, &self.hooks) {
+                hooks.poststop(state).await;
             }
         }
         result
