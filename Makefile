@@ -19,11 +19,14 @@ export BRIG_INITRD := $(SHARE)/initramfs.cpio.gz
 export BRIG_STRESS_GUEST := $(STAGE)/test/brig-stress-guest
 
 # (protobuf-compiler: the e2e CRI client compiles the CRI api.proto that k8s-cri ships)
+# (netavark aardvark-dns: podman's own networks and their name lookups, which podman.rs tests;
+# podman's packages only recommend them)
 # (docker-registry skopeo umoci: the image tests' registry, and the tools that build and push
 # their images: tests/e2e/src/registry.rs)
 DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
 	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc containerd \
-	protobuf-compiler containernetworking-plugins iptables iperf3 podman docker-registry skopeo umoci
+	protobuf-compiler containernetworking-plugins iptables iperf3 podman netavark aardvark-dns \
+	docker-registry skopeo umoci
 
 # virtiofsd, the peer of `brig-bench fs`, from crates.io into a cached prefix (benchmarks only).
 VIRTIOFSD_ROOT := $(BRIG_CACHE)/virtiofsd
