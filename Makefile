@@ -132,7 +132,7 @@ e2e-test: stage stress-guest
 	@exes=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run --message-format=json 2>/dev/null \
 		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
 	test -n "$$exes" || { echo "e2e test binaries did not build"; cargo test --release --locked --target $(MUSL) -p brig-e2e --no-run; exit 1; }; \
-	export BRIG_LAB_TIMEOUT=$${BRIG_LAB_TIMEOUT:-1800} BRIG_LAB_FREEZE_RETRIES=$${BRIG_LAB_FREEZE_RETRIES:-1}; tests/e2e/run-in-labs.sh $$exes
+	export BRIG_LAB_TIMEOUT=$${BRIG_LAB_TIMEOUT:-2400} BRIG_LAB_FREEZE_RETRIES=$${BRIG_LAB_FREEZE_RETRIES:-1}; tests/e2e/run-in-labs.sh $$exes
 
 # Boot time and VMM memory against QEMU microvm, in one lab boot; the report is committed.
 bench-boot: stage

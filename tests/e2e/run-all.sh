@@ -9,7 +9,8 @@
 #       workers split the list between them as they go. A worker started again under the
 #       same NAME (a fresh L1 after a freeze) first runs what it claimed and did not finish.
 #
-# A test that is not done after BRIG_E2E_TEST_TIMEOUT seconds (default 450) fails: first the
+# A test that is not done after BRIG_E2E_TEST_TIMEOUT seconds (default 450; twice that for
+# net_bulk's, which move 2 GiB each through the lab's emulated NIC) fails: first the
 # state of every Brig process is printed (what each thread waits in, guest console tails),
 # then the test and what it started are killed, and the next test runs. Each test's line
 # ends with how long it took.
@@ -71,18 +72,20 @@ for exe in "$@"; do
     key=$name--$t
     mine "$key" || continue
     [ -n "$header" ] || { echo "=== $name${worker:+ (worker $worker)}"; header=1; }
+    limit=$deadline
+    [[ $name == net_bulk-* ]] && limit=$((deadline * 2))
     t0=$SECONDS
     # Own session, so that the whole tree the test started can be killed at once.
     setsid "$exe" --exact "$t" --test-threads=1 > "$log" 2>&1 &
     pid=$!
-    sleep "$deadline" &
+    sleep "$limit" &
     dog=$!
     finished=
     wait -n -p finished "$pid" "$dog"
     rc=$?
     if [ "$finished" != "$pid" ]; then
       cat "$log"
-      echo "test $t ... TIMEOUT after ${deadline}s"
+      echo "test $t ... TIMEOUT after ${limit}s"
       diagnose "$exe"
       kill -KILL -- -"$pid" 2>/dev/null
       wait "$pid" 2>/dev/null

@@ -13,7 +13,7 @@ top=$(cd "$here/../.." && pwd)
 lab=$top/tests/lab/run.sh
 
 # Slowest binaries first (measured in the lab); the rest keep their order after them.
-order="cri_net cri containerd podman images network run oci_cli lifecycle userns hostile boot devices"
+order="net_bulk cri_net cri containerd podman images network run oci_cli lifecycle userns hostile boot devices"
 exes=()
 for o in $order; do
   for e in "$@"; do [[ $(basename "$e") == "$o"-* ]] && exes+=("$e"); done
