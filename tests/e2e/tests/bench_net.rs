@@ -35,16 +35,49 @@ fn cpu_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// KVM's machine-wide counters (debugfs, mounted here if it is not): every VM exit, the exits
+/// to the VMM for MMIO (for virtio-mmio: the driver's register accesses the VMM answers), and
+/// interrupts injected. `None` where debugfs cannot be had.
+fn kvm_counters() -> Option<[u64; 3]> {
+    let dir = std::path::Path::new("/sys/kernel/debug/kvm");
+    if !dir.exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
+            .status();
+    }
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some([read("exits")?, read("mmio_exits")?, read("irq_injections")?])
+}
+
+/// `after - before` of [`kvm_counters`], divided by `per`, as a report cell.
+fn kvm_cells(before: Option<[u64; 3]>, after: Option<[u64; 3]>, per: f64) -> [String; 3] {
+    match (before, after) {
+        (Some(b), Some(a)) => std::array::from_fn(|i| {
+            format!("{:.0}", a[i].saturating_sub(b[i]) as f64 / per.max(1e-9))
+        }),
+        _ => std::array::from_fn(|_| "n/a".to_string()),
+    }
+}
+
 struct Throughput {
     gbits: f64,
     bytes: f64,
     cpu_secs: f64,
+    /// [`kvm_counters`] before and after.
+    kvm: (Option<[u64; 3]>, Option<[u64; 3]>),
 }
 
 /// iperf3 from the host to `ip` (`reverse`: from the pod), for SECONDS.
 fn iperf(ip: &str, reverse: bool) -> Throughput {
     let ticks = 100.0; // USER_HZ
     let (busy0, _) = cpu_jiffies();
+    let kvm0 = kvm_counters();
     let mut cmd = Command::new("iperf3");
     cmd.args(["-c", ip, "-J", "-t", &SECONDS.to_string()]);
     if reverse {
@@ -52,6 +85,7 @@ fn iperf(ip: &str, reverse: bool) -> Throughput {
     }
     let out = cmd.output().expect("iperf3 (Debian package iperf3)");
     let (busy1, _) = cpu_jiffies();
+    let kvm1 = kvm_counters();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "iperf3 -c {ip}: {e}: {}",
@@ -63,13 +97,17 @@ fn iperf(ip: &str, reverse: bool) -> Throughput {
         gbits: sum["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
         bytes: sum["bytes"].as_f64().unwrap_or(0.0),
         cpu_secs: (busy1 - busy0) as f64 / ticks,
+        kvm: (kvm0, kvm1),
     }
 }
 
 struct Http {
     rps: f64,
+    requests: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// [`kvm_counters`] before and after.
+    kvm: (Option<[u64; 3]>, Option<[u64; 3]>),
 }
 
 /// wrk's `50%  1.23ms` as milliseconds.
@@ -90,21 +128,32 @@ fn wrk_ms(text: &str, label: &str) -> f64 {
 }
 
 fn wrk(ip: &str) -> Http {
+    let kvm0 = kvm_counters();
     let out = Command::new("wrk")
         .args(["-t1", "-c4", &format!("-d{SECONDS}s"), "--latency"])
         .arg(format!("http://{ip}/"))
         .output()
         .expect("wrk (Debian package wrk)");
+    let kvm1 = kvm_counters();
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
+    // "  1234 requests in 10.01s, ..."
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     Http {
         rps,
+        requests,
         p50_ms: wrk_ms(&text, "50%"),
         p99_ms: wrk_ms(&text, "99%"),
+        kvm: (kvm0, kvm1),
     }
 }
 
@@ -173,9 +222,15 @@ fn bench_net() {
     report("");
     report("| | runc | Brig | Brig / runc |");
     report("|---|---|---|---|");
+    // Brig's VM exits and interrupts per MiB and per request, for the table after this one.
+    let mut exits = Vec::new();
     for (label, reverse) in [("host → pod", false), ("pod → host", true)] {
         let r = iperf(&runc_ip, reverse);
         let b = iperf(&brig_ip, reverse);
+        exits.push((
+            format!("per MiB, {label}"),
+            kvm_cells(b.kvm.0, b.kvm.1, b.bytes / f64::from(1u32 << 20)),
+        ));
         report(&format!(
             "| TCP {label}, Gbit/s | {:.3} | {:.3} | {:.2} |",
             r.gbits,
@@ -210,8 +265,25 @@ fn bench_net() {
         b.p99_ms,
         b.p99_ms / r.p99_ms.max(1e-9)
     ));
+    exits.push((
+        "per HTTP request".to_string(),
+        kvm_cells(b.kvm.0, b.kvm.1, b.requests),
+    ));
     report("");
     report("Goals (issue 9): throughput ≥ 50 % of runc's, p50 latency ≤ 2× runc's, in the lab.");
+    report("");
+    report(
+        "Brig's VM exits during the same runs (KVM's counters, machine-wide; only the Brig \
+         pod's VM runs): each is a world switch, which the lab emulates at great cost. \
+         MMIO exits go to brig-vmm's vCPU thread; with virtio-mmio each interrupt brings two \
+         (the driver reads the interrupt status and acknowledges it).",
+    );
+    report("");
+    report("| Brig | VM exits | MMIO exits to the VMM | interrupts injected |");
+    report("|---|---|---|---|");
+    for (label, [all, mmio, irqs]) in &exits {
+        report(&format!("| {label} | {all} | {mmio} | {irqs} |"));
+    }
     for pod in [&brig_pod, &runc_pod] {
         cri.remove_pod(pod);
     }
