@@ -15,7 +15,7 @@ tarball=/usr/src/linux-source-6.1.tar.xz
 [ -f "$tarball" ] || { echo "guest-kernel: $tarball missing; install it with: apt-get install linux-source-6.1" >&2; exit 1; }
 
 pkgver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$( { echo "$pkgver"; cat "$here/brig.fragment" "$here/build.sh"; } | sha256sum | cut -c1-16)
+key=$( { echo "$pkgver"; cat "$here/brig.fragment" "$here/build.sh" "$here"/*.patch; } | sha256sum | cut -c1-16)
 out=$cache/kernel-$key
 if [ -f "$out/vmlinux" ]; then echo "$out/vmlinux"; exit 0; fi
 
@@ -33,6 +33,11 @@ grep -q 'page_reporting_order = prdev->order ? : pageblock_order;' "$reporting" 
 sed -i 's/^unsigned int page_reporting_order = MAX_ORDER;/unsigned int page_reporting_order = -1;/; s/\tpage_reporting_order = prdev->order ? : pageblock_order;/\tif (page_reporting_order == -1)\n\t\tpage_reporting_order = prdev->order ? : pageblock_order;/' "$reporting"
 grep -q '^unsigned int page_reporting_order = -1;' "$reporting" \
   || { echo "guest-kernel: the page_reporting_order patch did not apply" >&2; exit 1; }
+# Brig's own patches (each says why in its comments).
+for p in "$here"/*.patch; do
+  patch -d "$src" -p1 --forward --quiet < "$p" \
+    || { echo "guest-kernel: $p did not apply to linux-source $pkgver" >&2; exit 1; }
+done
 make -C "$src" ARCH=x86_64 KCONFIG_ALLCONFIG="$here/brig.fragment" allnoconfig >"$work/config.log" 2>&1 \
   || { tail -20 "$work/config.log" >&2; exit 1; }
 

@@ -29,6 +29,20 @@ fn run(test: &str, flags: &[&str], cmd: &[&str]) -> Output {
 }
 
 #[test]
+fn the_guest_skips_virtio_mmio_interrupt_status_reads_as_brig_vmm_tells_it() {
+    // brig-vmm's devices interrupt only for used buffers, so Brig's kernel need not read and
+    // acknowledge InterruptStatus (two exits per interrupt): vm.rs MMIO_VRING_IRQ_ONLY and
+    // guest-kernel/virtio-mmio-vring-irq-only.patch.
+    let out = run(
+        "mmio-irq",
+        &[],
+        &["cat", "/sys/module/virtio_mmio/parameters/vring_irq_only"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "Y");
+}
+
+#[test]
 fn exit_statuses_propagate_exactly() {
     for (script, want) in [
         ("true", 0),
