@@ -275,8 +275,9 @@ fn bench_net() {
     report(
         "Brig's VM exits during the same runs (KVM's counters, machine-wide; only the Brig \
          pod's VM runs): each is a world switch, which the lab emulates at great cost. \
-         MMIO exits go to brig-vmm's vCPU thread; with virtio-mmio each interrupt brings two \
-         (the driver reads the interrupt status and acknowledges it).",
+         MMIO exits go to brig-vmm's vCPU thread; a stock virtio-mmio driver makes two per \
+         interrupt (it reads the interrupt status and acknowledges it), which Brig's kernel \
+         skips (virtio_mmio.vring_irq_only).",
     );
     report("");
     report("| Brig | VM exits | MMIO exits to the VMM | interrupts injected |");
