@@ -23,7 +23,7 @@ export BRIG_STRESS_GUEST := $(STAGE)/test/brig-stress-guest
 # podman's packages only recommend them)
 # (docker-registry skopeo umoci: the image tests' registry, and the tools that build and push
 # their images: tests/e2e/src/registry.rs)
-DEB_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
+DEB_PACKAGES := linux-source-6.1 build-essential patch flex bison bc libelf-dev libssl-dev cpio \
 	busybox-static qemu-system-x86 kmod xz-utils musl-tools python3 iproute2 runc containerd \
 	protobuf-compiler containernetworking-plugins iptables iperf3 podman netavark aardvark-dns \
 	docker-registry skopeo umoci
