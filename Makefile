@@ -177,13 +177,16 @@ bench-images: stage
 bench-podman: stage
 	$(call E2E_BENCH,bench_podman,podman)
 
-# Pod networking, a Brig pod against a runc pod on one CNI bridge (iperf3, wrk), in one lab
-# boot; the report is committed.
-bench-net: stage
+# Pod networking, a Brig pod against a runc pod and a QEMU + vhost-net guest (brig-bench
+# net-peer, with virtiofsd) on one CNI bridge (iperf3, wrk), in one lab boot; the report is
+# committed.
+bench-net: stage bench-deps
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	@exe=$$(cargo test --release --locked --target $(MUSL) -p brig-e2e --test bench_net --no-run --message-format=json 2>/dev/null \
 		| python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]'); \
 	test -n "$$exe" || { echo "the network benchmark did not build"; exit 1; }; \
+	cargo build --release --locked --target $(MUSL) -p brig-bench && cp target/$(MUSL)/release/brig-bench $(BIN)/ || exit 1; \
+	export BRIG_BENCH=$(BIN)/brig-bench BRIG_BENCH_ROOTFS=$(STAGE)/busybox-rootfs BRIG_VIRTIOFSD=$(VIRTIOFSD); \
 	mkdir -p bench/reports; set -o pipefail; \
 	$(call IN_GUEST_HOST,$$exe --ignored --exact bench_net --nocapture --test-threads=1) | tee bench/reports/net.log \
 		| sed -n 's/^report: //p' > bench/reports/net.md.new

@@ -105,7 +105,7 @@ struct Column {
 
 /// A directory of ours, removed on drop however we leave: every mount below it is detached
 /// first and nothing is deleted across a mount (see `share::remove`).
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -547,7 +547,7 @@ async fn run_qemu(
 
 /// Start virtiofsd and wait for its socket. Tries its default namespace sandbox first, then
 /// none (root in a nested lab may lack what namespaces need).
-async fn start_virtiofsd(
+pub(crate) async fn start_virtiofsd(
     bin: &Path,
     shared_dir: &Path,
     mode: &str,
@@ -594,7 +594,11 @@ async fn start_virtiofsd(
 }
 
 /// Connect to the agent of a QEMU guest over AF_VSOCK, retrying until it answers.
-async fn connect_agent(qemu: &mut Child, cid: u32, timeout: Duration) -> Result<AgentClient> {
+pub(crate) async fn connect_agent(
+    qemu: &mut Child,
+    cid: u32,
+    timeout: Duration,
+) -> Result<AgentClient> {
     let started = Instant::now();
     let mut last = String::from("none yet");
     loop {
@@ -619,14 +623,14 @@ async fn connect_agent(qemu: &mut Child, cid: u32, timeout: Duration) -> Result<
 }
 
 /// `e` followed by a log excerpt.
-fn with_log(e: anyhow::Error, log: String) -> anyhow::Error {
+pub(crate) fn with_log(e: anyhow::Error, log: String) -> anyhow::Error {
     anyhow::anyhow!("{e:#}{log}")
 }
 
 /// The last lines of a log file, for an error message.
 /// The last lines of a guest's console for an error: only the file's tail is read (a guest
 /// decides how long it is), escaped.
-fn tail(path: &Path, what: &str) -> String {
+pub(crate) fn tail(path: &Path, what: &str) -> String {
     let tail = brig_runtime::guest_text::file_tail(path, 20).join("\n");
     format!("\n--- {what} ({}) ---\n{tail}", path.display())
 }

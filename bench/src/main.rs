@@ -7,9 +7,12 @@
 //!   idle guest memory and the sandbox's host memory.
 //! - `fs`: brig-vmm's in-process virtio-fs against QEMU + virtiofsd (each cache mode) and the
 //!   host itself: sequential read and write, list + stat, create and unlink.
+//! - `net-peer`: a pod's guest in QEMU with vhost-net, virtiofsd and vhost-vsock, wired into
+//!   a pod's network namespace as Brig wires its own: the peer of `make bench-net`.
 
 mod boot;
 mod fs;
+mod net_peer;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +32,8 @@ enum Command {
     Run(run::Args),
     /// virtio-fs against QEMU + virtiofsd and the host itself.
     Fs(fs::Args),
+    /// The QEMU peer of the network benchmark: a pod's guest in QEMU with vhost-net.
+    NetPeer(net_peer::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Boot(args) => boot::run(args),
         Command::Run(args) => run::run(args),
         Command::Fs(args) => fs::run(args),
+        Command::NetPeer(args) => net_peer::run(args),
     }
 }
 

@@ -5,9 +5,17 @@
 //! per GiB moved. Not a test: `#[ignore]`d, so `make test` only builds it, and it asserts
 //! nothing about speed.
 //!
+//! The third column is the field's microVM peer: the same guest (Brig's kernel, agent and
+//! container) in QEMU microvm with vhost-net, virtiofsd and vhost-vsock, as Kata runs it,
+//! wired into a third pod's network namespace (a runc pod's sandbox) as Brig wires its own
+//! (`brig-bench net-peer`). It needs `BRIG_BENCH` (brig-bench), `BRIG_BENCH_ROOTFS` (a
+//! static busybox tree) and `BRIG_VIRTIOFSD`, which `make bench-net` sets.
+//!
 //! Lines of the report are printed with the prefix `report: `.
 
-use std::process::Command;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use brig_e2e::containerd::{CniNetwork, Containerd, IMAGE};
@@ -157,16 +165,18 @@ fn wrk(ip: &str) -> Http {
     }
 }
 
-/// A pod of `handler` serving HTTP (busybox httpd on 80) and iperf3 (the host's, from its
-/// /usr mounted read-only) ; its IP.
-fn server_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (String, String) {
+/// What every server runs: busybox httpd on 80 serving 1 KiB from the container's rootfs,
+/// and iperf3 -s (the host's, from its /usr mounted read-only at /host/usr).
+const SERVERS: &str =
+    "mkdir -p /www && head -c 1024 /dev/zero > /www/index.html && httpd -p 80 -h /www && \
+     exec /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \
+     /host/usr/bin/iperf3 -s";
+
+/// A pod of `handler` running [`SERVERS`]; its IP.
+fn server_pod(cri: &Cri, handler: &str, name: &str, logs: &Path) -> (String, String) {
     let config = networked_pod_config(name, logs);
     let pod = cri.run_pod(handler, &config);
-    let script =
-        "mkdir -p /www && head -c 1024 /dev/zero > /www/index.html && httpd -p 80 -h /www && \
-         exec /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \
-         /host/usr/bin/iperf3 -s";
-    let mut container = networked_container_config("srv", IMAGE, &["sh", "-c", script]);
+    let mut container = networked_container_config("srv", IMAGE, &["sh", "-c", SERVERS]);
     container.mounts = vec![api::Mount {
         container_path: "/host/usr".into(),
         host_path: "/usr".into(),
@@ -175,7 +185,12 @@ fn server_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (
     }];
     cri.run_container(&pod, &config, container);
     let ip = cri.pod_ip(&pod);
-    // Until iperf3 and httpd listen.
+    wait_for_iperf(&ip, name);
+    (pod, ip)
+}
+
+/// Until iperf3 (started after httpd) listens on `ip`.
+fn wait_for_iperf(ip: &str, name: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect_timeout(
         &format!("{ip}:5201").parse().unwrap(),
@@ -189,7 +204,87 @@ fn server_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    (pod, ip)
+}
+
+/// The QEMU peer: `brig-bench net-peer` serving [`SERVERS`] from a guest in QEMU, wired
+/// into the network namespace of a runc pod with no containers. Its stdin is the peer's
+/// lifeline: closing it (dropping the child's stdin) stops the guest and undoes the wiring.
+struct QemuPeer {
+    pod: String,
+    ip: String,
+    child: Child,
+}
+
+fn env_path(name: &str) -> PathBuf {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: run the benchmark with `make bench-net`"))
+}
+
+/// The `/var/run/netns` file of the pod whose interface has `ip`.
+fn netns_of(ip: &str) -> PathBuf {
+    let dir = Path::new("/var/run/netns");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let out = Command::new("ip")
+            .args(["-n", &name, "-o", "-4", "addr", "show"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/")) {
+            return path;
+        }
+    }
+    panic!("no network namespace in {} has {ip}", dir.display());
+}
+
+fn qemu_peer(cri: &Cri, logs: &Path, scratch: &Path) -> QemuPeer {
+    let pod = cri.run_pod("runc", &networked_pod_config("bench-qemu", logs));
+    let ip = cri.pod_ip(&pod);
+    // A copy, as the servers write their page into the rootfs.
+    let rootfs = scratch.join("qemu-peer-rootfs");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(env_path("BRIG_BENCH_ROOTFS"))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "copying the peer's rootfs");
+    // vhost-net's device appears when its module loads.
+    let _ = Command::new("modprobe").arg("vhost_net").status();
+    let mut child = Command::new(env_path("BRIG_BENCH"))
+        .arg("net-peer")
+        .arg("--netns")
+        .arg(netns_of(&ip))
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .arg("--virtiofsd")
+        .arg(env_path("BRIG_VIRTIOFSD"))
+        .args(["--ro-volume", "/usr:/host/usr", "--", "sh", "-c", SERVERS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting brig-bench net-peer");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "brig-bench net-peer did not start (its errors are above)"
+    );
+    wait_for_iperf(&ip, "bench-qemu");
+    QemuPeer { pod, ip, child }
+}
+
+impl QemuPeer {
+    fn stop(mut self, cri: &Cri) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "brig-bench net-peer: {status}");
+        cri.remove_pod(&self.pod);
+    }
 }
 
 #[test]
@@ -208,83 +303,87 @@ fn bench_net() {
     std::fs::create_dir_all(&logs).unwrap();
     let (runc_pod, runc_ip) = server_pod(&cri, "runc", "bench-runc", &logs);
     let (brig_pod, brig_ip) = server_pod(&cri, "sandboxed", "bench-brig", &logs);
+    let qemu = qemu_peer(&cri, &logs, &c.dir);
 
     // The test harness's "test bench_net ... " has no newline: end it before the report.
     println!();
-    report("# Pod networking: Brig against runc on one CNI bridge");
+    report("# Pod networking: Brig against runc and QEMU on one CNI bridge");
     report("");
     report(&format!(
         "One lab boot (nested KVM under TCG: absolute numbers are far below a real host's; \
-         compare the ratios). iperf3 -t {SECONDS} from the host to the pod and back (-R), \
-         wrk -t1 -c4 -d{SECONDS}s against busybox httpd serving 1 KiB; CPU is the whole \
+         compare the ratios). Three pods on one CNI bridge: runc; Brig; and the same guest \
+         (Brig's kernel, agent and container) in QEMU microvm with vhost-net, virtiofsd \
+         (cache auto, as Brig's default) and vhost-vsock, wired into its pod's namespace as \
+         Brig wires its own: Kata's design, so that only the VMM differs from Brig's column. \
+         iperf3 -t {SECONDS} from the host to the pod and back (-R), wrk -t1 -c4 -d{SECONDS}s \
+         against busybox httpd serving 1 KiB from the container's rootfs; CPU is the whole \
          machine's busy time during the transfer, per GiB moved."
     ));
     report("");
-    report("| | runc | Brig | Brig / runc |");
-    report("|---|---|---|---|");
-    // Brig's VM exits and interrupts per MiB and per request, for the table after this one.
+    report("| | runc | Brig | QEMU + vhost-net | Brig / runc | QEMU / runc |");
+    report("|---|---|---|---|---|---|");
+    let row = |what: &str, r: f64, b: f64, q: f64, digits: usize| {
+        report(&format!(
+            "| {what} | {r:.digits$} | {b:.digits$} | {q:.digits$} | {:.2} | {:.2} |",
+            b / r.max(1e-9),
+            q / r.max(1e-9)
+        ));
+    };
+    // The VMs' exits and interrupts per MiB and per request, for the table after this one.
     let mut exits = Vec::new();
+    let per_mib = |t: &Throughput| kvm_cells(t.kvm.0, t.kvm.1, t.bytes / f64::from(1u32 << 20));
     for (label, reverse) in [("host → pod", false), ("pod → host", true)] {
         let r = iperf(&runc_ip, reverse);
         let b = iperf(&brig_ip, reverse);
-        exits.push((
-            format!("per MiB, {label}"),
-            kvm_cells(b.kvm.0, b.kvm.1, b.bytes / f64::from(1u32 << 20)),
-        ));
-        report(&format!(
-            "| TCP {label}, Gbit/s | {:.3} | {:.3} | {:.2} |",
+        let q = iperf(&qemu.ip, reverse);
+        exits.push((format!("per MiB, {label}"), per_mib(&b), per_mib(&q)));
+        row(
+            &format!("TCP {label}, Gbit/s"),
             r.gbits,
             b.gbits,
-            b.gbits / r.gbits.max(1e-9)
-        ));
+            q.gbits,
+            3,
+        );
         let per_gib = |t: &Throughput| t.cpu_secs / (t.bytes / f64::from(1u32 << 30)).max(1e-9);
-        report(&format!(
-            "| CPU s per GiB, {label} | {:.1} | {:.1} | {:.2} |",
+        row(
+            &format!("CPU s per GiB, {label}"),
             per_gib(&r),
             per_gib(&b),
-            per_gib(&b) / per_gib(&r).max(1e-9)
-        ));
+            per_gib(&q),
+            1,
+        );
     }
     let r = wrk(&runc_ip);
     let b = wrk(&brig_ip);
-    report(&format!(
-        "| HTTP requests/s | {:.0} | {:.0} | {:.2} |",
-        r.rps,
-        b.rps,
-        b.rps / r.rps.max(1e-9)
-    ));
-    report(&format!(
-        "| HTTP p50 latency, ms | {:.2} | {:.2} | {:.2} |",
-        r.p50_ms,
-        b.p50_ms,
-        b.p50_ms / r.p50_ms.max(1e-9)
-    ));
-    report(&format!(
-        "| HTTP p99 latency, ms | {:.2} | {:.2} | {:.2} |",
-        r.p99_ms,
-        b.p99_ms,
-        b.p99_ms / r.p99_ms.max(1e-9)
-    ));
+    let q = wrk(&qemu.ip);
+    row("HTTP requests/s", r.rps, b.rps, q.rps, 0);
+    row("HTTP p50 latency, ms", r.p50_ms, b.p50_ms, q.p50_ms, 2);
+    row("HTTP p99 latency, ms", r.p99_ms, b.p99_ms, q.p99_ms, 2);
     exits.push((
         "per HTTP request".to_string(),
         kvm_cells(b.kvm.0, b.kvm.1, b.requests),
+        kvm_cells(q.kvm.0, q.kvm.1, q.requests),
     ));
     report("");
     report("Goals (issue 9): throughput ≥ 50 % of runc's, p50 latency ≤ 2× runc's, in the lab.");
     report("");
     report(
-        "Brig's VM exits during the same runs (KVM's counters, machine-wide; only the Brig \
-         pod's VM runs): each is a world switch, which the lab emulates at great cost. \
-         MMIO exits go to brig-vmm's vCPU thread; a stock virtio-mmio driver makes two per \
+        "VM exits during the same runs (KVM's counters, machine-wide; the other VM idles): \
+         each is a world switch, which the lab emulates at great cost. MMIO exits are the \
+         ones that reach the VMM's user space; a stock virtio-mmio driver makes two per \
          interrupt (it reads the interrupt status and acknowledges it), which Brig's kernel \
-         skips (virtio_mmio.vring_irq_only).",
+         skips where brig-vmm tells it to (virtio_mmio.vring_irq_only), and QEMU's devices \
+         need. Queue notifications go to ioeventfds in the kernel for both.",
     );
     report("");
-    report("| Brig | VM exits | MMIO exits to the VMM | interrupts injected |");
-    report("|---|---|---|---|");
-    for (label, [all, mmio, irqs]) in &exits {
-        report(&format!("| {label} | {all} | {mmio} | {irqs} |"));
+    report("| | VM exits, Brig | QEMU | MMIO exits, Brig | QEMU | interrupts, Brig | QEMU |");
+    report("|---|---|---|---|---|---|---|");
+    for (label, [b_all, b_mmio, b_irqs], [q_all, q_mmio, q_irqs]) in &exits {
+        report(&format!(
+            "| {label} | {b_all} | {q_all} | {b_mmio} | {q_mmio} | {b_irqs} | {q_irqs} |"
+        ));
     }
+    qemu.stop(&cri);
     for pod in [&brig_pod, &runc_pod] {
         cri.remove_pod(pod);
     }
