@@ -744,6 +744,44 @@ fn the_share_cache_mode_is_configurable_and_data_survives_it() {
 }
 
 #[test]
+fn a_file_the_host_changes_is_read_anew_at_the_next_open_in_the_guest() {
+    // Under the default fs_cache (auto) the guest keeps the page cache of a file that did
+    // not change between two opens; a change on the host must show at the next open.
+    let t = "reopen";
+    let dir = brig_e2e::scratch(t);
+    let page = dir.join("page");
+    std::fs::write(&page, "one\n").unwrap();
+    // Older than brig-vmm's two seconds: its cache is kept from the second open on.
+    std::thread::sleep(Duration::from_millis(2500));
+    let script = "cat /data/page; cat /data/page; cat /data/page; touch /data/read; \
+                  while [ ! -e /data/go ]; do sleep 0.1; done; cat /data/page";
+    let volume = format!("{}:/data", dir.display());
+    let child = brig(t)
+        .args(["run", "--rm", "-v", &volume])
+        .arg(rootfs())
+        .args(["sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("read").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the container did not read the page"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&page, "two\n").unwrap(); // the same size
+    std::fs::write(dir.join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "one\none\none\ntwo\n");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_container_can_look_at_more_files_than_the_usual_open_file_limit() {
     // The VMM's file server holds a descriptor per file the guest looked up: 3 000 files is
     // past the usual soft limit of 1 024 (brig-vmm raises it).

@@ -149,7 +149,7 @@ fn new_server(root: &str, cache: FsCache) -> io::Result<FileServer> {
     };
     let fs = PassthroughFs::<()>::new(cfg)?;
     fs.import()?;
-    Ok(Server::new(SharedDirFs(fs)))
+    Ok(Server::new(SharedDirFs::new(fs, cache == FsCache::Auto)))
 }
 
 impl Fs {

@@ -7,14 +7,19 @@
 //! `MAX_PAGES` are on. The reply the guest reads is the one the server wrote, so the two
 //! cannot disagree on request sizes.
 //!
+//! Under `fs_cache = "auto"` it also lets the guest keep a file's page cache across opens
+//! while the file has not changed (see [`OpenStamps`]).
+//!
 //! Every other method of the `FileSystem` trait is handed to the passthrough file system
 //! unchanged. The trait gives every method a default that answers ENOSYS, so a method
 //! missing here would compile and fail at run time: check the list against the trait's
 //! methods when `fuse-backend-rs` is upgraded.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuse_backend_rs::abi::fuse_abi::{
     stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
@@ -33,7 +38,105 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 pub(super) const WANTED_AT_INIT: FsOptions = FsOptions::BIG_WRITES.union(FsOptions::MAX_PAGES);
 
 /// The passthrough file system over the shared directory, with Brig's FUSE_INIT wishes.
-pub(super) struct SharedDirFs(pub(super) PassthroughFs);
+pub(super) struct SharedDirFs {
+    fs: PassthroughFs,
+    /// `Some` under `fs_cache = "auto"`.
+    stamps: Option<OpenStamps>,
+}
+
+impl SharedDirFs {
+    /// Serve `fs`; `keep_unchanged`: let the guest keep the page cache of files that did
+    /// not change between two opens (for `fs_cache = "auto"`, whose passthrough opens
+    /// drop it every time).
+    pub(super) fn new(fs: PassthroughFs, keep_unchanged: bool) -> Self {
+        Self {
+            fs,
+            stamps: keep_unchanged.then(|| OpenStamps::new(SETTLED)),
+        }
+    }
+}
+
+/// How long ago a file must have changed last for its stamp to be trusted: the kernel's
+/// change times are coarse (a scheduler tick), so a write in the same tick as our look at
+/// the file could leave its times as they were. One older than this cannot be followed by
+/// a change that leaves them so.
+pub(super) const SETTLED: Duration = Duration::from_secs(2);
+/// Stamps kept at most (the guest decides how many files it opens): when full, all are
+/// forgotten, which costs the next open of each file one re-read.
+const MAX_STAMPS: usize = 1 << 16;
+
+/// What a file looked like when the guest last opened it, by inode.
+///
+/// Under `auto` the passthrough file system answers an OPEN without `FOPEN_KEEP_CACHE`,
+/// so the guest kernel drops the file's page cache on every open and reads it from the
+/// host again: close-to-open consistency with whatever the host did to the file. Each
+/// open of an unchanged file (a binary or library each exec, a page a web server sends)
+/// then costs READ round trips through the VMM. This keeps the consistency and drops the
+/// round trips: a read-only open keeps the cache when the file's identity, size, mtime and
+/// ctime are what they were at the previous open, and that stamp was taken when the file
+/// had been [`SETTLED`] already. Any write, truncation, `utimes` or rename onto the path
+/// on the host (or through the guest) moves ctime, which no one can set back.
+struct OpenStamps {
+    settled: Duration,
+    stamps: Mutex<HashMap<u64, Stamp>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(st: &stat64) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+}
+
+impl OpenStamps {
+    fn new(settled: Duration) -> Self {
+        Self {
+            settled,
+            stamps: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `inode`, now `st`, is as it was at its last open; remembers `st` for the
+    /// next (if it is settled).
+    fn unchanged(&self, inode: u64, st: &stat64) -> bool {
+        let stamp = Stamp::of(st);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let changed = Duration::new(
+            u64::try_from(st.st_ctime).unwrap_or(u64::MAX),
+            u32::try_from(st.st_ctime_nsec)
+                .unwrap_or(0)
+                .min(999_999_999),
+        );
+        let settled = now.checked_sub(self.settled).is_some_and(|t| changed < t);
+        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        let unchanged = stamps.get(&inode) == Some(&stamp);
+        if settled {
+            if stamps.len() >= MAX_STAMPS && !stamps.contains_key(&inode) {
+                stamps.clear();
+            }
+            stamps.insert(inode, stamp);
+        } else {
+            stamps.remove(&inode);
+        }
+        unchanged
+    }
+}
 
 impl FileSystem for SharedDirFs {
     type Inode = <PassthroughFs as FileSystem>::Inode;
@@ -42,23 +145,23 @@ impl FileSystem for SharedDirFs {
     /// The passthrough file system's wishes plus [`WANTED_AT_INIT`]; the server turns on
     /// those the guest offered and fills in the matching limits itself.
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        Ok(self.0.init(capable)? | WANTED_AT_INIT)
+        Ok(self.fs.init(capable)? | WANTED_AT_INIT)
     }
 
     fn destroy(&self) {
-        self.0.destroy()
+        self.fs.destroy()
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
-        self.0.lookup(ctx, parent, name)
+        self.fs.lookup(ctx, parent, name)
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
-        self.0.forget(ctx, inode, count)
+        self.fs.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
-        self.0.batch_forget(ctx, requests)
+        self.fs.batch_forget(ctx, requests)
     }
 
     fn getattr(
@@ -67,7 +170,7 @@ impl FileSystem for SharedDirFs {
         inode: Self::Inode,
         handle: Option<Self::Handle>,
     ) -> io::Result<(stat64, Duration)> {
-        self.0.getattr(ctx, inode, handle)
+        self.fs.getattr(ctx, inode, handle)
     }
 
     fn setattr(
@@ -78,11 +181,11 @@ impl FileSystem for SharedDirFs {
         handle: Option<Self::Handle>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        self.0.setattr(ctx, inode, attr, handle, valid)
+        self.fs.setattr(ctx, inode, attr, handle, valid)
     }
 
     fn readlink(&self, ctx: &Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
-        self.0.readlink(ctx, inode)
+        self.fs.readlink(ctx, inode)
     }
 
     fn symlink(
@@ -92,7 +195,7 @@ impl FileSystem for SharedDirFs {
         parent: Self::Inode,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.0.symlink(ctx, linkname, parent, name)
+        self.fs.symlink(ctx, linkname, parent, name)
     }
 
     fn mknod(
@@ -104,7 +207,7 @@ impl FileSystem for SharedDirFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.0.mknod(ctx, inode, name, mode, rdev, umask)
+        self.fs.mknod(ctx, inode, name, mode, rdev, umask)
     }
 
     fn mkdir(
@@ -115,15 +218,15 @@ impl FileSystem for SharedDirFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.0.mkdir(ctx, parent, name, mode, umask)
+        self.fs.mkdir(ctx, parent, name, mode, umask)
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
-        self.0.unlink(ctx, parent, name)
+        self.fs.unlink(ctx, parent, name)
     }
 
     fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
-        self.0.rmdir(ctx, parent, name)
+        self.fs.rmdir(ctx, parent, name)
     }
 
     fn rename(
@@ -135,7 +238,7 @@ impl FileSystem for SharedDirFs {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        self.0.rename(ctx, olddir, oldname, newdir, newname, flags)
+        self.fs.rename(ctx, olddir, oldname, newdir, newname, flags)
     }
 
     fn link(
@@ -145,7 +248,7 @@ impl FileSystem for SharedDirFs {
         newparent: Self::Inode,
         newname: &CStr,
     ) -> io::Result<Entry> {
-        self.0.link(ctx, inode, newparent, newname)
+        self.fs.link(ctx, inode, newparent, newname)
     }
 
     fn open(
@@ -155,7 +258,18 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.0.open(ctx, inode, flags, fuse_flags)
+        let (handle, mut options, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        // Read-only opens only: one that writes or truncates changes the file anyway.
+        let read_only = flags & (libc::O_ACCMODE | libc::O_TRUNC) as u32 == libc::O_RDONLY as u32;
+        if let (Some(stamps), Some(h), true) = (&self.stamps, handle, read_only) {
+            // A file we cannot stat just keeps the default (the cache is dropped).
+            if let Ok((st, _)) = self.fs.getattr(ctx, inode, Some(h)) {
+                if stamps.unchanged(inode, &st) {
+                    options |= OpenOptions::KEEP_CACHE;
+                }
+            }
+        }
+        Ok((handle, options, passthrough))
     }
 
     fn create(
@@ -165,7 +279,7 @@ impl FileSystem for SharedDirFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.0.create(ctx, parent, name, args)
+        self.fs.create(ctx, parent, name, args)
     }
 
     fn read(
@@ -179,7 +293,7 @@ impl FileSystem for SharedDirFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.0
+        self.fs
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
 
@@ -197,7 +311,7 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
-        self.0.write(
+        self.fs.write(
             ctx,
             inode,
             handle,
@@ -218,7 +332,7 @@ impl FileSystem for SharedDirFs {
         handle: Self::Handle,
         lock_owner: u64,
     ) -> io::Result<()> {
-        self.0.flush(ctx, inode, handle, lock_owner)
+        self.fs.flush(ctx, inode, handle, lock_owner)
     }
 
     fn fsync(
@@ -228,7 +342,7 @@ impl FileSystem for SharedDirFs {
         datasync: bool,
         handle: Self::Handle,
     ) -> io::Result<()> {
-        self.0.fsync(ctx, inode, datasync, handle)
+        self.fs.fsync(ctx, inode, datasync, handle)
     }
 
     fn fallocate(
@@ -240,7 +354,7 @@ impl FileSystem for SharedDirFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        self.0.fallocate(ctx, inode, handle, mode, offset, length)
+        self.fs.fallocate(ctx, inode, handle, mode, offset, length)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -254,12 +368,12 @@ impl FileSystem for SharedDirFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.0
+        self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
 
     fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
-        self.0.statfs(ctx, inode)
+        self.fs.statfs(ctx, inode)
     }
 
     fn setxattr(
@@ -270,7 +384,7 @@ impl FileSystem for SharedDirFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        self.0.setxattr(ctx, inode, name, value, flags)
+        self.fs.setxattr(ctx, inode, name, value, flags)
     }
 
     fn getxattr(
@@ -280,7 +394,7 @@ impl FileSystem for SharedDirFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.0.getxattr(ctx, inode, name, size)
+        self.fs.getxattr(ctx, inode, name, size)
     }
 
     fn listxattr(
@@ -289,11 +403,11 @@ impl FileSystem for SharedDirFs {
         inode: Self::Inode,
         size: u32,
     ) -> io::Result<ListxattrReply> {
-        self.0.listxattr(ctx, inode, size)
+        self.fs.listxattr(ctx, inode, size)
     }
 
     fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
-        self.0.removexattr(ctx, inode, name)
+        self.fs.removexattr(ctx, inode, name)
     }
 
     fn opendir(
@@ -302,7 +416,7 @@ impl FileSystem for SharedDirFs {
         inode: Self::Inode,
         flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.0.opendir(ctx, inode, flags)
+        self.fs.opendir(ctx, inode, flags)
     }
 
     fn readdir(
@@ -314,7 +428,7 @@ impl FileSystem for SharedDirFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.0.readdir(ctx, inode, handle, size, offset, add_entry)
+        self.fs.readdir(ctx, inode, handle, size, offset, add_entry)
     }
 
     fn readdirplus(
@@ -326,7 +440,7 @@ impl FileSystem for SharedDirFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.0
+        self.fs
             .readdirplus(ctx, inode, handle, size, offset, add_entry)
     }
 
@@ -337,7 +451,7 @@ impl FileSystem for SharedDirFs {
         datasync: bool,
         handle: Self::Handle,
     ) -> io::Result<()> {
-        self.0.fsyncdir(ctx, inode, datasync, handle)
+        self.fs.fsyncdir(ctx, inode, datasync, handle)
     }
 
     fn releasedir(
@@ -347,7 +461,7 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         handle: Self::Handle,
     ) -> io::Result<()> {
-        self.0.releasedir(ctx, inode, flags, handle)
+        self.fs.releasedir(ctx, inode, flags, handle)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -362,7 +476,7 @@ impl FileSystem for SharedDirFs {
         moffset: u64,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
-        self.0
+        self.fs
             .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
     }
 
@@ -373,11 +487,11 @@ impl FileSystem for SharedDirFs {
         requests: Vec<RemovemappingOne>,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
-        self.0.removemapping(ctx, inode, requests, vu_req)
+        self.fs.removemapping(ctx, inode, requests, vu_req)
     }
 
     fn access(&self, ctx: &Context, inode: Self::Inode, mask: u32) -> io::Result<()> {
-        self.0.access(ctx, inode, mask)
+        self.fs.access(ctx, inode, mask)
     }
 
     fn lseek(
@@ -388,7 +502,7 @@ impl FileSystem for SharedDirFs {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
-        self.0.lseek(ctx, inode, handle, offset, whence)
+        self.fs.lseek(ctx, inode, handle, offset, whence)
     }
 
     /// Query file lock status
@@ -401,7 +515,7 @@ impl FileSystem for SharedDirFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
-        self.0.getlk(ctx, inode, handle, owner, lock, flags)
+        self.fs.getlk(ctx, inode, handle, owner, lock, flags)
     }
 
     /// Grab a file read lock
@@ -414,7 +528,7 @@ impl FileSystem for SharedDirFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.0.setlk(ctx, inode, handle, owner, lock, flags)
+        self.fs.setlk(ctx, inode, handle, owner, lock, flags)
     }
 
     /// Grab a file write lock
@@ -427,7 +541,7 @@ impl FileSystem for SharedDirFs {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        self.0.setlkw(ctx, inode, handle, owner, lock, flags)
+        self.fs.setlkw(ctx, inode, handle, owner, lock, flags)
     }
 
     /// send ioctl to the file
@@ -442,7 +556,8 @@ impl FileSystem for SharedDirFs {
         data: IoctlData,
         out_size: u32,
     ) -> io::Result<IoctlData<'_>> {
-        self.0.ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+        self.fs
+            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
     }
 
     /// Query a file's block mapping info
@@ -453,7 +568,7 @@ impl FileSystem for SharedDirFs {
         block: u64,
         blocksize: u32,
     ) -> io::Result<u64> {
-        self.0.bmap(ctx, inode, block, blocksize)
+        self.fs.bmap(ctx, inode, block, blocksize)
     }
 
     /// Poll a file's events
@@ -466,16 +581,16 @@ impl FileSystem for SharedDirFs {
         flags: u32,
         events: u32,
     ) -> io::Result<u32> {
-        self.0.poll(ctx, inode, handle, khandle, flags, events)
+        self.fs.poll(ctx, inode, handle, khandle, flags, events)
     }
 
     /// Send notify reply.
     fn notify_reply(&self) -> io::Result<()> {
-        self.0.notify_reply()
+        self.fs.notify_reply()
     }
 
     #[inline]
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
-        self.0.id_remap(ctx)
+        self.fs.id_remap(ctx)
     }
 }

@@ -4,9 +4,11 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    CreateIn, EntryOut, FsOptions, InHeader, InitIn, InitOut, OpenOut, OutHeader, WriteIn, WriteOut,
+    CreateIn, EntryOut, FsOptions, InHeader, InitIn, InitOut, OpenIn, OpenOut, OutHeader, WriteIn,
+    WriteOut,
 };
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -23,6 +25,9 @@ const FUSE_INIT: u32 = 26;
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_WRITE: u32 = 16;
 const FUSE_CREATE: u32 = 35;
+const FUSE_OPEN: u32 = 14;
+/// OpenOut.open_flags: the guest may keep the file's page cache.
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 const ROOT_ID: u64 = 1;
 
 /// One descriptor as the test driver lays it out: guest address, length, device-writable.
@@ -254,6 +259,22 @@ impl Guest {
         Ok(WriteOut::from_slice(&reply).copied().unwrap().size)
     }
 
+    /// OPEN inode `nodeid` with open(2) `flags`: the reply.
+    fn open(&mut self, nodeid: u64, flags: i32) -> OpenOut {
+        let args = OpenIn {
+            flags: u32::try_from(flags).unwrap(),
+            fuse_flags: 0,
+        };
+        let (out, reply) = self.request(
+            FUSE_OPEN,
+            nodeid,
+            args.as_slice(),
+            std::mem::size_of::<OpenOut>(),
+        );
+        assert_eq!(out.error, 0, "OPEN succeeds");
+        OpenOut::from_slice(&reply).copied().unwrap()
+    }
+
     /// LOOKUP `name` in directory `parent`: the entry, or the (negative) errno.
     fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
         let mut body = name.as_bytes().to_vec();
@@ -408,6 +429,73 @@ fn lookup_of_a_shared_file_returns_its_attributes() {
     assert_ne!(entry.nodeid, ROOT_ID);
 
     assert_eq!(guest.lookup(ROOT_ID, "missing").err(), Some(-libc::ENOENT));
+}
+
+#[test]
+fn under_auto_a_file_unchanged_since_its_last_open_keeps_its_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.html");
+    std::fs::write(&path, b"one").unwrap();
+    // Only a file whose last change is a while back is trusted to stay as it is.
+    std::thread::sleep(shared_dir_fs::SETTLED + Duration::from_millis(100));
+    let mut guest = Guest::new(dir.path());
+    guest.init();
+    let file = guest.lookup(ROOT_ID, "index.html").unwrap().nodeid;
+    let keeps = |open: OpenOut| open.open_flags & FOPEN_KEEP_CACHE != 0;
+
+    assert!(
+        !keeps(guest.open(file, libc::O_RDONLY)),
+        "the first open drops the cache"
+    );
+    assert!(
+        keeps(guest.open(file, libc::O_RDONLY)),
+        "unchanged: it is kept"
+    );
+    assert!(keeps(guest.open(file, libc::O_RDONLY)), "and kept again");
+    assert!(
+        !keeps(guest.open(file, libc::O_RDWR)),
+        "an open that may write is as before"
+    );
+
+    // The host rewrites it, same size, and even puts its mtime back: its ctime moves, and
+    // the next open drops the cache.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, b"two").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert!(
+        !keeps(guest.open(file, libc::O_RDONLY)),
+        "changed on the host"
+    );
+    assert!(
+        !keeps(guest.open(file, libc::O_RDONLY)),
+        "changed too recently to be trusted"
+    );
+}
+
+#[test]
+fn other_cache_modes_answer_opens_as_the_passthrough_file_system_does() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    std::thread::sleep(shared_dir_fs::SETTLED + Duration::from_millis(100));
+    for (mode, kept) in [
+        (FsCache::Never, false),
+        (FsCache::Metadata, false),
+        (FsCache::Always, true),
+    ] {
+        let mut guest =
+            Guest::with_device(Fs::with_cache("brig", dir.path().to_path_buf(), mode).unwrap());
+        guest.init();
+        let file = guest.lookup(ROOT_ID, "f").unwrap().nodeid;
+        for _ in 0..2 {
+            let open = guest.open(file, libc::O_RDONLY);
+            assert_eq!(open.open_flags & FOPEN_KEEP_CACHE != 0, kept, "{mode:?}");
+        }
+    }
 }
 
 #[test]
