@@ -28,6 +28,8 @@ const FUSE_CREATE: u32 = 35;
 const FUSE_OPEN: u32 = 14;
 /// OpenOut.open_flags: the guest may keep the file's page cache.
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// OpenOut.open_flags: the guest closes the file without a FLUSH.
+const FOPEN_NOFLUSH: u32 = 1 << 5;
 const ROOT_ID: u64 = 1;
 
 /// One descriptor as the test driver lays it out: guest address, length, device-writable.
@@ -494,6 +496,35 @@ fn other_cache_modes_answer_opens_as_the_passthrough_file_system_does() {
         for _ in 0..2 {
             let open = guest.open(file, libc::O_RDONLY);
             assert_eq!(open.open_flags & FOPEN_KEEP_CACHE != 0, kept, "{mode:?}");
+        }
+    }
+}
+
+#[test]
+fn a_file_opened_read_only_is_closed_without_a_flush_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    for mode in [
+        FsCache::Auto,
+        FsCache::Never,
+        FsCache::Metadata,
+        FsCache::Always,
+    ] {
+        let mut guest =
+            Guest::with_device(Fs::with_cache("brig", dir.path().to_path_buf(), mode).unwrap());
+        guest.init();
+        let file = guest.lookup(ROOT_ID, "f").unwrap().nodeid;
+        for (flags, no_flush) in [
+            (libc::O_RDONLY, true),
+            (libc::O_WRONLY, false),
+            (libc::O_RDWR, false),
+        ] {
+            let open = guest.open(file, flags);
+            assert_eq!(
+                open.open_flags & FOPEN_NOFLUSH != 0,
+                no_flush,
+                "{mode:?}, flags {flags:#o}"
+            );
         }
     }
 }
