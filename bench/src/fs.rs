@@ -469,48 +469,7 @@ async fn run_qemu(
     let (mut virtiofsd, sandbox) =
         start_virtiofsd(&args.virtiofsd, &shared_dir, mode, &socket, dir).await?;
     let console = dir.join("console.log");
-    let memory = format!("{}M", args.memory);
-    let mut qemu = Command::new(&args.qemu)
-        .args([
-            "-M",
-            "microvm,accel=kvm,acpi=off,memory-backend=mem",
-            "-cpu",
-            "host",
-            "-smp",
-            "1",
-            "-m",
-            &memory,
-        ])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-        ])
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&config.kernel)
-        .arg("-initrd")
-        .arg(&config.initrd)
-        // microvm has no i8042 for `reboot=k`: a triple fault resets, and -no-reboot exits.
-        .args([
-            "-append",
-            &format!("{DEFAULT_GUEST_CMDLINE} reboot=t brig.share={SHARE_TAG}"),
-        ])
-        .args([
-            "-chardev",
-            &format!("socket,id=fs,path={}", socket.display()),
-        ])
-        .args([
-            "-device",
-            &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
-        ])
-        .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+    let mut qemu = qemu_guest(&args.qemu, config, args.memory, &console, &socket, cid)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("qemu.log"))?)
@@ -591,6 +550,56 @@ pub(crate) async fn start_virtiofsd(
         );
     }
     bail!("virtiofsd --cache={mode} did not start:{failures}")
+}
+
+/// QEMU microvm booting Brig's kernel and initramfs, as `brig-bench fs` and `net-peer` run
+/// it: one vCPU, `memory_mib` of memfd RAM shared with virtiofsd (vhost-user needs it), the
+/// console into `console`, the share from the virtiofsd at `socket` and the agent on vsock
+/// `cid`. The caller adds devices and stdio.
+pub(crate) fn qemu_guest(
+    qemu: &Path,
+    config: &RuntimeConfig,
+    memory_mib: u64,
+    console: &Path,
+    socket: &Path,
+    cid: u32,
+) -> Command {
+    let memory = format!("{memory_mib}M");
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,accel=kvm,acpi=off,memory-backend=mem",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        &memory,
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        &format!("file:{}", console.display()),
+    ])
+    .arg("-kernel")
+    .arg(&config.kernel)
+    .arg("-initrd")
+    .arg(&config.initrd)
+    // microvm has no i8042 for `reboot=k`: a triple fault resets, and -no-reboot exits.
+    .args([
+        "-append",
+        &format!("{DEFAULT_GUEST_CMDLINE} reboot=t brig.share={SHARE_TAG}"),
+        "-chardev",
+        &format!("socket,id=fs,path={}", socket.display()),
+        "-device",
+        &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
+        "-device",
+        &format!("vhost-vsock-device,guest-cid={cid}"),
+    ]);
+    cmd
 }
 
 /// Connect to the agent of a QEMU guest over AF_VSOCK, retrying until it answers.

@@ -19,14 +19,12 @@ use anyhow::{bail, Context, Result};
 use brig_protocols::agent::StdioPorts;
 use brig_runtime::container::{share_container, ContainerConfig, Volume};
 use brig_runtime::net;
-use brig_runtime::sandbox::DEFAULT_GUEST_CMDLINE;
-use brig_runtime::share::{self, SHARE_TAG};
+use brig_runtime::share;
 use brig_runtime::spec::{self, Overrides};
 use brig_runtime::RuntimeConfig;
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
-use crate::fs::{connect_agent, start_virtiofsd, tail, with_log, Scratch};
+use crate::fs::{connect_agent, qemu_guest, start_virtiofsd, tail, with_log, Scratch};
 
 const CONTAINER_ID: &str = "netpeer";
 
@@ -108,42 +106,10 @@ async fn serve_attached(
     .await?;
 
     let console = args.work.join("console.log");
-    let memory = format!("{}M", args.memory);
     let tap = attached.tap.as_raw_fd();
     let mac = net::mac_text(&attached.network.interface.mac);
-    let mut qemu = Command::new(&args.qemu);
+    let mut qemu = qemu_guest(&args.qemu, config, args.memory, &console, &socket, args.cid);
     qemu.args([
-        "-M",
-        "microvm,accel=kvm,acpi=off,memory-backend=mem",
-        "-cpu",
-        "host",
-        "-smp",
-        "1",
-        "-m",
-        &memory,
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        &format!("file:{}", console.display()),
-    ])
-    .arg("-kernel")
-    .arg(&config.kernel)
-    .arg("-initrd")
-    .arg(&config.initrd)
-    // microvm has no i8042 for `reboot=k`: a triple fault resets, and -no-reboot exits.
-    .args([
-        "-append",
-        &format!("{DEFAULT_GUEST_CMDLINE} reboot=t brig.share={SHARE_TAG}"),
-        "-chardev",
-        &format!("socket,id=fs,path={}", socket.display()),
-        "-device",
-        &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
-        "-device",
-        &format!("vhost-vsock-device,guest-cid={}", args.cid),
         "-netdev",
         &format!("tap,id=net0,fd={tap},vhost=on"),
         "-device",
