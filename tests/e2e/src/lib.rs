@@ -47,7 +47,7 @@ pub fn min_median_max_ms(samples: &mut [std::time::Duration]) -> (f64, f64, f64)
 /// A path from the environment, or a panic that says which variable to set.
 pub fn env_path(var: &str) -> PathBuf {
     let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        panic!("{var} is not set: run the end-to-end tests with `make e2e-test`")
+        panic!("{var} is not set: run the end-to-end tests with `make e2e-test` (a benchmark with its `make bench-…`)")
     });
     assert!(path.exists(), "{var}={} does not exist", path.display());
     path

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use brig_e2e::containerd::{CniNetwork, Containerd, IMAGE};
 use brig_e2e::cri::{api, networked_container_config, networked_pod_config, Cri};
+use brig_e2e::env_path;
 
 const SECONDS: u32 = 10;
 
@@ -213,12 +214,6 @@ struct QemuPeer {
     pod: String,
     ip: String,
     child: Child,
-}
-
-fn env_path(name: &str) -> PathBuf {
-    std::env::var_os(name)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{name} is not set: run the benchmark with `make bench-net`"))
 }
 
 /// The `/var/run/netns` file of the pod whose interface has `ip`.

@@ -52,7 +52,7 @@ impl SharedDirFs {
     pub(super) fn new(fs: PassthroughFs, keep_unchanged: bool) -> Self {
         Self {
             fs,
-            stamps: keep_unchanged.then(|| OpenStamps::new(SETTLED)),
+            stamps: keep_unchanged.then(OpenStamps::default),
         }
     }
 }
@@ -91,8 +91,8 @@ const MAX_STAMPS: usize = 1 << 16;
 /// ctime are what they were at the previous open, and that stamp was taken when the file
 /// had been [`SETTLED`] already. Any write, truncation, `utimes` or rename onto the path
 /// on the host (or through the guest) moves ctime, which no one can set back.
+#[derive(Default)]
 struct OpenStamps {
-    settled: Duration,
     stamps: Mutex<HashMap<u64, Stamp>>,
 }
 
@@ -118,13 +118,6 @@ impl Stamp {
 }
 
 impl OpenStamps {
-    fn new(settled: Duration) -> Self {
-        Self {
-            settled,
-            stamps: Mutex::new(HashMap::new()),
-        }
-    }
-
     /// Whether `inode`, now `st`, is as it was at its last open; remembers `st` for the
     /// next (if it is settled).
     fn unchanged(&self, inode: u64, st: &stat64) -> bool {
@@ -138,7 +131,7 @@ impl OpenStamps {
                 .unwrap_or(0)
                 .min(999_999_999),
         );
-        let settled = now.checked_sub(self.settled).is_some_and(|t| changed < t);
+        let settled = now.checked_sub(SETTLED).is_some_and(|t| changed < t);
         let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
         let unchanged = stamps.get(&inode) == Some(&stamp);
         if settled {
@@ -274,12 +267,13 @@ impl FileSystem for SharedDirFs {
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
         let (handle, mut options, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
-        let read_only = flags & (libc::O_ACCMODE | libc::O_TRUNC) as u32 == libc::O_RDONLY as u32;
-        if read_only {
-            options |= no_flush();
-        }
         // Read-only opens only: one that writes or truncates changes the file anyway.
-        if let (Some(stamps), Some(h), true) = (&self.stamps, handle, read_only) {
+        let read_only = flags & (libc::O_ACCMODE | libc::O_TRUNC) as u32 == libc::O_RDONLY as u32;
+        if !read_only {
+            return Ok((handle, options, passthrough));
+        }
+        options |= no_flush();
+        if let (Some(stamps), Some(h)) = (&self.stamps, handle) {
             // A file we cannot stat just keeps the default (the cache is dropped).
             if let Ok((st, _)) = self.fs.getattr(ctx, inode, Some(h)) {
                 if stamps.unchanged(inode, &st) {
